@@ -1,0 +1,3 @@
+from scalegen.cli.main import main
+
+raise SystemExit(main())

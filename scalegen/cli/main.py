@@ -1,0 +1,48 @@
+"""`scalegen COMMAND ...`: discovers the subcommand modules in this package and dispatches.
+
+User errors (`scalegen.errors.UserError`) become one line on stderr and exit code 2; anything else
+is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+from collections.abc import Sequence
+
+import scalegen.cli
+from scalegen.errors import UserError
+
+
+def _commands() -> dict[str, object]:
+    names = [m.name for m in pkgutil.iter_modules(scalegen.cli.__path__) if m.name not in ("main", "common")]
+    return {name.replace("_", "-"): importlib.import_module(f"scalegen.cli.{name}") for name in sorted(names)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="scalegen", description=__import__("scalegen").__doc__)
+    parser.add_argument("--version", action="version", version=f"scalegen {__import__('scalegen').__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, module in _commands().items():
+        p = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except UserError as err:
+        print(f"scalegen {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"scalegen {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

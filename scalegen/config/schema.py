@@ -1,0 +1,146 @@
+"""Typed schemas for every recipe section.
+
+A recipe is merged onto these dataclasses in OmegaConf struct mode, so an unknown key or a value of
+the wrong type fails before anything runs. A field restricted to a few values is declared with
+`choice(...)`; the loader checks it. Each family registers its own `model` schema (see
+`scalegen.registry`), which subclasses `ModelConfig`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+def choice(default: str, *others: str) -> Any:
+    """A string field that only takes the listed values (checked when a recipe is loaded)."""
+    return field(default=default, metadata={"choices": (default, *others)})
+
+
+@dataclass
+class ModelConfig:
+    family: str = "???"  # registered family name; `scalegen recipes` and the error for a wrong one list them
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "digits"  # built-in preparer name (digits, mnist, cifar10, fsdd) or any name for packed data
+    root: str = "${oc.env:SCALEGEN_DATA,~/.cache/scalegen/data}/${.dataset}"  # folder with manifest.json
+    train: str = ""  # shard URLs for training; "" = {root}/train-*.tar (brace patterns, pipe:, s3://)
+    val: str = ""  # shard URLs for validation; "" = {root}/val-*.tar, else {root}/test-*.tar
+    test: str = ""  # shard URLs for the test split; "" = {root}/test-*.tar
+    prepare: bool = True  # prepare a built-in dataset into `root` on first use when it has no manifest
+    source: Optional[str] = None  # local copy in the upstream format to prepare from (no download)
+    batch_size: int = 64  # per device, per step (see trainer.global_batch_size)
+    num_workers: int = 0  # DataLoader worker processes per rank
+    shuffle_buffer: int = 1000  # samples held in the shuffle buffer (0 disables shuffling)
+    resampled: bool = False  # infinite stream of shards sampled with replacement, for step-counted runs
+    on_bad_sample: str = choice("warn", "raise")  # skip corrupt shards/samples with a warning, or fail
+    # Image transforms, applied to training batches only.
+    random_flip: bool = False  # horizontal flip with probability 1/2
+    random_crop_padding: int = 0  # pad by this many pixels (reflect) and crop back at random
+    resize: Optional[int] = None  # resize the shorter side to this many pixels (bilinear)
+    center_crop: Optional[int] = None  # centre crop to a square of this size
+    # Audio.
+    clip_samples: int = 4000  # crop (random in training) or zero-pad every clip to this many samples
+    mu_law: int = 0  # >0: quantize audio to this many mu-law levels (x becomes int64 codes)
+
+
+@dataclass
+class OptimConfig:
+    name: str = choice("adamw", "adam", "sgd")
+    lr: float = 1e-3  # peak learning rate, for the reference global batch (see scale_lr)
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam(W) moment decays
+    momentum: float = 0.9  # SGD only
+    eps: float = 1e-8  # Adam(W) denominator epsilon
+    schedule: str = choice("constant", "cosine", "linear")  # decay after warm-up, to min_lr_ratio * lr
+    warmup_steps: int = 0  # linear warm-up from 0 over this many optimizer steps
+    min_lr_ratio: float = 0.0  # final lr as a fraction of the peak, for cosine and linear
+    scale_lr: str = choice("none", "linear", "sqrt")  # scale lr with global batch / reference_batch_size
+    reference_batch_size: int = 0  # global batch the lr was tuned for (0 = no scaling)
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = "auto"  # auto | cpu | gpu
+    devices: Any = 1  # processes per node: an int, or "auto"
+    num_nodes: int = 1
+    strategy: str = choice(
+        "auto", "ddp", "fsdp", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3",
+    )
+    precision: str = choice("32-true", "bf16-mixed", "16-mixed", "bf16-true")
+    max_steps: int = -1  # optimizer steps; -1 = bounded by max_epochs
+    max_epochs: Optional[int] = None
+    global_batch_size: Optional[int] = None  # fixed across world sizes: accumulation is derived from it
+    accumulate_grad_batches: int = 1  # ignored when global_batch_size is set
+    gradient_clip_val: Optional[float] = None  # clip the global gradient norm to this value
+    val_check_interval: Optional[int] = None  # validate every N training batches (None = each epoch)
+    check_val_every_n_epoch: Optional[int] = 1
+    limit_val_batches: Optional[float] = None  # int = batches, float = fraction of the val split
+    num_sanity_val_steps: int = 0
+    log_every_n_steps: int = 10
+    seed: int = 0
+    deterministic: bool = False  # torch deterministic algorithms (bitwise reproducible on CPU)
+    resume: str = "auto"  # auto = newest checkpoint in the run folder, never, or a checkpoint path
+    progress_bar: bool = True  # Rich progress bar
+
+
+@dataclass
+class LoggingConfig:
+    wandb: bool = True  # log to Weights & Biases (see mode)
+    project: str = "scalegen"
+    entity: Optional[str] = None
+    mode: str = choice("offline", "online", "disabled")  # offline needs no network; `wandb sync` later
+    tags: list[str] = field(default_factory=list)
+    metrics_file: str = "metrics.jsonl"  # always written in the run folder, one JSON object per log call
+
+
+@dataclass
+class CheckpointConfig:
+    monitor: str = "val/loss"  # metric that picks the best checkpoint
+    mode: str = choice("min", "max")
+    save_last: bool = True  # checkpoints/last.ckpt, what trainer.resume=auto continues from
+    save_top_k: int = 1  # best checkpoints kept by `monitor`
+    every_n_train_steps: Optional[int] = None  # also checkpoint every N optimizer steps
+    every_n_epochs: Optional[int] = 1
+
+
+@dataclass
+class EMAConfig:
+    enabled: bool = False  # keep an exponential moving average of the weights
+    decay: float = 0.999
+    warmup_steps: int = 0  # decay ramps as min(decay, (1+t)/(10+t)) until then
+    every_n_steps: int = 1  # update the average every N optimizer steps
+    use_for_eval: bool = True  # sample and evaluate with the averaged weights
+
+
+@dataclass
+class EvalConfig:
+    every_n_steps: Optional[int] = None  # run the evaluation pipeline during training every N steps
+    metrics: list[str] = field(default_factory=list)  # e.g. [bpd, fid, kid, is, linear_probe, semisup]
+    num_samples: int = 1000  # generated samples for FID/KID/IS (50000 for reporting)
+    split: str = "test"  # data split the metrics are computed on
+    iwae_k: int = 1000  # importance samples for VAE bits/dim bounds in reports
+    inception_weights: Optional[str] = None  # path or URL; else $SCALEGEN_INCEPTION_WEIGHTS
+    labels_per_class: int = 10  # semi-supervised accuracy: labels per class
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs"  # parent folder of run folders
+    name: str = "${model.family}-${data.dataset}"  # the run folder is {dir}/{name}
+
+
+@dataclass
+class Config:
+    description: str = ""  # one line, shown by `scalegen recipes`
+    model: Any = None  # replaced by the family's schema when the recipe is loaded
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)

@@ -1,0 +1,117 @@
+"""The contract every model family implements, and the Lightning plumbing they share.
+
+A family subclasses `GenerativeModel`, registers itself with `@register_family`, and implements
+`loss` plus whichever of `nll`, `sample`, `encode` apply. Training, validation logging and
+optimizers come from here; a family overrides them only where it really differs (GANs use two
+optimizers with manual optimization).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from scalegen.config.schema import ModelConfig, OptimConfig
+
+
+@dataclass
+class DataSpec:
+    """What a family needs to know about its data; read from the shards' manifest.json."""
+
+    kind: str = "image"  # image | audio
+    shape: tuple[int, ...] = (1, 8, 8)  # one example: (C, H, W) images, (1, T) audio
+    num_classes: int = 10
+    class_names: list[str] = field(default_factory=list)
+    levels: int = 256  # quantization levels of the stored data (uint8 images: 256; mu-law audio: its levels)
+    sample_rate: int | None = None  # audio only
+
+    @property
+    def dims(self) -> int:
+        return math.prod(self.shape)
+
+
+class GenerativeModel(L.LightningModule):
+    """Base class for every family.
+
+    Batches are dicts: `x` (uint8 [B, C, H, W] images, or float [B, 1, T] audio in [-1, 1], or
+    int64 mu-law codes [B, 1, T]), `y` (int64 [B], -1 when unlabelled) and `key`.
+    """
+
+    family_name: str = ""  # set by @register_family
+    # What `nll` returns: "exact", "elbo", "iwae", "vlb" (variational bound). Reports label numbers with it.
+    nll_kind: str = "exact"
+
+    def __init__(self, cfg: ModelConfig, optim: OptimConfig, data: DataSpec) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.optim_cfg = optim
+        self.data_spec = data
+
+    # ---- the shared API; families implement what applies ------------------------------------
+    def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """Scalar training loss and a dict of scalar diagnostics to log."""
+        raise NotImplementedError
+
+    def nll(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        """Per-example negative log-likelihood of the discrete data, in nats, shape [B] (or its bound)."""
+        raise NotImplementedError(f"{self.family_name} has no likelihood")
+
+    @torch.no_grad()
+    def sample(self, n: int, y: Tensor | None = None) -> Tensor:
+        """n samples in data space (uint8 images; float or codes for audio)."""
+        raise NotImplementedError(f"{self.family_name} cannot sample")
+
+    @torch.no_grad()
+    def encode(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        """Features [B, D] for downstream probes."""
+        raise NotImplementedError(f"{self.family_name} has no encoder")
+
+    def reconstruct(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        """Reconstructions in data space, for families with an encoder and a decoder."""
+        raise NotImplementedError(f"{self.family_name} does not reconstruct")
+
+    @classmethod
+    def capabilities(cls) -> set[str]:
+        """Which of nll / sample / encode / reconstruct this family implements."""
+        names = ("nll", "sample", "encode", "reconstruct")
+        return {n for n in names if getattr(cls, n) is not getattr(GenerativeModel, n)}
+
+    # ---- Lightning plumbing -----------------------------------------------------------------
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss, logs = self.loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["x"]))
+        self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=len(batch["x"]))
+        return loss
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        loss, logs = self.loss(batch)
+        n = len(batch["x"])
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=n)
+        self.log_dict({f"val/{k}": v for k, v in logs.items()}, sync_dist=True, batch_size=n)
+        if "nll" in self.capabilities():
+            from scalegen.metrics.bpd import nats_to_bpd
+
+            nll = self.nll(batch["x"], batch.get("y"))
+            self.log("val/bpd", nats_to_bpd(nll.mean(), self.data_spec.dims), sync_dist=True, batch_size=n)
+
+    def configure_optimizers(self) -> Any:
+        from scalegen.runtime.optim import build_optimizer
+
+        return build_optimizer(self.parameters(), self.optim_cfg, self.total_steps())
+
+    def total_steps(self) -> int:
+        """Optimizer steps the run will take (for LR schedules); 0 when unknown."""
+        trainer = getattr(self, "_trainer", None)
+        if trainer is None:
+            return 0
+        if trainer.max_steps and trainer.max_steps > 0:
+            return int(trainer.max_steps)
+        try:
+            return int(trainer.estimated_stepping_batches)
+        except Exception:
+            return 0

@@ -1,0 +1,1 @@
+"""Pure metric mathematics: bits/dim, FID, KID, IS."""
