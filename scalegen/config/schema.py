@@ -25,7 +25,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     dataset: str = "digits"  # built-in preparer name (digits, mnist, cifar10, fsdd) or any name for packed data
-    root: str = "${oc.env:SCALEGEN_DATA,~/.cache/scalegen/data}/${.dataset}"  # folder with manifest.json
+    root: str = "${oc.env:SCALEGEN_DATA,'~/.cache/scalegen/data'}/${.dataset}"  # folder with manifest.json
     train: str = ""  # shard URLs for training; "" = {root}/train-*.tar (brace patterns, pipe:, s3://)
     val: str = ""  # shard URLs for validation; "" = {root}/val-*.tar, else {root}/test-*.tar
     test: str = ""  # shard URLs for the test split; "" = {root}/test-*.tar
