@@ -11,12 +11,17 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def _full(t: Tensor) -> Tensor:
+    """At least float32: log-likelihoods are summed over thousands of dimensions, never in bf16."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def categorical_nll(logits: Tensor, target: Tensor) -> Tensor:
     """-sum_i log softmax(logits)_i[target_i] per example, in nats -> [B].
 
     logits: [B, K, *dims] (K-way softmax over dim 1); target: integer [B, *dims] in {0..K-1}.
     """
-    nll = F.cross_entropy(logits.float(), target.long(), reduction="none")
+    nll = F.cross_entropy(_full(logits), target.long(), reduction="none")
     return nll.reshape(nll.shape[0], -1).sum(1)
 
 
@@ -27,7 +32,7 @@ def bernoulli_nll(logits: Tensor, target: Tensor) -> Tensor:
     """
     if logits.dim() == target.dim() + 1:
         logits = logits.squeeze(1)
-    nll = F.binary_cross_entropy_with_logits(logits.float(), target.float(), reduction="none")
+    nll = F.binary_cross_entropy_with_logits(_full(logits), target.to(_full(logits).dtype), reduction="none")
     return nll.reshape(nll.shape[0], -1).sum(1)
 
 
