@@ -149,3 +149,18 @@ def test_short_fsdd_run_lowers_nll_samples_and_writes_wav(tmp_path):
         assert (w.getnchannels(), w.getsampwidth(), w.getframerate(), w.getnframes()) == (1, 2, 8000, 64)
         pcm = np.frombuffer(w.readframes(64), dtype="<i2")
     np.testing.assert_allclose(pcm / 32767, audio[0, 0].numpy(), atol=1 / 32767)
+
+
+def test_bf16_autocast_loss_matches_float32():
+    torch.manual_seed(0)
+    cfg = WaveNetConfig(residual_channels=8, dilation_channels=8, skip_channels=16, layers_per_stack=4,
+                        num_stacks=1)
+    model = WaveNetModel(cfg, OptimConfig(), DataSpec(kind="audio", shape=(1, 200), sample_rate=8000))
+    x = (torch.rand(4, 1, 200) * 2 - 1) ** 3
+    ref, _ = model.loss({"x": x})
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low, _ = model.loss({"x": x})
+    assert low.dtype == torch.float32
+    assert abs(float(low) - float(ref)) < 0.02, (float(low), float(ref))
+    low.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
