@@ -56,7 +56,10 @@ class _Conditioning(nn.Module):
         self.num_classes = num_classes
         self.embed = nn.Embedding(num_classes + 1, dim)
 
-    def forward(self, y: Tensor) -> Tensor:
+    def forward(self, y: Tensor | None, n: int) -> Tensor:
+        """[n, dim]; y=None (no labels given) uses the unlabelled embedding for every example."""
+        if y is None:
+            y = torch.full((n,), -1, dtype=torch.long, device=self.embed.weight.device)
         y = torch.where(y < 0, torch.full_like(y, self.num_classes), y)
         return self.embed(y)
 
@@ -115,8 +118,8 @@ class PixelCNN(nn.Module):
         """The same on the scaled real-valued input in [-1, 1] (differentiable: causality tests)."""
         h = self.first(x)
         biases = None
-        if self.cond is not None and y is not None:
-            biases = self.cond(y).view(len(y), len(self.blocks), -1, 1, 1)
+        if self.cond is not None:
+            biases = self.cond(y, len(x)).view(len(x), len(self.blocks), -1, 1, 1)
         for i, (a, b, c) in enumerate(self.blocks):
             inp = h if biases is None else h + biases[:, i]
             h = h + c(F.relu(b(F.relu(a(F.relu(inp))))))  # residual block, 2016a Fig. 5
@@ -202,7 +205,7 @@ class GatedPixelCNN(nn.Module):
     def forward_float(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         """The same on the scaled real-valued input in [-1, 1] (differentiable: causality tests)."""
         v = h = x
-        cond = self.cond(y) if self.cond is not None and y is not None else None
+        cond = self.cond(y, len(x)) if self.cond is not None else None
         for layer in self.layers:
             v, h = layer(v, h, cond)
         return self.head(h)
