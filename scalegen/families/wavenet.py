@@ -55,6 +55,9 @@ class WaveNetModel(GenerativeModel):
             raise UserError(f"the wavenet family models audio [1, T], not {data.kind} {data.shape}")
         if cfg.condition == "label" and data.num_classes <= 0:
             raise UserError("model.condition=label needs a labelled dataset (data spec has no classes)")
+        if data.levels != cfg.levels and data.levels <= 4096:  # pre-quantized codes (data.mu_law > 0)
+            raise UserError(f"the data are {data.levels}-level mu-law codes but model.levels={cfg.levels}: "
+                            f"set data.mu_law={cfg.levels} or model.levels={data.levels}")
         num_classes = {"none": 0, "label": data.num_classes, "speaker": cfg.num_speakers}[cfg.condition]
         self.net = WaveNet(cfg.levels, cfg.residual_channels, cfg.dilation_channels, cfg.skip_channels,
                            cfg.kernel_size, cfg.layers_per_stack, cfg.num_stacks, cfg.input_kernel_size,
