@@ -124,13 +124,13 @@ class VAE(GenerativeModel):
         if self.cfg.likelihood == "bernoulli":
             return bernoulli_log_prob(target, out[:, 0])
         mean, log_scale = out[:, 0], out[:, 1].clamp(min=self.cfg.min_log_scale)
-        return discretized_log_prob(target, torch.tanh(mean), log_scale, self.cfg.likelihood)
+        return discretized_log_prob(target, mean, log_scale, self.cfg.likelihood)
 
     def _mean_image(self, out: Tensor) -> Tensor:
         if self.cfg.likelihood == "bernoulli":
             m = torch.sigmoid(out[:, 0])
         else:
-            m = (torch.tanh(out[:, 0]) + 1) / 2
+            m = (out[:, 0].clamp(-1, 1) + 1) / 2
         return (m * 255).round().clamp(0, 255).to(torch.uint8)
 
     def log_weights(self, x: Tensor, y: Tensor | None, k: int, train: bool = False) -> Tensor:
