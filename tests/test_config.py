@@ -28,7 +28,8 @@ def test_extends_chain_and_override_order(tmp_path: Path) -> None:
     child = tmp_path / "child.yaml"
     child.write_text("extends: parent.yaml\ndescription: child\noptim: {lr: 0.25}\n")
     cfg = load_config(child, ["model.latent_dim=7"])
-    assert (cfg.model.latent_dim, cfg.optim.lr, cfg.optim.name) == (7, 0.25, "adamw")  # override > child > parent > defaults
+    # override > child > parent > schema defaults
+    assert (cfg.model.latent_dim, cfg.optim.lr, cfg.optim.name) == (7, 0.25, "adamw")
 
 
 def test_resolved_config_has_no_interpolations() -> None:

@@ -51,14 +51,16 @@ def test_checkpoint_carries_config_and_rebuilds_the_model(quickstart_run: Path) 
 
 def test_resume_auto_continues_from_the_last_checkpoint(quickstart_run: Path, train_recipe) -> None:
     before = read_checkpoint(quickstart_run / "checkpoints" / "last.ckpt")["global_step"]
+    wandb_bytes = sum(p.stat().st_size for p in (quickstart_run / "wandb").glob("offline-run-*/run-*.wandb"))
     train_recipe("quickstart", quickstart_run, "trainer.max_epochs=4", "logging.wandb=true")
     after = read_checkpoint(quickstart_run / "checkpoints" / "last.ckpt")
     assert after["epoch"] == 3 and after["global_step"] > before
     steps = [json.loads(line)["step"] for line in (quickstart_run / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(steps)  # the metrics file continues; nothing restarts from step 0
-    assert len(list((quickstart_run / "wandb").glob("offline-run-*/run-*.wandb"))) == 2  # same id, one per session
-    ids = {p.name for p in (quickstart_run / "wandb").glob("offline-run-*/run-*.wandb")}
-    assert len(ids) == 1
+    run_files = list((quickstart_run / "wandb").glob("offline-run-*/run-*.wandb"))
+    run_id = (quickstart_run / "wandb_run_id").read_text().strip()
+    assert {p.name for p in run_files} == {f"run-{run_id}.wandb"}  # the resumed session logs to the same W&B run
+    assert sum(p.stat().st_size for p in run_files) > wandb_bytes
 
 
 def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch) -> None:

@@ -31,7 +31,7 @@ class VAEConfig(ModelConfig):
     hidden: list[int] = field(default_factory=lambda: [512, 256])  # MLP widths, or conv channels per stride-2 stage
     latent_dim: int = 16  # dimension of the Gaussian latent z
     likelihood: str = choice("bernoulli", "logistic", "gaussian")  # p(x|z); logistic/gaussian are discretized to 8 bits
-    binarize: str = choice("dynamic", "static", "threshold")  # bernoulli only: how 8-bit pixels become {0,1} in training
+    binarize: str = choice("dynamic", "static", "threshold")  # bernoulli: how pixels become {0,1} in training
     beta: float = 1.0  # weight of the KL term (beta-VAE, Higgins et al. 2017); 1 = the ELBO
     kl_warmup_steps: int = 0  # ramp the KL weight linearly from 0 to beta over this many steps
     conditional: bool = False  # condition encoder, decoder and prior on the label (Sohn et al. 2015)
