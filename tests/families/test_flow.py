@@ -249,3 +249,33 @@ def test_bf16_autocast_loss_matches_float32(architecture):
     assert abs(float(low) - float(ref)) < 0.05, (float(low), float(ref))
     low.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def _actnorm_rank(rank: int, world: int, init_file: str, out: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(rank)  # different data on every rank
+        layer = ActNorm(3)
+        layer(torch.randn(16, 3, 4, 4) * (rank + 1) + rank)
+        torch.save({"bias": layer.bias.detach(), "log_scale": layer.log_scale.detach()}, f"{out}.{rank}")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow  # ~40 s on 2 loaded cores: two spawned processes re-import torch and lightning
+def test_actnorm_init_is_identical_across_ddp_ranks(tmp_path):
+    """Data-dependent init all-reduces its statistics: replicas start with the same parameters."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_actnorm_rank, args=(2, str(tmp_path / "init"), str(tmp_path / "p")), nprocs=2, join=True)
+    a, b = torch.load(tmp_path / "p.0"), torch.load(tmp_path / "p.1")
+    torch.testing.assert_close(a, b)
+    # The statistics are those of both ranks' data together: recompute them here.
+    data = []
+    for rank in (0, 1):
+        torch.manual_seed(rank)
+        data.append(torch.randn(16, 3, 4, 4) * (rank + 1) + rank)
+    x = torch.cat(data)
+    torch.testing.assert_close(a["bias"], -x.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(a["log_scale"], -torch.log(x.std((0, 2, 3), unbiased=False) + 1e-6),
+                               rtol=1e-4, atol=1e-5)
