@@ -57,11 +57,11 @@ def test_causality_by_gradients(arch, channels):
                 assert d[:co, r, col].all(), f"channel {co} at {(r, col)} misses an earlier channel"
 
 
-@pytest.mark.parametrize("channels", [1, 3])
-def test_gated_has_no_blind_spot(channels):
+@pytest.mark.parametrize("channels,first_kernel", [(1, 3), (3, 3), (1, 5)])
+def test_gated_has_no_blind_spot(channels, first_kernel):
     """Gated: output at i depends on EVERY pixel < i inside the receptive field (and on nothing else)."""
     h = w = 7
-    net = GatedPixelCNN(channels, 256, hidden=12, num_layers=2, kernel_size=3, first_kernel_size=3,
+    net = GatedPixelCNN(channels, 256, hidden=12, num_layers=2, kernel_size=3, first_kernel_size=first_kernel,
                         out_hidden=24).double()
     dep = _dependencies(net, channels, h, w)
     for r in range(h):
