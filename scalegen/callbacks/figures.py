@@ -22,7 +22,8 @@ class RunFigures(L.Callback):
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if batch_idx == 0 and self._val_batch is None:
-            self._val_batch = {k: v[:16] for k, v in batch.items() if isinstance(v, torch.Tensor)}
+            # Only per-example tensors (the pipeline also sends 0-dim counters such as `skipped`).
+            self._val_batch = {k: v[:16] for k, v in batch.items() if isinstance(v, torch.Tensor) and v.dim()}
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:

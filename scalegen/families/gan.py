@@ -9,7 +9,7 @@ How the two networks are stepped (`training_step`):
   update, exactly as without accumulation.
 - `toggle_optimizer` freezes the other network's parameters during each backward, so D's gradients
   never receive the G loss and vice versa, and under DDP each backward reduces only the parameters of
-  the network being stepped.
+  the network being stepped (`setup` turns on DDP's find_unused_parameters for this).
 
 Gradient accumulation and clipping are done here, explicitly: Lightning rejects
 `Trainer(accumulate_grad_batches>1)` and `Trainer(gradient_clip_val=...)` for manual optimization.
@@ -102,6 +102,24 @@ class GAN(GenerativeModel):
             build_optimizer(self.discriminator.parameters(), self.optim_cfg, d_total, lr=self.cfg.lr_d),
             build_optimizer(self.generator.parameters(), self.optim_cfg, g_total, lr=self.cfg.lr_g),
         ]
+
+    def setup(self, stage: str) -> None:
+        """Adapt the distributed strategy before it wraps the model (Lightning calls this hook first).
+
+        Under DDP each backward here reaches only one network's parameters (the other is frozen by
+        `toggle_optimizer`), so the reducer must be told that some parameters go unused in a backward:
+        find_unused_parameters=True. Setting it here keeps the runtime free of per-family switches.
+        """
+        from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+
+        strategy = self.trainer.strategy
+        if isinstance(strategy, DeepSpeedStrategy):
+            from scalegen.errors import UserError
+
+            raise UserError("the gan family steps two optimizers, which Lightning's DeepSpeed strategy does not "
+                            "support; use trainer.strategy=ddp (or fsdp)")
+        if isinstance(strategy, DDPStrategy) and hasattr(strategy, "_ddp_kwargs"):
+            strategy._ddp_kwargs["find_unused_parameters"] = True
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if self.gradient_clip_val:
