@@ -116,8 +116,8 @@ class GAN(GenerativeModel):
         if isinstance(strategy, DeepSpeedStrategy):
             from scalegen.errors import UserError
 
-            raise UserError("the gan family steps two optimizers, which Lightning's DeepSpeed strategy does not "
-                            "support; use trainer.strategy=ddp (or fsdp)")
+            raise UserError("the gan family steps two optimizers, which Lightning's DeepSpeed strategy "
+                            "does not support; use trainer.strategy=ddp (or fsdp)")
         if isinstance(strategy, DDPStrategy) and hasattr(strategy, "_ddp_kwargs"):
             strategy._ddp_kwargs["find_unused_parameters"] = True
 

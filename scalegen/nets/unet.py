@@ -31,8 +31,9 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
 
 
 def _norm(channels: int) -> nn.GroupNorm:
-    # Ho et al. use 32 groups; tiny debug widths fall back to the largest divisor of 32 that fits.
-    return nn.GroupNorm(math.gcd(32, channels), channels)
+    # Ho et al. use 32 groups (widths >= 64). Narrow debug widths keep >= 2 channels per group: with one
+    # channel per group the norm would subtract the per-channel time-embedding shift and erase t.
+    return nn.GroupNorm(math.gcd(32, max(1, channels // 2)), channels)
 
 
 def _zero(module: nn.Module) -> nn.Module:
