@@ -22,8 +22,7 @@ class RunFigures(L.Callback):
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if batch_idx == 0 and self._val_batch is None:
-            # Only per-example tensors (the pipeline also sends 0-dim counters such as `skipped`).
-            self._val_batch = {k: v[:16] for k, v in batch.items() if isinstance(v, torch.Tensor) and v.dim()}
+            self._val_batch = {k: v[:16] for k, v in batch.items() if isinstance(v, torch.Tensor) and v.dim() > 0}
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:

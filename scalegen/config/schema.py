@@ -85,6 +85,7 @@ class TrainerConfig:
     deterministic: bool = False  # torch deterministic algorithms (bitwise reproducible on CPU)
     resume: str = "auto"  # auto = newest checkpoint in the run folder, never, or a checkpoint path
     progress_bar: bool = True  # Rich progress bar
+    record_sample_keys: bool = False  # write each rank's training sample keys to {run}/sample_keys (audit sharding)
 
 
 @dataclass

@@ -11,6 +11,7 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from omegaconf import DictConfig, OmegaConf
 
+from scalegen.callbacks.data_audit import DataAudit
 from scalegen.callbacks.figures import RunFigures
 from scalegen.config.loader import resolved
 from scalegen.errors import UserError
@@ -77,6 +78,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, spec: Any, extra_callbacks: li
                         every_n_train_steps=ck.every_n_train_steps, every_n_epochs=ck.every_n_epochs),
         SaveConfigInCheckpoint(OmegaConf.to_container(resolved(cfg)), spec),
         RunFigures(run_dir, metrics_file),
+        DataAudit(run_dir, record_keys=t.record_sample_keys),
     ]
     if t.progress_bar:
         callbacks.append(RichProgressBar(leave=True))
