@@ -117,7 +117,7 @@ class GAN(GenerativeModel):
             from scalegen.errors import UserError
 
             raise UserError("the gan family steps two optimizers, which Lightning's DeepSpeed strategy "
-                            "does not support; use trainer.strategy=ddp (or fsdp)")
+                            "does not support; use trainer.strategy=ddp")
         if isinstance(strategy, DDPStrategy) and hasattr(strategy, "_ddp_kwargs"):
             strategy._ddp_kwargs["find_unused_parameters"] = True
 
