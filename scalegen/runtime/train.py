@@ -97,8 +97,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, spec: Any, extra_callbacks: li
     )
 
 
-def train(cfg: DictConfig) -> Path:
-    """Train the recipe's family on its data; returns the run folder."""
+def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> Path:
+    """Train the recipe's family on its data; returns the run folder. `callbacks` are added to the defaults."""
     from scalegen.data import build_datamodule
 
     run_dir = run_dir_of(cfg)
@@ -107,7 +107,8 @@ def train(cfg: DictConfig) -> Path:
     datamodule = build_datamodule(cfg.data)
     spec = datamodule.spec
     model = get_family(cfg.model.family).module(cfg.model, cfg.optim, spec)
-    trainer = build_trainer(cfg, run_dir, spec, manual_model=None if model.automatic_optimization else model)
+    trainer = build_trainer(cfg, run_dir, spec, callbacks,
+                            manual_model=None if model.automatic_optimization else model)
     if trainer.is_global_zero:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved(cfg)))
     trainer.fit(model, datamodule=datamodule, ckpt_path=_resume_path(cfg, run_dir))
