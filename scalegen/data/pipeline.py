@@ -86,6 +86,10 @@ class ShardStream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        # The DataLoader takes batches from its workers round-robin starting with worker 0, and batch g
+        # of a pass belongs to planned worker g % W; a pass resumed at batch `start` must therefore
+        # start with planned worker start % W: rotate which plan each DataLoader worker runs.
+        worker = (worker + self.start) % num_workers
         o = self.opts
         skips = _Skips(o.on_bad_sample)
         if o.resampled:
