@@ -25,7 +25,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     dataset: str = "digits"  # built-in (digits, mnist, cifar10, fsdd) or any name for packed data
-    root: str = "${oc.env:SCALEGEN_DATA,~/.cache/scalegen/data}/${.dataset}"  # folder with manifest.json
+    root: str = "${oc.env:SCALEGEN_DATA,'~/.cache/scalegen/data'}/${.dataset}"  # folder with manifest.json
     train: str = ""  # shard URLs for training; "" = {root}/train-*.tar (brace patterns, pipe:, s3://)
     val: str = ""  # shard URLs for validation; "" = {root}/val-*.tar, else {root}/test-*.tar
     test: str = ""  # shard URLs for the test split; "" = {root}/test-*.tar
@@ -85,6 +85,7 @@ class TrainerConfig:
     deterministic: bool = False  # torch deterministic algorithms (bitwise reproducible on CPU)
     resume: str = "auto"  # auto = newest checkpoint in the run folder, never, or a checkpoint path
     progress_bar: bool = True  # Rich progress bar
+    record_sample_keys: bool = False  # write each rank's training sample keys to {run}/sample_keys (audit sharding)
 
 
 @dataclass
