@@ -6,8 +6,8 @@ ones and the position in the epoch is simply "how many batches this rank has rec
 
 Batches: `x` (uint8 [B, C, H, W] images, float32 [B, 1, T] audio, or int64 [B, 1, T] mu-law codes),
 `y` (int64 [B], -1 when unlabelled), `key` (list of str), numeric fields from the sample's json
-(e.g. `speaker` for FSDD) as tensors, and `skipped` (int64 scalar: samples skipped as bad since the
-previous batch of the same worker).
+(e.g. `speaker` for FSDD) as tensors, and `skipped` (int64 scalar: bad samples this worker skipped
+since its previous batch; `ShardLoader` turns it into the rank's running total).
 """
 
 from __future__ import annotations
