@@ -9,7 +9,7 @@ the wrong type fails before anything runs. A field restricted to a few values is
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 
 def choice(default: str, *others: str) -> Any:
@@ -24,23 +24,24 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "digits"  # built-in preparer name (digits, mnist, cifar10, fsdd) or any name for packed data
-    root: str = "${oc.env:SCALEGEN_DATA,~/.cache/scalegen/data}/${.dataset}"  # folder with manifest.json
+    dataset: str = "digits"  # built-in (digits, mnist, cifar10, fsdd) or any name for packed data
+    root: str = "${oc.env:SCALEGEN_DATA,'~/.cache/scalegen/data'}/${.dataset}"  # folder with manifest.json
     train: str = ""  # shard URLs for training; "" = {root}/train-*.tar (brace patterns, pipe:, s3://)
     val: str = ""  # shard URLs for validation; "" = {root}/val-*.tar, else {root}/test-*.tar
     test: str = ""  # shard URLs for the test split; "" = {root}/test-*.tar
     prepare: bool = True  # prepare a built-in dataset into `root` on first use when it has no manifest
-    source: Optional[str] = None  # local copy in the upstream format to prepare from (no download)
+    source: str | None = None  # local copy in the upstream format to prepare from (no download)
     batch_size: int = 64  # per device, per step (see trainer.global_batch_size)
     num_workers: int = 0  # DataLoader worker processes per rank
     shuffle_buffer: int = 1000  # samples held in the shuffle buffer (0 disables shuffling)
     resampled: bool = False  # infinite stream of shards sampled with replacement, for step-counted runs
+    seed: int | None = None  # shard order, shuffle and augmentation seed; None = trainer.seed
     on_bad_sample: str = choice("warn", "raise")  # skip corrupt shards/samples with a warning, or fail
     # Image transforms, applied to training batches only.
     random_flip: bool = False  # horizontal flip with probability 1/2
     random_crop_padding: int = 0  # pad by this many pixels (reflect) and crop back at random
-    resize: Optional[int] = None  # resize the shorter side to this many pixels (bilinear)
-    center_crop: Optional[int] = None  # centre crop to a square of this size
+    resize: int | None = None  # resize the shorter side to this many pixels (bilinear)
+    center_crop: int | None = None  # centre crop to a square of this size
     # Audio.
     clip_samples: int = 4000  # crop (random in training) or zero-pad every clip to this many samples
     mu_law: int = 0  # >0: quantize audio to this many mu-law levels (x becomes int64 codes)
@@ -71,26 +72,27 @@ class TrainerConfig:
     )
     precision: str = choice("32-true", "bf16-mixed", "16-mixed", "bf16-true")
     max_steps: int = -1  # optimizer steps; -1 = bounded by max_epochs
-    max_epochs: Optional[int] = None
-    global_batch_size: Optional[int] = None  # fixed across world sizes: accumulation is derived from it
+    max_epochs: int | None = None
+    global_batch_size: int | None = None  # fixed across world sizes: accumulation is derived from it
     accumulate_grad_batches: int = 1  # ignored when global_batch_size is set
-    gradient_clip_val: Optional[float] = None  # clip the global gradient norm to this value
-    val_check_interval: Optional[int] = None  # validate every N training batches (None = each epoch)
-    check_val_every_n_epoch: Optional[int] = 1
-    limit_val_batches: Optional[float] = None  # int = batches, float = fraction of the val split
+    gradient_clip_val: float | None = None  # clip the global gradient norm to this value
+    val_check_interval: int | None = None  # validate every N training batches (None = each epoch)
+    check_val_every_n_epoch: int | None = 1
+    limit_val_batches: float | None = None  # int = batches, float = fraction of the val split
     num_sanity_val_steps: int = 0
     log_every_n_steps: int = 10
     seed: int = 0
     deterministic: bool = False  # torch deterministic algorithms (bitwise reproducible on CPU)
     resume: str = "auto"  # auto = newest checkpoint in the run folder, never, or a checkpoint path
     progress_bar: bool = True  # Rich progress bar
+    record_sample_keys: bool = False  # write each rank's training sample keys to {run}/sample_keys (audit sharding)
 
 
 @dataclass
 class LoggingConfig:
     wandb: bool = True  # log to Weights & Biases (see mode)
     project: str = "scalegen"
-    entity: Optional[str] = None
+    entity: str | None = None
     mode: str = choice("offline", "online", "disabled")  # offline needs no network; `wandb sync` later
     tags: list[str] = field(default_factory=list)
     metrics_file: str = "metrics.jsonl"  # always written in the run folder, one JSON object per log call
@@ -102,8 +104,8 @@ class CheckpointConfig:
     mode: str = choice("min", "max")
     save_last: bool = True  # checkpoints/last.ckpt, what trainer.resume=auto continues from
     save_top_k: int = 1  # best checkpoints kept by `monitor`
-    every_n_train_steps: Optional[int] = None  # also checkpoint every N optimizer steps
-    every_n_epochs: Optional[int] = 1
+    every_n_train_steps: int | None = None  # also checkpoint every N optimizer steps
+    every_n_epochs: int | None = 1
 
 
 @dataclass
@@ -117,12 +119,12 @@ class EMAConfig:
 
 @dataclass
 class EvalConfig:
-    every_n_steps: Optional[int] = None  # run the evaluation pipeline during training every N steps
+    every_n_steps: int | None = None  # run the evaluation pipeline during training every N steps
     metrics: list[str] = field(default_factory=list)  # e.g. [bpd, fid, kid, is, linear_probe, semisup]
     num_samples: int = 1000  # generated samples for FID/KID/IS (50000 for reporting)
     split: str = "test"  # data split the metrics are computed on
     iwae_k: int = 1000  # importance samples for VAE bits/dim bounds in reports
-    inception_weights: Optional[str] = None  # path or URL; else $SCALEGEN_INCEPTION_WEIGHTS
+    inception_weights: str | None = None  # path or URL; else $SCALEGEN_INCEPTION_WEIGHTS
     labels_per_class: int = 10  # semi-supervised accuracy: labels per class
 
 
