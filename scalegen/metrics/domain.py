@@ -77,6 +77,11 @@ def train_domain_classifier(
     x: Tensor, y: Tensor, num_classes: int, recipe: DomainTraining
 ) -> DomainClassifier:
     """Train the classifier on uint8 images x [N, C, H, W] with labels y [N] (CPU, deterministic seed)."""
+    with torch.enable_grad():  # callers (the eval runner) may be under no_grad
+        return _train(x, y, num_classes, recipe)
+
+
+def _train(x: Tensor, y: Tensor, num_classes: int, recipe: DomainTraining) -> DomainClassifier:
     gen = torch.Generator().manual_seed(recipe.seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.seed)

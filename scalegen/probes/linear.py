@@ -61,6 +61,13 @@ def fit_heads(
     x: Tensor, y: Tensor, num_classes: int, weight_decays: Sequence[float], settings: ProbeSettings, seed: int
 ) -> tuple[Tensor, Tensor]:
     """Train one linear head per weight decay on (x, y) at once; returns W [G, D, C], b [G, C]."""
+    with torch.enable_grad():  # callers (the eval runner) may be under no_grad
+        return _fit_heads(x, y, num_classes, weight_decays, settings, seed)
+
+
+def _fit_heads(
+    x: Tensor, y: Tensor, num_classes: int, weight_decays: Sequence[float], settings: ProbeSettings, seed: int
+) -> tuple[Tensor, Tensor]:
     gen = torch.Generator(device="cpu").manual_seed(seed)
     g, d = len(weight_decays), x.shape[1]
     # All heads side by side in one [D, G*C] matrix: one matmul per step feeds every head.
