@@ -32,7 +32,12 @@ def _fmt(v: Any, digits: int = 4) -> str:
 
 
 def write_report(
-    results: dict, artifacts: dict, out: Path, run_dir: Path | None = None, spec: Any = None
+    results: dict,
+    artifacts: dict,
+    out: Path,
+    run_dir: Path | None = None,
+    spec: Any = None,
+    log_wandb: bool = True,
 ) -> None:
     from scalegen.eval.runner import nan_to_none
 
@@ -41,7 +46,8 @@ def write_report(
     results["figures"] = {k: str(v.name) for k, v in figures.items()}
     (out / "metrics.json").write_text(json.dumps(nan_to_none(results), indent=1) + "\n")
     (out / "report.md").write_text(markdown(results, figures))
-    log_wandb(results, figures)
+    if log_wandb:
+        log_to_wandb(results, figures)
 
 
 def write_figures(
@@ -209,7 +215,7 @@ def markdown(results: dict, figures: dict[str, Path]) -> str:
     return "\n".join(lines)
 
 
-def log_wandb(results: dict, figures: dict[str, Path]) -> None:
+def log_to_wandb(results: dict, figures: dict[str, Path]) -> None:
     """Log the flat metrics and the figures to the active W&B run, if there is one and it is wanted."""
     if not results.get("eval_config", {}).get("log_wandb", True):
         return

@@ -463,6 +463,7 @@ def evaluate(
     run_dir: str | Path | None = None,
     step: int | None = None,
     config: dict | None = None,
+    log_wandb: bool = True,
 ) -> dict:
     """Evaluate `model` under `cfg` (an EvalConfig) on `data`; write the report to out_dir (rank 0).
 
@@ -488,6 +489,7 @@ def evaluate(
             Path(out_dir),
             run_dir=Path(run_dir) if run_dir else None,
             spec=model.data_spec,
+            log_wandb=log_wandb,
         )
     return broadcast_object(results)
 
