@@ -9,7 +9,7 @@ the wrong type fails before anything runs. A field restricted to a few values is
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 
 def choice(default: str, *others: str) -> Any:
@@ -30,7 +30,7 @@ class DataConfig:
     val: str = ""  # shard URLs for validation; "" = {root}/val-*.tar, else {root}/test-*.tar
     test: str = ""  # shard URLs for the test split; "" = {root}/test-*.tar
     prepare: bool = True  # prepare a built-in dataset into `root` on first use when it has no manifest
-    source: Optional[str] = None  # local copy in the upstream format to prepare from (no download)
+    source: str | None = None  # local copy in the upstream format to prepare from (no download)
     batch_size: int = 64  # per device, per step (see trainer.global_batch_size)
     num_workers: int = 0  # DataLoader worker processes per rank
     shuffle_buffer: int = 1000  # samples held in the shuffle buffer (0 disables shuffling)
@@ -39,8 +39,8 @@ class DataConfig:
     # Image transforms, applied to training batches only.
     random_flip: bool = False  # horizontal flip with probability 1/2
     random_crop_padding: int = 0  # pad by this many pixels (reflect) and crop back at random
-    resize: Optional[int] = None  # resize the shorter side to this many pixels (bilinear)
-    center_crop: Optional[int] = None  # centre crop to a square of this size
+    resize: int | None = None  # resize the shorter side to this many pixels (bilinear)
+    center_crop: int | None = None  # centre crop to a square of this size
     # Audio.
     clip_samples: int = 4000  # crop (random in training) or zero-pad every clip to this many samples
     mu_law: int = 0  # >0: quantize audio to this many mu-law levels (x becomes int64 codes)
@@ -71,13 +71,23 @@ class TrainerConfig:
     )
     precision: str = choice("32-true", "bf16-mixed", "16-mixed", "bf16-true")
     max_steps: int = -1  # optimizer steps; -1 = bounded by max_epochs
-    max_epochs: Optional[int] = None
-    global_batch_size: Optional[int] = None  # fixed across world sizes: accumulation is derived from it
+    max_epochs: int | None = None
+    global_batch_size: int | None = None  # fixed across world sizes: accumulation is derived from it
     accumulate_grad_batches: int = 1  # ignored when global_batch_size is set
-    gradient_clip_val: Optional[float] = None  # clip the global gradient norm to this value
-    val_check_interval: Optional[int] = None  # validate every N training batches (None = each epoch)
-    check_val_every_n_epoch: Optional[int] = 1
-    limit_val_batches: Optional[float] = None  # int = batches, float = fraction of the val split
+    gradient_clip_val: float | None = None  # clip the global gradient norm to this value
+    # Scale-out options (read only by scalegen.distributed; see docs/cluster.md).
+    find_unused_parameters: bool = False  # DDP: allow parameters without a gradient in a step (slower)
+    offload_optimizer: bool = False  # DeepSpeed ZeRO 1-3: keep optimizer state in CPU memory (ZeRO-Offload)
+    offload_parameters: bool = False  # DeepSpeed ZeRO-3 / FSDP: keep parameters in CPU memory between uses
+    loss_scale: float = 0.0  # 16-mixed only: 0 = dynamic loss scaling, > 0 = this fixed scale
+    initial_scale_power: int = 16  # 16-mixed, dynamic: the loss scale starts at 2**this
+    loss_scale_window: int = 1000  # 16-mixed, dynamic: steps without overflow before the scale doubles
+    hysteresis: int = 2  # 16-mixed, dynamic: consecutive overflows before the scale is halved
+    min_loss_scale: float = 1.0  # 16-mixed, dynamic: the scale never drops below this
+    requeue_signal: str = choice("SIGUSR1", "SIGUSR2", "SIGTERM")  # SLURM: checkpoint + requeue on this signal
+    val_check_interval: int | None = None  # validate every N training batches (None = each epoch)
+    check_val_every_n_epoch: int | None = 1
+    limit_val_batches: float | None = None  # int = batches, float = fraction of the val split
     num_sanity_val_steps: int = 0
     log_every_n_steps: int = 10
     seed: int = 0
@@ -90,7 +100,7 @@ class TrainerConfig:
 class LoggingConfig:
     wandb: bool = True  # log to Weights & Biases (see mode)
     project: str = "scalegen"
-    entity: Optional[str] = None
+    entity: str | None = None
     mode: str = choice("offline", "online", "disabled")  # offline needs no network; `wandb sync` later
     tags: list[str] = field(default_factory=list)
     metrics_file: str = "metrics.jsonl"  # always written in the run folder, one JSON object per log call
@@ -102,8 +112,8 @@ class CheckpointConfig:
     mode: str = choice("min", "max")
     save_last: bool = True  # checkpoints/last.ckpt, what trainer.resume=auto continues from
     save_top_k: int = 1  # best checkpoints kept by `monitor`
-    every_n_train_steps: Optional[int] = None  # also checkpoint every N optimizer steps
-    every_n_epochs: Optional[int] = 1
+    every_n_train_steps: int | None = None  # also checkpoint every N optimizer steps
+    every_n_epochs: int | None = 1
 
 
 @dataclass
@@ -113,16 +123,26 @@ class EMAConfig:
     warmup_steps: int = 0  # decay ramps as min(decay, (1+t)/(10+t)) until then
     every_n_steps: int = 1  # update the average every N optimizer steps
     use_for_eval: bool = True  # sample and evaluate with the averaged weights
+    update_on_cpu: bool = False  # keep the average in CPU memory (saves accelerator memory, slower updates)
+
+
+@dataclass
+class FinetuneConfig:
+    init_from: str | None = None  # release folder, file:// or https:// URL to start from (scalegen finetune)
+    use_ema: bool = True  # start from the release's EMA weights when it has them, else the raw weights
+    reinit: list[str] = field(default_factory=list)  # glob patterns of parameter names to re-initialize
+    # (e.g. ["decoder.out.*"]) when their shapes differ from the release; any other mismatch is an error
+    sha256: str | None = None  # expected SHA256 of the release's SHA256SUMS file, for URLs (optional pin)
 
 
 @dataclass
 class EvalConfig:
-    every_n_steps: Optional[int] = None  # run the evaluation pipeline during training every N steps
+    every_n_steps: int | None = None  # run the evaluation pipeline during training every N steps
     metrics: list[str] = field(default_factory=list)  # e.g. [bpd, fid, kid, is, linear_probe, semisup]
     num_samples: int = 1000  # generated samples for FID/KID/IS (50000 for reporting)
     split: str = "test"  # data split the metrics are computed on
     iwae_k: int = 1000  # importance samples for VAE bits/dim bounds in reports
-    inception_weights: Optional[str] = None  # path or URL; else $SCALEGEN_INCEPTION_WEIGHTS
+    inception_weights: str | None = None  # path or URL; else $SCALEGEN_INCEPTION_WEIGHTS
     labels_per_class: int = 10  # semi-supervised accuracy: labels per class
 
 
@@ -143,4 +163,5 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     run: RunConfig = field(default_factory=RunConfig)
