@@ -24,8 +24,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "digits"  # built-in preparer name (digits, mnist, cifar10, fsdd) or any name for packed data
-    root: str = "${oc.env:SCALEGEN_DATA,~/.cache/scalegen/data}/${.dataset}"  # folder with manifest.json
+    dataset: str = "digits"  # built-in (digits, mnist, cifar10, fsdd) or any name for packed data
+    root: str = "${oc.env:SCALEGEN_DATA,'~/.cache/scalegen/data'}/${.dataset}"  # folder with manifest.json
     train: str = ""  # shard URLs for training; "" = {root}/train-*.tar (brace patterns, pipe:, s3://)
     val: str = ""  # shard URLs for validation; "" = {root}/val-*.tar, else {root}/test-*.tar
     test: str = ""  # shard URLs for the test split; "" = {root}/test-*.tar
@@ -35,6 +35,7 @@ class DataConfig:
     num_workers: int = 0  # DataLoader worker processes per rank
     shuffle_buffer: int = 1000  # samples held in the shuffle buffer (0 disables shuffling)
     resampled: bool = False  # infinite stream of shards sampled with replacement, for step-counted runs
+    seed: int | None = None  # shard order, shuffle and augmentation seed; None = trainer.seed
     on_bad_sample: str = choice("warn", "raise")  # skip corrupt shards/samples with a warning, or fail
     # Image transforms, applied to training batches only.
     random_flip: bool = False  # horizontal flip with probability 1/2
@@ -84,7 +85,7 @@ class TrainerConfig:
     loss_scale_window: int = 1000  # 16-mixed, dynamic: steps without overflow before the scale doubles
     hysteresis: int = 2  # 16-mixed, dynamic: consecutive overflows before the scale is halved
     min_loss_scale: float = 1.0  # 16-mixed, dynamic: the scale never drops below this
-    requeue_signal: str = choice("SIGUSR1", "SIGUSR2", "SIGTERM")  # SLURM: checkpoint + requeue on this signal
+    requeue_signal: str = choice("SIGUSR1", "SIGUSR2")  # SLURM: checkpoint + requeue on this signal
     val_check_interval: int | None = None  # validate every N training batches (None = each epoch)
     check_val_every_n_epoch: int | None = 1
     limit_val_batches: float | None = None  # int = batches, float = fraction of the val split
@@ -94,6 +95,7 @@ class TrainerConfig:
     deterministic: bool = False  # torch deterministic algorithms (bitwise reproducible on CPU)
     resume: str = "auto"  # auto = newest checkpoint in the run folder, never, or a checkpoint path
     progress_bar: bool = True  # Rich progress bar
+    record_sample_keys: bool = False  # write each rank's training sample keys to {run}/sample_keys (audit sharding)
 
 
 @dataclass

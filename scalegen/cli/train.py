@@ -1,0 +1,23 @@
+"""scalegen train RECIPE [key=value ...]"""
+
+from __future__ import annotations
+
+import argparse
+
+from scalegen.cli.common import add_recipe_arguments
+from scalegen.config import load_config
+
+HELP = "train a model from a recipe (the config is validated before anything starts)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_recipe_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.recipe, args.overrides)
+    from scalegen.runtime import train
+
+    run_dir = train(cfg)
+    print(f"run folder: {run_dir}")
+    return 0

@@ -1,0 +1,269 @@
+"""`ShardDataModule`: the Lightning DataModule every recipe reads its data through.
+
+It reads `{root}/manifest.json` (preparing a built-in dataset there first when asked), resolves each
+split's shard URLs, checks they exist before training, and hands out one `ShardLoader` per split.
+The training loader's position (epoch, batches consumed) is in `state_dict()`, which Lightning saves
+in every checkpoint, so a resumed run continues from the next unseen batch.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from scalegen.config.schema import DataConfig
+from scalegen.data.manifest import MANIFEST, DataError, Manifest, read_manifest
+from scalegen.data.pipeline import ShardStream, StreamOptions
+from scalegen.data.shards import expand_urls, join_url, shard_name, url_exists
+from scalegen.data.transforms import resized_shape
+from scalegen.families.base import DataSpec
+
+
+def expand_root(root: str) -> str:
+    """`~` and environment variables expanded; URLs (s3://...) left as they are."""
+    return root if "://" in root else os.path.expanduser(os.path.expandvars(root))
+
+
+def build_datamodule(cfg: DataConfig) -> ShardDataModule:
+    """The DataModule for a recipe's `data` section (prepares a built-in dataset on first use)."""
+    return ShardDataModule(cfg)
+
+
+class ShardLoader:
+    """Batches of one split for this rank: a DataLoader over a `ShardStream`, plus its position.
+
+    Iterating starts a new pass: the next epoch, or, after `load_state_dict`, the rest of the saved one.
+    `consumed` counts the batches handed out in the current pass (the DataModule counts them instead
+    when a Trainer is attached, because Lightning fetches one batch ahead of the one it trains on).
+    """
+
+    def __init__(self, stream: ShardStream, num_workers: int, pin_memory: bool = False) -> None:
+        self.stream, self.num_workers, self.pin_memory = stream, num_workers, pin_memory
+        self.epoch, self.consumed, self.skipped = 0, 0, 0
+        self.count_on_yield = True
+        self._started = False
+
+    def __len__(self) -> int:
+        return len(self.stream)
+
+    def __iter__(self) -> Any:
+        if self._started or (not self.stream.opts.resampled and self.consumed >= len(self) > 0):
+            self.epoch, self.consumed = self.epoch + 1, 0  # a new pass, or the saved epoch was finished
+        self._started = True
+        self.stream.epoch, self.stream.start = self.epoch, self.consumed
+        loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
+                            pin_memory=self.pin_memory, persistent_workers=False,
+                            multiprocessing_context=_mp_context(self.num_workers))
+        for batch in loader:
+            self.skipped += int(batch["skipped"])
+            if self.count_on_yield:
+                self.consumed += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        s = self.stream
+        return {"epoch": self.epoch, "consumed": self.consumed, "world": s.world, "rank": s.rank,
+                "num_workers": self.num_workers, "batch_size": s.opts.batch_size, "seed": s.opts.seed,
+                "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        s = self.stream
+        same = (state.get("world"), state.get("num_workers"), state.get("batch_size"), state.get("seed")) == (
+            s.world, self.num_workers, s.opts.batch_size, s.opts.seed)
+        self.epoch, self.skipped = int(state["epoch"]), int(state.get("skipped", 0))
+        if same:
+            self.consumed = int(state["consumed"])
+        else:
+            # Another plan (world size, workers, batch size or seed) cuts the epoch differently, so the
+            # position cannot be carried over sample-exactly: start the saved epoch again.
+            warnings.warn(
+                "data pipeline resumed with a different world size, worker count, batch size or seed "
+                f"({state.get('world')}, {state.get('num_workers')}, {state.get('batch_size')}, "
+                f"{state.get('seed')} -> {s.world}, {self.num_workers}, {s.opts.batch_size}, {s.opts.seed}): "
+                f"restarting epoch {self.epoch} from its first batch", stacklevel=2)
+            self.consumed = 0
+        self._started = False
+
+
+def _mp_context(num_workers: int) -> str | None:
+    # Forking after CUDA start-up is unsafe; plain CPU runs keep the default fork (faster start).
+    return "spawn" if num_workers and torch.cuda.is_initialized() else None
+
+
+class ShardDataModule(L.LightningDataModule):
+    """Shards -> batches for train / val / test, split exactly once across nodes, ranks and workers."""
+
+    def __init__(self, cfg: DataConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.root = expand_root(cfg.root)
+        self._manifest: Manifest | None = None
+        self._loaders: dict[str, ShardLoader] = {}
+        self._pending_state: dict[str, Any] | None = None
+
+    # ---- what the model needs to know -----------------------------------------------------------
+    @property
+    def manifest(self) -> Manifest:
+        if self._manifest is None:
+            self._manifest = self._load_manifest()
+        return self._manifest
+
+    @property
+    def spec(self) -> DataSpec:
+        """Kind, example shape after transforms, classes, levels and sample rate, from the manifest."""
+        m, c = self.manifest, self.cfg
+        if m.kind == "audio":
+            length = c.clip_samples or (m.shape[-1] if m.shape[-1] else 0)
+            if not length:
+                raise DataError("clips have different lengths: set data.clip_samples to crop/pad them")
+            return DataSpec(kind="audio", shape=(1, length), num_classes=m.num_classes,
+                            class_names=list(m.class_names), levels=c.mu_law if c.mu_law > 0 else m.levels,
+                            sample_rate=m.sample_rate)
+        ch, h, w = m.shape
+        if c.resize:
+            if not (h and w):
+                h = w = c.resize if c.center_crop is None else c.center_crop
+            else:
+                h, w = resized_shape(h, w, c.resize)
+        if c.center_crop:
+            h = w = c.center_crop
+        if not (h and w):
+            raise DataError(f"images in {self.root} differ in size: set data.resize and data.center_crop")
+        return DataSpec(kind="image", shape=(ch, h, w), num_classes=m.num_classes,
+                        class_names=list(m.class_names), levels=m.levels)
+
+    # ---- Lightning hooks --------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        self.manifest  # noqa: B018  (prepares a built-in dataset on first use)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Check that every shard of the splits this stage needs exists (fails before training, naming it)."""
+        needs = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"]}
+        splits = needs.get(stage or "", ["train", "val", "test"])
+        for split in splits:
+            self._shards(split)
+
+    def train_dataloader(self) -> ShardLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> ShardLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> ShardLoader:
+        return self._loader("test")
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Lightning calls this for the batch it is about to train on (it has already fetched the next
+        # one), so this count is the position a checkpoint taken after this step must resume from.
+        trainer = self._trainer
+        if trainer is not None and trainer.training and "train" in self._loaders:
+            self._loaders["train"].consumed += 1
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training pipeline's position; Lightning stores it in every checkpoint."""
+        if "train" in self._loaders:
+            return {"train": self._loaders["train"].state_dict()}
+        return dict(self._pending_state or {})
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending_state = dict(state_dict)
+        if "train" in self._loaders and "train" in state_dict:
+            self._loaders["train"].load_state_dict(state_dict["train"])
+
+    @property
+    def skipped_samples(self) -> int:
+        """Bad samples skipped so far by this rank's loaders (also per batch in `batch["skipped"]`)."""
+        return sum(loader.skipped for loader in self._loaders.values())
+
+    # ---- internals -------------------------------------------------------------------------------
+    @property
+    def _trainer(self) -> Any:
+        return getattr(self, "trainer", None)
+
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = self._trainer
+        if trainer is not None:
+            return int(trainer.global_rank), int(trainer.world_size)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
+    def _load_manifest(self) -> Manifest:
+        from scalegen.data.prepare import PREPARERS, prepare_dataset
+
+        has_manifest = url_exists(join_url(self.root, MANIFEST))
+        if not has_manifest and self.cfg.prepare and "://" not in self.root:
+            from scalegen.data import datasets  # noqa: F401  (registers the preparers)
+
+            if self.cfg.dataset in PREPARERS:
+                return prepare_dataset(self.cfg.dataset, self.root, source=self.cfg.source)
+        return read_manifest(self.root)
+
+    def split_name(self, split: str) -> str:
+        """The manifest split a loader reads: val falls back to test when there is no val split."""
+        splits = self.manifest.splits
+        if split == "val" and "val" not in splits and not self.cfg.val:
+            return "test"
+        return split
+
+    def _shards(self, split: str) -> tuple[list[str], list[int]]:
+        """(URLs, sample counts) of a split; every URL must be listed in the manifest and must exist."""
+        m = self.manifest
+        name = self.split_name(split)
+        spec = getattr(self.cfg, split, "")
+        if split == "val" and not spec and name == "test":
+            spec = self.cfg.test
+        info = m.splits.get(name)
+        if spec:
+            urls = expand_urls(spec)
+            known = {s.name: s.count for sp in m.splits.values() for s in sp.shards}
+            unknown = [u for u in urls if shard_name(u) not in known]
+            if unknown:
+                raise DataError(f"data.{split} shard {unknown[0]} is not listed in {self.root}/{MANIFEST}; "
+                                "point data.root at the folder whose manifest describes these shards")
+            counts = [known[shard_name(u)] for u in urls]
+        elif info is None or not info.shards:
+            raise DataError(f"{self.root}/{MANIFEST} has no {name!r} split (it has {sorted(m.splits)})")
+        else:
+            urls = [join_url(self.root, s.name) for s in info.shards]
+            counts = [s.count for s in info.shards]
+        for url in urls:
+            if not url_exists(url):
+                raise DataError(f"shard {url} does not exist (data.{split}); re-run `scalegen data prepare` "
+                                "or fix data.root / data." + split)
+        return urls, counts
+
+    def _loader(self, split: str) -> ShardLoader:
+        urls, counts = self._shards(split)
+        rank, world = self._rank_world()
+        if sum(counts) < world:
+            raise DataError(f"the {split} split has {sum(counts)} samples, fewer than the {world} ranks")
+        c, m = self.cfg, self.manifest
+        train = split == "train"
+        opts = StreamOptions(
+            kind=m.kind, channels=m.shape[0] if m.kind == "image" else None, sample_rate=m.sample_rate,
+            batch_size=c.batch_size, train=train, shuffle_buffer=c.shuffle_buffer,
+            resampled=c.resampled and train, seed=self._seed(), on_bad_sample=c.on_bad_sample,
+            random_flip=c.random_flip, random_crop_padding=c.random_crop_padding, resize=c.resize,
+            center_crop=c.center_crop, clip_samples=c.clip_samples if m.kind == "audio" else 0,
+            mu_law=c.mu_law if m.kind == "audio" else 0,
+        )
+        loader = ShardLoader(ShardStream(urls, counts, opts, rank=rank, world=world), c.num_workers,
+                             pin_memory=torch.cuda.is_available())
+        if train:
+            loader.count_on_yield = self._trainer is None
+            if self._pending_state and "train" in self._pending_state:
+                loader.load_state_dict(self._pending_state["train"])
+        self._loaders[split] = loader
+        return loader
+
+    def _seed(self) -> int:
+        if self.cfg.seed is not None:
+            return int(self.cfg.seed)
+        return int(os.environ.get("PL_GLOBAL_SEED", 0))  # set by lightning.seed_everything(trainer.seed)

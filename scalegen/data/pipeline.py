@@ -1,0 +1,279 @@
+"""The loading pipeline: an IterableDataset that turns one rank's share of an epoch into batch dicts.
+
+Each DataLoader worker runs the stages below on its own plan (see `scalegen.data.split`), and the
+DataLoader is used with `batch_size=None`: batching happens here, so the batch sizes are the planned
+ones and the position in the epoch is simply "how many batches this rank has received".
+
+Batches: `x` (uint8 [B, C, H, W] images, float32 [B, 1, T] audio, or int64 [B, 1, T] mu-law codes),
+`y` (int64 [B], -1 when unlabelled), `key` (list of str), numeric fields from the sample's json
+(e.g. `speaker` for FSDD) as tensors, and `skipped` (int64 scalar: samples skipped as bad since the
+previous batch of the same worker).
+"""
+
+from __future__ import annotations
+
+import random
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from scalegen.data import transforms as T
+from scalegen.data.decode import decode_sample
+from scalegen.data.manifest import DataError
+from scalegen.data.shards import iter_shard
+from scalegen.data.split import Slice, batches_before, plan_worker, worker_batch_range
+
+Raw = dict[str, Any]
+
+
+class BadSampleWarning(UserWarning):
+    """A shard or sample was skipped because it could not be read or decoded."""
+
+
+@dataclass
+class StreamOptions:
+    kind: str  # image | audio (from the manifest)
+    channels: int | None  # image channels to decode to (from the manifest)
+    sample_rate: int | None  # audio: every WAV must have this rate
+    batch_size: int
+    train: bool  # shuffle and random transforms (else deterministic order and transforms)
+    shuffle_buffer: int = 0
+    resampled: bool = False
+    seed: int = 0
+    on_bad_sample: str = "warn"
+    random_flip: bool = False
+    random_crop_padding: int = 0
+    resize: int | None = None
+    center_crop: int | None = None
+    clip_samples: int = 0  # audio: fixed length (0 = keep; then every clip must have the same length)
+    mu_law: int = 0
+
+
+class _Skips:
+    """Bad samples seen by this worker, and how many were already reported in a batch."""
+
+    def __init__(self, policy: str) -> None:
+        self.policy, self.total, self.reported = policy, 0, 0
+
+    def bad(self, message: str, n: int = 1) -> None:
+        if self.policy == "raise":
+            raise DataError(f"{message} (data.on_bad_sample=raise; set it to warn to skip bad data)")
+        warnings.warn(f"skipping {n} sample(s): {message}", BadSampleWarning, stacklevel=2)
+        self.total += n
+
+    def delta(self) -> int:
+        d, self.reported = self.total - self.reported, self.total
+        return d
+
+
+class ShardStream(IterableDataset):
+    """One split's shards for one rank; `epoch` and `start` (batches already consumed) are set per pass."""
+
+    def __init__(self, urls: Sequence[str], counts: Sequence[int], opts: StreamOptions,
+                 rank: int = 0, world: int = 1) -> None:
+        super().__init__()
+        if len(urls) != len(counts):
+            raise ValueError("one count per shard URL")
+        self.urls, self.counts, self.opts = list(urls), list(counts), opts
+        self.rank, self.world = rank, world
+        self.epoch, self.start = 0, 0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        o = self.opts
+        skips = _Skips(o.on_bad_sample)
+        if o.resampled:
+            slices: Iterable[Slice] = self._resampled_slices(worker)
+            sizes: Iterable[int] = _forever(o.batch_size)
+            first_batch = 0
+        else:
+            plan = plan_worker(self.counts, rank=self.rank, world=self.world, worker=worker,
+                               num_workers=num_workers, batch_size=o.batch_size, epoch=self.epoch,
+                               seed=o.seed, shuffle=o.train)
+            slices, sizes = plan.slices, plan.batch_sizes
+            first_batch = worker_batch_range(len(self), worker, num_workers)[0]
+        # Planned batches are numbered per rank already; resampled ones per worker, so add the worker.
+        aug_seed = (o.seed, self.epoch, self.rank, worker if o.resampled else -1)
+        rng = random.Random(f"shuffle/{o.seed}/{self.epoch}/{self.rank}/{worker}")
+        stages: list[Callable[[Any], Iterable[Any]]] = [
+            partial(read_slices, self.urls, skips=skips),  # raw samples (bytes), bad shards skipped
+            partial(shuffle, buffer=o.shuffle_buffer if o.train else 0, rng=rng),
+            partial(group, sizes=sizes, first=first_batch),  # (batch index, [raw]) in planned sizes
+            partial(drop, n=batches_before(self.start, worker, num_workers)),  # resume: skip, undecoded
+            partial(decode_batches, decode_one=self._decode_one, skips=skips, seed=aug_seed),
+            partial(collate, skips=skips),
+        ]
+        stream: Any = slices
+        for stage in stages:
+            stream = stage(stream)
+        return iter(stream)
+
+    def __len__(self) -> int:
+        """Batches per epoch for this rank (the same on every rank)."""
+        if self.opts.resampled:
+            raise TypeError("a resampled stream has no length")
+        from scalegen.data.split import steps_per_epoch
+
+        return steps_per_epoch(sum(self.counts), self.world, self.opts.batch_size)
+
+    def _resampled_slices(self, worker: int) -> Iterator[Slice]:
+        """Whole shards drawn with replacement, weighted by size (each sample equally likely)."""
+        rng = random.Random(f"resampled/{self.opts.seed}/{self.epoch}/{self.rank}/{worker}")
+        population = range(len(self.counts))
+        while True:
+            shard = rng.choices(population, weights=self.counts)[0]
+            yield Slice(shard, 0, self.counts[shard])
+
+    def _decode_one(self, raw: Raw, gen: torch.Generator) -> dict[str, Any]:
+        o = self.opts
+        s = decode_sample(raw, o.kind, o.channels, o.sample_rate)
+        x = s["x"]
+        if o.kind == "image":
+            if o.resize:
+                x = T.resize(x, o.resize)
+            if o.center_crop:
+                x = T.center_crop(x, o.center_crop)
+            if o.train and o.random_crop_padding > 0:
+                x = T.random_crop(x, tuple(x.shape[-2:]), o.random_crop_padding, gen)
+            if o.train and o.random_flip:
+                x = T.random_flip(x, gen)
+        else:
+            if o.clip_samples:
+                x = T.crop_or_pad(x, o.clip_samples, gen if o.train else None)
+            if o.mu_law:
+                x = T.mu_law_encode(x, o.mu_law)
+        s["x"] = x
+        return s
+
+
+# ---- stages ----------------------------------------------------------------------------------------
+def read_slices(urls: Sequence[str], slices: Iterable[Slice], skips: _Skips) -> Iterator[Raw]:
+    """The samples of each slice; a shard that is missing, truncated or corrupt is skipped (and counted)."""
+    for sl in slices:
+        url, got, last_key = urls[sl.shard], 0, None
+        want = sl.stop - sl.start
+        try:
+            for i, sample in enumerate(iter_shard(url)):
+                if i >= sl.stop:
+                    break
+                if i >= sl.start:
+                    got, last_key = got + 1, sample["__key__"]
+                    sample["__url__"] = url
+                    yield sample
+        except Exception as err:  # tarfile, gzip, OS and pipe errors all mean "this shard is bad here"
+            where = f"after key {last_key}" if last_key else f"at sample {sl.start}"
+            skips.bad(f"shard {url} unreadable {where}: {type(err).__name__}: {err}", want - got)
+            continue
+        if got < want:
+            skips.bad(f"shard {url} ended after key {last_key}: {got} of {want} planned samples",
+                      want - got)
+
+
+def shuffle(stream: Iterable[Raw], buffer: int, rng: random.Random) -> Iterator[Raw]:
+    """A shuffle buffer: a permutation of the stream (nothing dropped or repeated); buffer <= 1 is a no-op."""
+    if buffer <= 1:
+        yield from stream
+        return
+    held: list[Raw] = []
+    for item in stream:
+        if len(held) < buffer:
+            held.append(item)
+            continue
+        i = rng.randrange(buffer)
+        held[i], item = item, held[i]
+        yield item
+    rng.shuffle(held)
+    yield from held
+
+
+def group(stream: Iterable[Raw], sizes: Iterable[int], first: int) -> Iterator[tuple[int, list[Raw]]]:
+    """Exactly one group per planned size, numbered from `first`; short (even empty) if the stream ran dry."""
+    it = iter(stream)
+    for j, size in enumerate(sizes):
+        items = []
+        for item in it:
+            items.append(item)
+            if len(items) == size:
+                break
+        yield first + j, items
+
+
+def drop(stream: Iterable[Any], n: int) -> Iterator[Any]:
+    for i, item in enumerate(stream):
+        if i >= n:
+            yield item
+
+
+def decode_batches(stream: Iterable[tuple[int, list[Raw]]], decode_one: Callable[[Raw, torch.Generator], Any],
+                   skips: _Skips, seed: tuple[int, ...]) -> Iterator[list[dict[str, Any]]]:
+    """Decode and transform each sample; undecodable ones are skipped (and counted).
+
+    Random transforms draw from a generator seeded by (seed, epoch, rank, batch index), so a batch's
+    augmentation does not depend on what was read before it (resume gives identical batches).
+    A batch left empty (its samples were all bad, or the rank had fewer samples than steps) repeats
+    the previous batch's samples, so every rank still takes the same number of steps.
+    """
+    recent: list[dict[str, Any]] = []
+    for index, raws in stream:
+        gen = torch.Generator().manual_seed(hash_seed(*seed, index))
+        out = []
+        for raw in raws:
+            try:
+                out.append(decode_one(raw, gen))
+            except DataError:
+                raise
+            except Exception as err:
+                where = f"sample {raw.get('__key__')} in shard {raw.get('__url__')}"
+                skips.bad(f"{where}: {type(err).__name__}: {err}")
+        if not out:
+            if not recent:
+                continue  # nothing good read yet: nothing to repeat
+            out = recent[-1:] if not raws else recent
+        recent = out
+        yield out
+
+
+def collate(stream: Iterable[list[dict[str, Any]]], skips: _Skips) -> Iterator[dict[str, Any]]:
+    for samples in stream:
+        shapes = {tuple(s["x"].shape) for s in samples}
+        if len(shapes) > 1:
+            raise DataError(
+                f"examples of different shapes {sorted(shapes)} in a batch (first key {samples[0]['key']}): "
+                "set data.resize and data.center_crop (images) or data.clip_samples (audio)"
+            )
+        batch: dict[str, Any] = {
+            "x": torch.stack([s["x"] for s in samples]),
+            "y": torch.tensor([s["y"] for s in samples], dtype=torch.int64),
+            "key": [s["key"] for s in samples],
+        }
+        for k in samples[0]:
+            if k in batch or not all(k in s for s in samples):
+                continue
+            values = [s[k] for s in samples]
+            if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+                batch[k] = torch.tensor(values, dtype=torch.int64)
+            elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+                batch[k] = torch.tensor(values, dtype=torch.float32)
+            else:
+                batch[k] = values
+        batch["skipped"] = torch.tensor(skips.delta(), dtype=torch.int64)
+        yield batch
+
+
+def _forever(n: int) -> Iterator[int]:
+    while True:
+        yield n
+
+
+def hash_seed(*parts: int) -> int:
+    """A 63-bit seed from integers, stable across processes (unlike hash())."""
+    import hashlib
+
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)

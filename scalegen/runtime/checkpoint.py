@@ -1,0 +1,88 @@
+"""Checkpoints: atomic writes, the config inside every checkpoint, finding and loading them."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.utilities.cloud_io import _atomic_save
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from omegaconf import DictConfig
+
+from scalegen.errors import UserError
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes to a temporary file beside the target and renames it over: a crash while saving
+    leaves the previous checkpoint intact (os.replace is atomic on POSIX)."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            _atomic_save(checkpoint, tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+class SaveConfigInCheckpoint(L.Callback):
+    """Stores the resolved config and the DataSpec in every checkpoint, so a checkpoint alone rebuilds its model."""
+
+    def __init__(self, resolved_config: dict, data_spec: Any) -> None:
+        self.payload = {"config": resolved_config, "data_spec": dataclasses.asdict(data_spec)}
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        checkpoint["scalegen"] = self.payload
+
+
+def newest_checkpoint(run_dir: Path) -> Path | None:
+    """last.ckpt if present, else the most recently written checkpoint in run_dir/checkpoints."""
+    folder = Path(run_dir) / "checkpoints"
+    if (folder / "last.ckpt").exists():
+        return folder / "last.ckpt"
+    ckpts = sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+    return ckpts[-1] if ckpts else None
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """Load a checkpoint without executing pickled code (tensors and plain containers only)."""
+    path = Path(path)
+    if path.is_dir() and (path / "checkpoints").is_dir():  # a run folder
+        found = newest_checkpoint(path)
+        if found is None:
+            raise UserError(f"run folder {path} has no checkpoint yet")
+        path = found
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if "scalegen" not in ckpt:
+        raise UserError(f"{path} is not a scalegen checkpoint (no config inside)")
+    return ckpt
+
+
+def load_model(path: str | Path, use_ema: bool = True) -> tuple[Any, DictConfig]:
+    """(model in eval mode, its typed config) from a checkpoint or run folder alone.
+
+    With use_ema and EMA weights in the checkpoint, the averaged weights are loaded."""
+    from scalegen.config.loader import config_from_container
+    from scalegen.families.base import DataSpec
+    from scalegen.registry import get_family
+
+    ckpt = read_checkpoint(path)
+    cfg = config_from_container(ckpt["scalegen"]["config"])
+    spec_fields = dict(ckpt["scalegen"]["data_spec"])
+    spec_fields["shape"] = tuple(spec_fields["shape"])
+    spec = DataSpec(**spec_fields)
+    model = get_family(cfg.model.family).module(cfg.model, cfg.optim, spec)
+    weights = ckpt["ema_state_dict"] if use_ema and "ema_state_dict" in ckpt else ckpt["state_dict"]
+    model.load_state_dict(weights)
+    model.eval()
+    return model, cfg

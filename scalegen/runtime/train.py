@@ -1,0 +1,107 @@
+"""`train(cfg)`: one run from a validated config. The only training loop is Lightning's."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from omegaconf import DictConfig, OmegaConf
+
+from scalegen.callbacks.data_audit import DataAudit
+from scalegen.callbacks.figures import RunFigures
+from scalegen.config.loader import resolved
+from scalegen.errors import UserError
+from scalegen.registry import get_family
+from scalegen.runtime.checkpoint import AtomicCheckpointIO, SaveConfigInCheckpoint, newest_checkpoint
+from scalegen.runtime.metrics_file import JsonLinesLogger
+
+
+def run_dir_of(cfg: DictConfig) -> Path:
+    return Path(os.path.expanduser(cfg.run.dir)) / cfg.run.name
+
+
+def _resume_path(cfg: DictConfig, run_dir: Path) -> str | None:
+    mode = cfg.trainer.resume
+    if mode == "never":
+        return None
+    if mode == "auto":
+        found = newest_checkpoint(run_dir)
+        return str(found) if found else None
+    if not Path(mode).is_file():
+        raise UserError(f"trainer.resume={mode!r}: no such checkpoint (use auto, never, or a checkpoint path)")
+    return mode
+
+
+def _wandb_logger(cfg: DictConfig, run_dir: Path) -> Any:
+    """W&B through Lightning, offline by default. The run id is kept in the run folder so a resumed or
+    requeued job continues the same W&B run."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    id_file = run_dir / "wandb_run_id"
+    if not id_file.exists():
+        id_file.write_text(uuid.uuid4().hex[:12])
+    os.environ.setdefault("WANDB_SILENT", "true")
+    return WandbLogger(project=cfg.logging.project, entity=cfg.logging.entity, name=cfg.run.name,
+                       save_dir=str(run_dir), id=id_file.read_text().strip(), resume="allow",
+                       mode=cfg.logging.mode, tags=list(cfg.logging.tags),
+                       config=OmegaConf.to_container(cfg, resolve=True))
+
+
+def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
+    """Strategy, precision and accumulation for Lightning's Trainer."""
+    from scalegen.distributed import trainer_kwargs as distributed_kwargs
+
+    return distributed_kwargs(cfg.trainer, cfg.data.batch_size)
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, spec: Any, extra_callbacks: list | None = None) -> L.Trainer:
+    t = cfg.trainer
+    metrics_file = run_dir / cfg.logging.metrics_file
+    loggers: list[Any] = [JsonLinesLogger(metrics_file)]
+    if cfg.logging.wandb and cfg.logging.mode != "disabled":
+        loggers.append(_wandb_logger(cfg, run_dir))
+    ck = cfg.checkpoint
+    callbacks: list[L.Callback] = [
+        ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best-{step}", monitor=ck.monitor, mode=ck.mode,
+                        save_top_k=ck.save_top_k, save_last=ck.save_last,
+                        every_n_train_steps=ck.every_n_train_steps, every_n_epochs=ck.every_n_epochs),
+        SaveConfigInCheckpoint(OmegaConf.to_container(resolved(cfg)), spec),
+        RunFigures(run_dir, metrics_file),
+        DataAudit(run_dir, record_keys=t.record_sample_keys),
+    ]
+    if t.progress_bar:
+        callbacks.append(RichProgressBar(leave=True))
+    callbacks += extra_callbacks or []
+    check_every_epoch = None if t.val_check_interval else t.check_val_every_n_epoch
+    return L.Trainer(
+        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
+        max_steps=t.max_steps, max_epochs=t.max_epochs,
+        gradient_clip_val=t.gradient_clip_val,
+        val_check_interval=t.val_check_interval, check_val_every_n_epoch=check_every_epoch,
+        limit_val_batches=t.limit_val_batches, num_sanity_val_steps=t.num_sanity_val_steps,
+        log_every_n_steps=t.log_every_n_steps, deterministic=t.deterministic,
+        enable_progress_bar=t.progress_bar, enable_model_summary=False,
+        default_root_dir=str(run_dir), logger=loggers, callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()], **trainer_kwargs(cfg),
+    )
+
+
+def train(cfg: DictConfig) -> Path:
+    """Train the recipe's family on its data; returns the run folder."""
+    from scalegen.data import build_datamodule
+
+    run_dir = run_dir_of(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
+    datamodule = build_datamodule(cfg.data)
+    spec = datamodule.spec
+    model = get_family(cfg.model.family).module(cfg.model, cfg.optim, spec)
+    trainer = build_trainer(cfg, run_dir, spec)
+    if trainer.is_global_zero:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved(cfg)))
+    trainer.fit(model, datamodule=datamodule, ckpt_path=_resume_path(cfg, run_dir))
+    return run_dir
