@@ -8,8 +8,8 @@ drew that number at the start of the epoch, not at the restart).
 `Preemption` turns a signal (SLURM sends `--signal` some minutes before the time limit; an operator
 may `scancel --signal=USR1`) into: all ranks agree at the next optimizer-step boundary, a checkpoint
 is written there, a marker file `{run_dir}/.preempted` is left for the batch script (which requeues
-the job), and training stops. The handler itself only sets a flag: checkpointing inside a signal
-handler would save whatever half-finished step each rank happened to be in.
+the job), and every rank exits with code 3 (`PREEMPTED_EXIT_CODE`). The handler itself only sets a
+flag: checkpointing inside a signal handler would save whatever half-finished step each rank was in.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -24,10 +25,12 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import Checkpoint
 
 from scalegen.errors import UserError
 
 PREEMPTED_MARKER = ".preempted"
+PREEMPTED_EXIT_CODE = 3  # `scalegen train` stopped for preemption after writing its checkpoint
 
 
 # ---- RNG states ------------------------------------------------------------------------------
@@ -105,8 +108,12 @@ class RNGState(L.Callback):
 
 
 # ---- preemption ------------------------------------------------------------------------------
-class Preemption(L.Callback):
-    """Checkpoint at the next step boundary and stop when `signum` arrives (see the module docstring)."""
+class Preemption(Checkpoint):
+    """Checkpoint at the next step boundary and stop when `signum` arrives (see the module docstring).
+
+    A `Checkpoint` subclass, so Lightning runs its hooks after every ordinary callback (EMA, RNG...):
+    the checkpoint it writes at a step includes what they did at that step.
+    """
 
     def __init__(
         self, run_dir: str | Path, signum: int | str = signal.SIGUSR1, checkpoint_name: str = "last.ckpt"
@@ -163,13 +170,38 @@ class Preemption(L.Callback):
         self._last_checked_step = step
         if not self._agreed(trainer):
             return
+        # Save where ModelCheckpoint keeps `last`, and tell it so: after the resume it then overwrites this
+        # file instead of starting a `last-v1.ckpt` beside it (trainer.resume=auto reads last.ckpt).
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        for cb in trainer.checkpoint_callbacks:
+            same_dir = cb.dirpath == str(self.checkpoint_path.parent) if isinstance(cb, ModelCheckpoint) else False
+            if same_dir and cb.save_last:
+                cb.last_model_path = str(self.checkpoint_path)
         trainer.save_checkpoint(self.checkpoint_path)
         trainer.strategy.barrier("scalegen_preempt")
         if trainer.is_global_zero:
             tmp = self.marker.with_suffix(".tmp")
-            tmp.write_text(
-                f"step={step}\ncheckpoint={self.checkpoint_path}\njob={os.environ.get('SLURM_JOB_ID', '')}\n"
-            )
+            job = os.environ.get("SLURM_JOB_ID", "")
+            tmp.write_text(f"step={step}\ncheckpoint={self.checkpoint_path}\njob={job}\n")
             tmp.replace(self.marker)
+            print(
+                f"scalegen: preempted by {signal.Signals(self.signum).name} at step {step}; checkpoint "
+                f"{self.checkpoint_path}; the same command resumes from it",
+                file=sys.stderr,
+                flush=True,
+            )
         self.preempted_at = step
-        trainer.should_stop = True
+        # Leave at once, on every rank at the same step: stopping through `should_stop` would first run
+        # a validation pass and more checkpoint saves, drawing random numbers an uninterrupted run does not.
+        raise SystemExit(PREEMPTED_EXIT_CODE)
+
+
+def scale_out_callbacks(cfg: Any, run_dir: str | Path) -> list[L.Callback]:
+    """The callbacks the runtime adds for exact resume: RNG states, preemption, and EMA when enabled."""
+    from scalegen.callbacks.ema import EMA
+
+    callbacks: list[L.Callback] = [RNGState(), Preemption(run_dir, str(cfg.trainer.requeue_signal))]
+    if cfg.ema.enabled:
+        callbacks.append(EMA.from_config(cfg.ema))
+    return callbacks

@@ -1,6 +1,7 @@
 """Scale-out: the only package that knows DDP, FSDP and DeepSpeed, and the batch-size arithmetic.
 
-- `trainer_kwargs(trainer_cfg, per_device_batch_size, optim_cfg=None)`: Lightning Trainer arguments.
+- `trainer_kwargs(trainer_cfg, per_device_batch_size)`: Lightning Trainer strategy/precision/accumulation.
+- `scaled_optim(cfg)`: the optim section with the learning rate scaled for the world size.
 - `batch_plan(...)`: accumulation, global batch and scaled learning rate (see `batching`).
 - `deepspeed_config(trainer_cfg, per_device_batch_size)`: the DeepSpeed config dict.
 - `consolidate_zero_checkpoint(path)`: one fp32 state dict from a sharded ZeRO checkpoint.
@@ -23,7 +24,13 @@ from scalegen.distributed.deepspeed import (
     zero_stage,
 )
 from scalegen.distributed.gather import full_parameters
-from scalegen.distributed.strategies import cluster_environment, strategy, trainer_kwargs, under_slurm
+from scalegen.distributed.strategies import (
+    cluster_environment,
+    scaled_optim,
+    strategy,
+    trainer_kwargs,
+    under_slurm,
+)
 
 __all__ = [
     "BatchPlan",
@@ -36,6 +43,7 @@ __all__ = [
     "full_parameters",
     "is_zero_checkpoint",
     "scaled_lr",
+    "scaled_optim",
     "strategy",
     "trainer_kwargs",
     "under_slurm",

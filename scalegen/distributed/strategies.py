@@ -90,29 +90,18 @@ def strategy(trainer_cfg: Any, per_device_batch_size: int, world: int) -> Any:
 
 
 def trainer_kwargs(trainer_cfg: Any, per_device_batch_size: int, optim_cfg: Any = None) -> dict[str, Any]:
-    """Lightning `Trainer` arguments for scale-out: accelerator, devices, num_nodes, strategy, precision,
-    accumulate_grad_batches, gradient clipping, and the SLURM cluster environment when under srun.
+    """Lightning `Trainer` arguments for scale-out: `strategy` (an object carrying the SLURM cluster
+    environment when under srun), `precision` and `accumulate_grad_batches`.
 
     Accumulation comes from `trainer.global_batch_size` when it is set (see `batching`); a global
-    batch that does not divide raises `UserError` here, before anything runs.
+    batch that does not divide raises `UserError` here, before anything runs. Accelerator, devices,
+    num_nodes and gradient clipping go to the Trainer straight from the `trainer` section (under
+    DeepSpeed the clipping value is also in the engine config, and Lightning leaves clipping to it).
     """
     from scalegen.distributed.batching import world_size
 
     world = world_size(trainer_cfg)
     plan = batch_plan(trainer_cfg, per_device_batch_size, optim_cfg, world=world)
-    strat = strategy(trainer_cfg, per_device_batch_size, world)
-    kwargs: dict[str, Any] = {
-        "accelerator": trainer_cfg.accelerator,
-        "devices": trainer_cfg.devices,
-        "num_nodes": int(trainer_cfg.num_nodes),
-        "strategy": strat,
-        "precision": str(trainer_cfg.precision),
-        "accumulate_grad_batches": plan.accumulation,
-        "gradient_clip_val": trainer_cfg.gradient_clip_val,
-    }
-    if zero_stage(str(trainer_cfg.strategy)):
-        # DeepSpeed clips inside its engine (config "gradient_clipping"); Lightning must not clip again.
-        kwargs["gradient_clip_val"] = None
     if (
         str(trainer_cfg.precision).startswith("16")
         and not zero_stage(str(trainer_cfg.strategy))
@@ -122,4 +111,19 @@ def trainer_kwargs(trainer_cfg: Any, per_device_batch_size: int, optim_cfg: Any 
             "trainer.loss_scale (a fixed fp16 loss scale) is only honoured by DeepSpeed; "
             "with ddp/fsdp 16-mixed uses dynamic scaling (set trainer.loss_scale=0)"
         )
-    return kwargs
+    return {
+        "strategy": strategy(trainer_cfg, per_device_batch_size, world),
+        "precision": str(trainer_cfg.precision),
+        "accumulate_grad_batches": plan.accumulation,
+    }
+
+
+def scaled_optim(cfg: Any) -> Any:
+    """`cfg.optim` with the peak learning rate scaled for this world size (`optim.scale_lr`); the recipe
+    itself (saved with the run) keeps the rate it was tuned with."""
+    from omegaconf import OmegaConf
+
+    plan = batch_plan(cfg.trainer, cfg.data.batch_size, cfg.optim)
+    if plan.lr == float(cfg.optim.lr):
+        return cfg.optim
+    return OmegaConf.merge(cfg.optim, {"lr": plan.lr})

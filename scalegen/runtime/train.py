@@ -99,8 +99,11 @@ def train(cfg: DictConfig) -> Path:
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     datamodule = build_datamodule(cfg.data)
     spec = datamodule.spec
-    model = get_family(cfg.model.family).module(cfg.model, cfg.optim, spec)
-    trainer = build_trainer(cfg, run_dir, spec)
+    from scalegen.callbacks.resume import scale_out_callbacks
+    from scalegen.distributed import scaled_optim
+
+    model = get_family(cfg.model.family).module(cfg.model, scaled_optim(cfg), spec)
+    trainer = build_trainer(cfg, run_dir, spec, extra_callbacks=scale_out_callbacks(cfg, run_dir))
     if trainer.is_global_zero:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved(cfg)))
     trainer.fit(model, datamodule=datamodule, ckpt_path=_resume_path(cfg, run_dir))

@@ -90,8 +90,7 @@ def test_trainer_kwargs_ddp_on_cpu():
     )
     assert isinstance(kw["strategy"], DDPStrategy)
     assert kw["strategy"]._ddp_kwargs.get("find_unused_parameters") is True
-    assert kw["accumulate_grad_batches"] == 4 and kw["gradient_clip_val"] == 1.0
-    assert kw["devices"] == 2 and kw["num_nodes"] == 1 and kw["precision"] == "32-true"
+    assert kw["accumulate_grad_batches"] == 4 and kw["precision"] == "32-true"
 
 
 def test_trainer_kwargs_fsdp():

@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from conftest import launch
+from dist_helpers import launch
 
 STEPS = 6
 
