@@ -174,9 +174,9 @@ class Preemption(Checkpoint):
         # file instead of starting a `last-v1.ckpt` beside it (trainer.resume=auto reads last.ckpt).
         from lightning.pytorch.callbacks import ModelCheckpoint
 
+        here = self.checkpoint_path.parent
         for cb in trainer.checkpoint_callbacks:
-            same_dir = cb.dirpath == str(self.checkpoint_path.parent) if isinstance(cb, ModelCheckpoint) else False
-            if same_dir and cb.save_last:
+            if isinstance(cb, ModelCheckpoint) and cb.save_last and Path(cb.dirpath or "") == here:
                 cb.last_model_path = str(self.checkpoint_path)
         trainer.save_checkpoint(self.checkpoint_path)
         trainer.strategy.barrier("scalegen_preempt")
