@@ -103,6 +103,10 @@ def train(cfg: DictConfig) -> Path:
     from scalegen.distributed import scaled_optim
 
     model = get_family(cfg.model.family).module(cfg.model, scaled_optim(cfg), spec)
+    if cfg.finetune.init_from:  # start from a release's weights (a resumed run then loads its checkpoint)
+        from scalegen.hub import init_from_release
+
+        init_from_release(model, cfg.finetune)
     trainer = build_trainer(cfg, run_dir, spec, extra_callbacks=scale_out_callbacks(cfg, run_dir))
     if trainer.is_global_zero:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved(cfg)))
