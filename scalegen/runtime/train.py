@@ -99,8 +99,15 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> Path:
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     datamodule = build_datamodule(cfg.data)
     spec = datamodule.spec
-    model = get_family(cfg.model.family).module(cfg.model, cfg.optim, spec)
-    trainer = build_trainer(cfg, run_dir, spec, callbacks)
+    from scalegen.callbacks.resume import scale_out_callbacks
+    from scalegen.distributed import scaled_optim
+
+    model = get_family(cfg.model.family).module(cfg.model, scaled_optim(cfg), spec)
+    if cfg.finetune.init_from:  # start from a release's weights (a resumed run then loads its checkpoint)
+        from scalegen.hub import init_from_release
+
+        init_from_release(model, cfg.finetune)
+    trainer = build_trainer(cfg, run_dir, spec, extra_callbacks=[*scale_out_callbacks(cfg, run_dir), *(callbacks or [])])
     if trainer.is_global_zero:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved(cfg)))
     trainer.fit(model, datamodule=datamodule, ckpt_path=_resume_path(cfg, run_dir))
