@@ -58,8 +58,15 @@ def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
     return distributed_kwargs(cfg.trainer, cfg.data.batch_size)
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path, spec: Any, extra_callbacks: list | None = None) -> L.Trainer:
+def build_trainer(cfg: DictConfig, run_dir: Path, spec: Any, extra_callbacks: list | None = None,
+                  manual_model: Any = None) -> L.Trainer:
     t = cfg.trainer
+    kwargs, clip = trainer_kwargs(cfg), t.gradient_clip_val
+    if manual_model is not None:
+        # Lightning rejects Trainer-level accumulation and clipping under manual optimization; a family
+        # that optimizes manually (GANs) takes them over (see families/gan.py).
+        manual_model.configure_manual_optimization(kwargs.get("accumulate_grad_batches", 1), clip)
+        kwargs["accumulate_grad_batches"], clip = 1, None
     metrics_file = run_dir / cfg.logging.metrics_file
     loggers: list[Any] = [JsonLinesLogger(metrics_file)]
     if cfg.logging.wandb and cfg.logging.mode != "disabled":
@@ -80,13 +87,13 @@ def build_trainer(cfg: DictConfig, run_dir: Path, spec: Any, extra_callbacks: li
     return L.Trainer(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
         max_steps=t.max_steps, max_epochs=t.max_epochs,
-        gradient_clip_val=t.gradient_clip_val,
+        gradient_clip_val=clip,
         val_check_interval=t.val_check_interval, check_val_every_n_epoch=check_every_epoch,
         limit_val_batches=t.limit_val_batches, num_sanity_val_steps=t.num_sanity_val_steps,
         log_every_n_steps=t.log_every_n_steps, deterministic=t.deterministic,
         enable_progress_bar=t.progress_bar, enable_model_summary=False,
         default_root_dir=str(run_dir), logger=loggers, callbacks=callbacks,
-        plugins=[AtomicCheckpointIO()], **trainer_kwargs(cfg),
+        plugins=[AtomicCheckpointIO()], **kwargs,
     )
 
 
@@ -107,7 +114,8 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> Path:
         from scalegen.hub import init_from_release
 
         init_from_release(model, cfg.finetune)
-    trainer = build_trainer(cfg, run_dir, spec, extra_callbacks=[*scale_out_callbacks(cfg, run_dir), *(callbacks or [])])
+    trainer = build_trainer(cfg, run_dir, spec, extra_callbacks=[*scale_out_callbacks(cfg, run_dir), *(callbacks or [])],
+                            manual_model=None if model.automatic_optimization else model)
     if trainer.is_global_zero:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved(cfg)))
     trainer.fit(model, datamodule=datamodule, ckpt_path=_resume_path(cfg, run_dir))
