@@ -4,7 +4,6 @@ from a small archive written here in the upstream python-pickle format."""
 from __future__ import annotations
 
 import gzip
-
 import pickle
 import shutil
 import tarfile
