@@ -80,6 +80,10 @@ def build_trainer(cfg: DictConfig, run_dir: Path, spec: Any, extra_callbacks: li
         RunFigures(run_dir, metrics_file),
         DataAudit(run_dir, record_keys=t.record_sample_keys),
     ]
+    if cfg.eval.every_n_steps:
+        from scalegen.callbacks.periodic_eval import PeriodicEval
+
+        callbacks.append(PeriodicEval(cfg))
     if t.progress_bar:
         callbacks.append(RichProgressBar(leave=True))
     callbacks += extra_callbacks or []
