@@ -80,6 +80,10 @@ def build_trainer(cfg: DictConfig, run_dir: Path, spec: Any, extra_callbacks: li
         RunFigures(run_dir, metrics_file),
         DataAudit(run_dir, record_keys=t.record_sample_keys),
     ]
+    if cfg.eval.every_n_steps:
+        from scalegen.callbacks.periodic_eval import PeriodicEval
+
+        callbacks.append(PeriodicEval(cfg))
     if t.progress_bar:
         callbacks.append(RichProgressBar(leave=True))
     callbacks += extra_callbacks or []
@@ -99,15 +103,22 @@ def build_trainer(cfg: DictConfig, run_dir: Path, spec: Any, extra_callbacks: li
 
 def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> Path:
     """Train the recipe's family on its data; returns the run folder. `callbacks` are added to the defaults."""
+    from scalegen.callbacks.resume import scale_out_callbacks
     from scalegen.data import build_datamodule
+    from scalegen.distributed import scaled_optim
 
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     datamodule = build_datamodule(cfg.data)
     spec = datamodule.spec
-    model = get_family(cfg.model.family).module(cfg.model, cfg.optim, spec)
-    trainer = build_trainer(cfg, run_dir, spec, callbacks,
+    model = get_family(cfg.model.family).module(cfg.model, scaled_optim(cfg), spec)
+    if cfg.finetune.init_from:  # start from a release's weights (a resumed run then loads its checkpoint)
+        from scalegen.hub import init_from_release
+
+        init_from_release(model, cfg.finetune)
+    extra = [*scale_out_callbacks(cfg, run_dir), *(callbacks or [])]
+    trainer = build_trainer(cfg, run_dir, spec, extra_callbacks=extra,
                             manual_model=None if model.automatic_optimization else model)
     if trainer.is_global_zero:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved(cfg)))
