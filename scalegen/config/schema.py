@@ -139,13 +139,36 @@ class FinetuneConfig:
 
 @dataclass
 class EvalConfig:
-    every_n_steps: int | None = None  # run the evaluation pipeline during training every N steps
-    metrics: list[str] = field(default_factory=list)  # e.g. [bpd, fid, kid, is, linear_probe, semisup]
+    """The evaluation pipeline: `scalegen eval`, and during training (see docs/evaluation.md)."""
+
+    every_n_steps: int | None = None  # evaluate during training every N optimizer steps (None = never)
+    # Any of bpd, fid, kid, is, linear_probe, semisup; [] = every one the family supports.
+    metrics: list[str] = field(default_factory=list)
+    split: str = "test"  # split that bits/dim and probe accuracies are measured on
+    max_examples: int | None = None  # only the first N examples of `split` (None = all)
+    batch_size: int = 256  # examples per forward pass and rank (nll, sample, encode, features)
+    seed: int = 0  # sampling and probe seed (rank r samples with seed + 7919 r)
+    # Bits/dim.
+    iwae_k: int = 1000  # IWAE-k bound when the family's nll accepts k (VAEs); 1 = the ELBO only
+    # FID, KID, Inception Score.
     num_samples: int = 1000  # generated samples for FID/KID/IS (50000 for reporting)
-    split: str = "test"  # data split the metrics are computed on
-    iwae_k: int = 1000  # importance samples for VAE bits/dim bounds in reports
-    inception_weights: str | None = None  # path or URL; else $SCALEGEN_INCEPTION_WEIGHTS
+    reference_split: str = "train"  # split the generated samples are compared with
+    reference_examples: int | None = 50000  # reference statistics from its first N examples (None = all)
+    # Path or URL of pt_inception-2015-12-05-6726825d.pth; None = $SCALEGEN_INCEPTION_WEIGHTS.
+    inception_weights: str | None = None
+    domain_fid: bool = True  # also domain FID (a classifier trained on the data) for small grey images
+    kid_subsets: int = 100  # KID: random subsets averaged
+    kid_subset_size: int = 1000  # KID: examples per subset (capped by the smaller set)
+    is_splits: int = 10  # Inception Score: equal chunks the score is averaged over
+    # Probes.
+    probe_split: str = "train"  # split the probes are trained on (tested on `split`)
+    probe_train_examples: int | None = None  # only the first N examples of probe_split (None = all)
+    probe_seeds: int = 3  # seeds per probe (validation part, init, batch order, labelled examples)
+    probe_steps: int = 300  # optimizer steps per probe fit
     labels_per_class: int = 10  # semi-supervised accuracy: labels per class
+    label_curve: list[int] = field(default_factory=lambda: [1, 10, 100])  # labels/class, accuracy figure
+    out_dir: str | None = None  # periodic eval reports go here (None = {run}/eval/step-XXXXXXX)
+    log_wandb: bool = True  # also log metrics and report figures to the active W&B run
 
 
 @dataclass
