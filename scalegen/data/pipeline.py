@@ -74,8 +74,9 @@ class _Skips:
 class ShardStream(IterableDataset):
     """One split's shards for one rank; `epoch` and `start` (batches already consumed) are set per pass."""
 
-    def __init__(self, urls: Sequence[str], counts: Sequence[int], opts: StreamOptions,
-                 rank: int = 0, world: int = 1) -> None:
+    def __init__(
+        self, urls: Sequence[str], counts: Sequence[int], opts: StreamOptions, rank: int = 0, world: int = 1
+    ) -> None:
         super().__init__()
         if len(urls) != len(counts):
             raise ValueError("one count per shard URL")
@@ -97,9 +98,17 @@ class ShardStream(IterableDataset):
             sizes: Iterable[int] = _forever(o.batch_size)
             first_batch = 0
         else:
-            plan = plan_worker(self.counts, rank=self.rank, world=self.world, worker=worker,
-                               num_workers=num_workers, batch_size=o.batch_size, epoch=self.epoch,
-                               seed=o.seed, shuffle=o.train)
+            plan = plan_worker(
+                self.counts,
+                rank=self.rank,
+                world=self.world,
+                worker=worker,
+                num_workers=num_workers,
+                batch_size=o.batch_size,
+                epoch=self.epoch,
+                seed=o.seed,
+                shuffle=o.train,
+            )
             slices, sizes = plan.slices, plan.batch_sizes
             first_batch = worker_batch_range(len(self), worker, num_workers)[0]
         # Planned batches are numbered per rank already; resampled ones per worker, so add the worker.
@@ -175,8 +184,7 @@ def read_slices(urls: Sequence[str], slices: Iterable[Slice], skips: _Skips) -> 
             skips.bad(f"shard {url} unreadable {where}: {type(err).__name__}: {err}", want - got)
             continue
         if got < want:
-            skips.bad(f"shard {url} ended after key {last_key}: {got} of {want} planned samples",
-                      want - got)
+            skips.bad(f"shard {url} ended after key {last_key}: {got} of {want} planned samples", want - got)
 
 
 def shuffle(stream: Iterable[Raw], buffer: int, rng: random.Random) -> Iterator[Raw]:
@@ -214,8 +222,12 @@ def drop(stream: Iterable[Any], n: int) -> Iterator[Any]:
             yield item
 
 
-def decode_batches(stream: Iterable[tuple[int, list[Raw]]], decode_one: Callable[[Raw, torch.Generator], Any],
-                   skips: _Skips, seed: tuple[int, ...]) -> Iterator[list[dict[str, Any]]]:
+def decode_batches(
+    stream: Iterable[tuple[int, list[Raw]]],
+    decode_one: Callable[[Raw, torch.Generator], Any],
+    skips: _Skips,
+    seed: tuple[int, ...],
+) -> Iterator[list[dict[str, Any]]]:
     """Decode and transform each sample; undecodable ones are skipped (and counted).
 
     Random transforms draw from a generator seeded by (seed, epoch, rank, batch index), so a batch's

@@ -29,8 +29,9 @@ def _corrupt_one_sample(root: Path, key: str) -> None:
 
 
 def _run(root: Path, workers: int = 0, policy: str = "warn") -> tuple[list[str], list[int], int]:
-    dm = build_datamodule(DataConfig(root=str(root), batch_size=64, num_workers=workers, on_bad_sample=policy,
-                                     prepare=False))
+    dm = build_datamodule(
+        DataConfig(root=str(root), batch_size=64, num_workers=workers, on_bad_sample=policy, prepare=False)
+    )
     loader = dm.train_dataloader()
     batches = list(loader)
     assert len(batches) == len(loader) == 22  # bad data never changes the step count
@@ -68,7 +69,9 @@ def test_truncated_shard_is_skipped_from_the_cut(digits_root: Path, tmp_path: Pa
     assert total == skipped[-1] == 500 - len(readable)
 
 
-def test_workers_report_skips_and_raise_policy_fails_without_hanging(digits_root: Path, tmp_path: Path) -> None:
+def test_workers_report_skips_and_raise_policy_fails_without_hanging(
+    digits_root: Path, tmp_path: Path
+) -> None:
     root = _copy(digits_root, tmp_path / "d")
     bad = next(iter_shard(str(root / "train-000000.tar")))["__key__"]
     _corrupt_one_sample(root, bad)
@@ -88,8 +91,9 @@ def test_missing_shard_fails_before_training_naming_it(digits_root: Path, tmp_pa
         dm.setup("fit")
     dm.setup("test")  # other splits are fine
     with pytest.raises(DataError, match=r"missing-\{0\.\.1\}|missing-000000\.tar"):
-        build_datamodule(DataConfig(root=str(root), train=str(root / "missing-{000000..000001}.tar"),
-                                    prepare=False)).setup("fit")
+        build_datamodule(
+            DataConfig(root=str(root), train=str(root / "missing-{000000..000001}.tar"), prepare=False)
+        ).setup("fit")
 
 
 def test_missing_manifest_names_the_fix(tmp_path: Path) -> None:

@@ -18,13 +18,33 @@ from scalegen.data.split import plan_worker, steps_per_epoch
 
 def _plan_all(counts, world, workers, batch, epoch=0, shuffle=True):
     """{rank: [(worker, plan)]} for every rank and worker."""
-    return {r: [plan_worker(counts, rank=r, world=world, worker=w, num_workers=workers, batch_size=batch,
-                            epoch=epoch, seed=7, shuffle=shuffle) for w in range(workers)] for r in range(world)}
+    return {
+        r: [
+            plan_worker(
+                counts,
+                rank=r,
+                world=world,
+                worker=w,
+                num_workers=workers,
+                batch_size=batch,
+                epoch=epoch,
+                seed=7,
+                shuffle=shuffle,
+            )
+            for w in range(workers)
+        ]
+        for r in range(world)
+    }
 
 
 @settings(max_examples=300, deadline=None)
-@given(counts=st.lists(st.integers(1, 60), min_size=1, max_size=9), world=st.integers(1, 4),
-       workers=st.integers(1, 4), batch=st.integers(1, 17), epoch=st.integers(0, 3))
+@given(
+    counts=st.lists(st.integers(1, 60), min_size=1, max_size=9),
+    world=st.integers(1, 4),
+    workers=st.integers(1, 4),
+    batch=st.integers(1, 17),
+    epoch=st.integers(0, 3),
+)
 def test_plan_covers_every_sample_once_with_equal_steps(counts, world, workers, batch, epoch) -> None:
     total = sum(counts)
     if total < world:
@@ -57,7 +77,9 @@ def test_shuffled_shard_order_changes_with_epoch_but_not_rank() -> None:
 @pytest.mark.parametrize("workers", [0, 2])
 def test_ranks_and_workers_read_every_digit_once(digits_root: Path, world: int, workers: int) -> None:
     """Real shards (500/500/347 samples: uneven), simulated ranks, real DataLoader workers."""
-    cfg = DataConfig(root=str(digits_root), batch_size=64, num_workers=workers, shuffle_buffer=100, prepare=False)
+    cfg = DataConfig(
+        root=str(digits_root), batch_size=64, num_workers=workers, shuffle_buffer=100, prepare=False
+    )
     dm = build_datamodule(cfg)
     urls, counts = dm._shards("train")
     keys: list[str] = []
