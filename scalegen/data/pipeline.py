@@ -95,9 +95,11 @@ class ShardStream(IterableDataset):
         o = self.opts
         skips = _Skips(o.on_bad_sample)
         if o.resampled:
+            # An infinite stream is not replayed on resume (that would re-read everything seen so
+            # far): a resumed stream draws afresh, seeded by its position, so it is still reproducible.
             slices: Iterable[Slice] = self._resampled_slices(worker)
             sizes: Iterable[int] = _forever(o.batch_size)
-            first_batch = 0
+            first_batch, to_drop = 0, 0
         else:
             plan = plan_worker(
                 self.counts,
@@ -112,14 +114,17 @@ class ShardStream(IterableDataset):
             )
             slices, sizes = plan.slices, plan.batch_sizes
             first_batch = worker_batch_range(len(self), worker, num_workers)[0]
-        # Planned batches are numbered per rank already; resampled ones per worker, so add the worker.
-        aug_seed = (o.seed, self.epoch, self.rank, worker if o.resampled else -1)
-        rng = random.Random(f"shuffle/{o.seed}/{self.epoch}/{self.rank}/{worker}")
+            to_drop = batches_before(self.start, worker, num_workers)  # resume: replay, drop undecoded
+        # Planned batches are numbered per rank already; resampled ones per worker (and resume point).
+        aug_seed = (o.seed, self.epoch, self.rank) + ((worker, self.start) if o.resampled else (-1,))
+        rng = random.Random(
+            f"shuffle/{o.seed}/{self.epoch}/{self.rank}/{worker}/{self.start if o.resampled else 0}"
+        )
         stages: list[Callable[[Any], Iterable[Any]]] = [
             partial(read_slices, self.urls, skips=skips),  # raw samples (bytes), bad shards skipped
             partial(shuffle, buffer=o.shuffle_buffer if o.train else 0, rng=rng),
             partial(group, sizes=sizes, first=first_batch),  # (batch index, [raw]) in planned sizes
-            partial(drop, n=batches_before(self.start, worker, num_workers)),  # resume: skip, undecoded
+            partial(drop, n=to_drop),  # resume mid-epoch: batches already consumed, dropped undecoded
             partial(
                 decode_batches,
                 decode_one=self._decode_one,
@@ -144,7 +149,7 @@ class ShardStream(IterableDataset):
 
     def _resampled_slices(self, worker: int) -> Iterator[Slice]:
         """Whole shards drawn with replacement, weighted by size (each sample equally likely)."""
-        rng = random.Random(f"resampled/{self.opts.seed}/{self.epoch}/{self.rank}/{worker}")
+        rng = random.Random(f"resampled/{self.opts.seed}/{self.epoch}/{self.rank}/{worker}/{self.start}")
         population = range(len(self.counts))
         while True:
             shard = rng.choices(population, weights=self.counts)[0]

@@ -16,7 +16,6 @@ from typing import IO, Any
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
-import numpy as np
 import webdataset as wds
 from webdataset.shardlists import expand_urls as _wds_expand_urls
 from webdataset.tariterators import group_by_keys, tar_file_iterator
@@ -136,36 +135,52 @@ class TarError(ValueError):
     """A tar stream that is truncated or corrupt."""
 
 
-def read_tar(stream: IO[bytes]) -> Iterator[tuple[str, bytes]]:
+def read_tar(stream: IO[bytes], chunk: int = 1 << 20) -> Iterator[tuple[str, bytes]]:
     """(name, data) of every regular file in an uncompressed tar stream (ustar, pax and GNU long names).
 
-    Header checksums are verified, and a stream that ends inside a header or a member raises `TarError`.
+    Reads the stream in large chunks and slices members out of them (few Python calls per member).
+    Headers without the ustar magic must pass the header checksum; a stream that ends inside a header
+    or a member, or a header whose fields do not parse, raises `TarError`.
     """
+    buf, pos, eof = b"", 0, False
+
+    def ensure(n: int) -> bool:
+        """At least n bytes from pos in buf, unless the stream ends first."""
+        nonlocal buf, pos, eof
+        while len(buf) - pos < n and not eof:
+            more = stream.read(max(chunk, n))
+            eof = not more
+            buf, pos = buf[pos:] + more, 0
+        return len(buf) - pos >= n
+
     long_name: str | None = None
     while True:
-        header = stream.read(512)
-        if not header or header == _ZERO_BLOCK:
-            return  # end of archive (two zero blocks, or a writer that omitted them)
-        if len(header) < 512:
-            raise TarError(f"truncated tar header ({len(header)} of 512 bytes)")
-        stored = header[148:156].split(b"\0", 1)[0].strip()
-        # The checksum is the byte sum with the checksum field counted as 8 spaces (8 * 32 = 256).
-        if (
-            not stored
-            or int(stored, 8) != int(np.frombuffer(header, np.uint8).sum()) - sum(header[148:156]) + 256
-        ):
-            raise TarError("bad tar header checksum (corrupt shard)")
-        size_field = header[124:136]
-        size = (
-            int.from_bytes(size_field[1:], "big")
-            if size_field[0] & 0x80
-            else int(size_field.split(b"\0", 1)[0].strip() or b"0", 8)
-        )
-        data = stream.read(size)
-        if len(data) < size:
-            raise TarError(f"truncated tar member ({len(data)} of {size} bytes)")
-        if size % 512:
-            stream.read(512 - size % 512)
+        if not ensure(512):
+            if len(buf) - pos == 0:
+                return  # a writer that omitted the end-of-archive blocks
+            raise TarError(f"truncated tar header ({len(buf) - pos} of 512 bytes)")
+        header = buf[pos : pos + 512]
+        if header == _ZERO_BLOCK:
+            return  # end of archive
+        try:
+            if header[257:262] != b"ustar":  # old-style header: only the checksum vouches for it
+                stored = int(header[148:156].split(b"\0", 1)[0].strip(), 8)
+                # The checksum is the byte sum with the checksum field counted as 8 spaces (8 * 32).
+                if stored != sum(header) - sum(header[148:156]) + 256:
+                    raise TarError("bad tar header checksum (corrupt shard)")
+            size_field = header[124:136]
+            size = (
+                int.from_bytes(size_field[1:], "big")
+                if size_field[0] & 0x80
+                else int(size_field.split(b"\0", 1)[0].strip() or b"0", 8)
+            )
+        except ValueError as err:
+            raise TarError(f"corrupt tar header: {err}") from None
+        padded = size + (-size % 512)
+        if not ensure(512 + padded) and len(buf) - pos < 512 + size:
+            raise TarError(f"truncated tar member ({len(buf) - pos - 512} of {size} bytes)")
+        data = buf[pos + 512 : pos + 512 + size]
+        pos += 512 + padded
         kind = header[156:157]
         if kind in (b"0", b"\0", b"7"):
             if long_name is not None:
