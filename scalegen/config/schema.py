@@ -76,6 +76,16 @@ class TrainerConfig:
     global_batch_size: int | None = None  # fixed across world sizes: accumulation is derived from it
     accumulate_grad_batches: int = 1  # ignored when global_batch_size is set
     gradient_clip_val: float | None = None  # clip the global gradient norm to this value
+    # Scale-out options (read only by scalegen.distributed; see docs/cluster.md).
+    find_unused_parameters: bool = False  # DDP: allow parameters without a gradient in a step (slower)
+    offload_optimizer: bool = False  # DeepSpeed ZeRO 1-3: keep optimizer state in CPU memory (ZeRO-Offload)
+    offload_parameters: bool = False  # DeepSpeed ZeRO-3 / FSDP: keep parameters in CPU memory between uses
+    loss_scale: float = 0.0  # 16-mixed only: 0 = dynamic loss scaling, > 0 = this fixed scale
+    initial_scale_power: int = 16  # 16-mixed, dynamic: the loss scale starts at 2**this
+    loss_scale_window: int = 1000  # 16-mixed, dynamic: steps without overflow before the scale doubles
+    hysteresis: int = 2  # 16-mixed, dynamic: consecutive overflows before the scale is halved
+    min_loss_scale: float = 1.0  # 16-mixed, dynamic: the scale never drops below this
+    requeue_signal: str = choice("SIGUSR1", "SIGUSR2")  # SLURM: checkpoint + requeue on this signal
     val_check_interval: int | None = None  # validate every N training batches (None = each epoch)
     check_val_every_n_epoch: int | None = 1
     limit_val_batches: float | None = None  # int = batches, float = fraction of the val split
@@ -115,17 +125,50 @@ class EMAConfig:
     warmup_steps: int = 0  # decay ramps as min(decay, (1+t)/(10+t)) until then
     every_n_steps: int = 1  # update the average every N optimizer steps
     use_for_eval: bool = True  # sample and evaluate with the averaged weights
+    update_on_cpu: bool = False  # keep the average in CPU memory (saves accelerator memory, slower updates)
+
+
+@dataclass
+class FinetuneConfig:
+    init_from: str | None = None  # release folder, file:// or https:// URL to start from (scalegen finetune)
+    use_ema: bool = True  # start from the release's EMA weights when it has them, else the raw weights
+    reinit: list[str] = field(default_factory=list)  # glob patterns of parameter names to re-initialize
+    # (e.g. ["decoder.out.*"]) when their shapes differ from the release; any other mismatch is an error
+    sha256: str | None = None  # expected SHA256 of the release's SHA256SUMS file, for URLs (optional pin)
 
 
 @dataclass
 class EvalConfig:
-    every_n_steps: int | None = None  # run the evaluation pipeline during training every N steps
-    metrics: list[str] = field(default_factory=list)  # e.g. [bpd, fid, kid, is, linear_probe, semisup]
+    """The evaluation pipeline: `scalegen eval`, and during training (see docs/evaluation.md)."""
+
+    every_n_steps: int | None = None  # evaluate during training every N optimizer steps (None = never)
+    # Any of bpd, fid, kid, is, linear_probe, semisup; [] = every one the family supports.
+    metrics: list[str] = field(default_factory=list)
+    split: str = "test"  # split that bits/dim and probe accuracies are measured on
+    max_examples: int | None = None  # only the first N examples of `split` (None = all)
+    batch_size: int = 256  # examples per forward pass and rank (nll, sample, encode, features)
+    seed: int = 0  # sampling and probe seed (rank r samples with seed + 7919 r)
+    # Bits/dim.
+    iwae_k: int = 1000  # IWAE-k bound when the family's nll accepts k (VAEs); 1 = the ELBO only
+    # FID, KID, Inception Score.
     num_samples: int = 1000  # generated samples for FID/KID/IS (50000 for reporting)
-    split: str = "test"  # data split the metrics are computed on
-    iwae_k: int = 1000  # importance samples for VAE bits/dim bounds in reports
-    inception_weights: str | None = None  # path or URL; else $SCALEGEN_INCEPTION_WEIGHTS
+    reference_split: str = "train"  # split the generated samples are compared with
+    reference_examples: int | None = 50000  # reference statistics from its first N examples (None = all)
+    # Path or URL of pt_inception-2015-12-05-6726825d.pth; None = $SCALEGEN_INCEPTION_WEIGHTS.
+    inception_weights: str | None = None
+    domain_fid: bool = True  # also domain FID (a classifier trained on the data) for small grey images
+    kid_subsets: int = 100  # KID: random subsets averaged
+    kid_subset_size: int = 1000  # KID: examples per subset (capped by the smaller set)
+    is_splits: int = 10  # Inception Score: equal chunks the score is averaged over
+    # Probes.
+    probe_split: str = "train"  # split the probes are trained on (tested on `split`)
+    probe_train_examples: int | None = None  # only the first N examples of probe_split (None = all)
+    probe_seeds: int = 3  # seeds per probe (validation part, init, batch order, labelled examples)
+    probe_steps: int = 300  # optimizer steps per probe fit
     labels_per_class: int = 10  # semi-supervised accuracy: labels per class
+    label_curve: list[int] = field(default_factory=lambda: [1, 10, 100])  # labels/class, accuracy figure
+    out_dir: str | None = None  # periodic eval reports go here (None = {run}/eval/step-XXXXXXX)
+    log_wandb: bool = True  # also log metrics and report figures to the active W&B run
 
 
 @dataclass
@@ -145,4 +188,5 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     run: RunConfig = field(default_factory=RunConfig)

@@ -1,0 +1,95 @@
+"""`scalegen eval CKPT --out DIR`: every metric for one checkpoint, split across ranks under torchrun.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import torch
+
+from scalegen.errors import UserError
+
+HELP = "evaluate a checkpoint: bits/dim, FID/KID/IS, linear and semi-supervised probes, with a report"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="a .ckpt file or a run folder (its newest checkpoint)")
+    parser.add_argument("--metrics", default=None,
+                        help="comma-separated subset of bpd,fid,kid,is,linear_probe,semisup "
+                             "(default: the checkpoint's eval.metrics, else all the family supports)")
+    parser.add_argument("--data", default=None, metavar="ROOT",
+                        help="folder (or URL) of the shards + manifest.json to evaluate on "
+                             "(default: the checkpoint's data.root)")
+    parser.add_argument("--num-samples", type=int, default=None, help="generated samples for FID/KID/IS")
+    parser.add_argument("--out", required=True, help="output folder for metrics.json, report.md and figures")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    parser.add_argument("--raw", action="store_true", help="use the raw weights, not the EMA average")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides, e.g. eval.iwae_k=100 eval.max_examples=1000")
+
+
+def _init_distributed() -> None:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1); work is then split across ranks."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
+
+
+def checkpoint_file(path: str | Path) -> Path:
+    from scalegen.runtime import newest_checkpoint
+
+    path = Path(path)
+    if path.is_dir():
+        found = newest_checkpoint(path)
+        if found is None:
+            raise UserError(f"run folder {path} has no checkpoint yet")
+        return found
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    return path
+
+
+def run(args: argparse.Namespace) -> int:
+    from omegaconf import OmegaConf
+
+    from scalegen.config.loader import _merge
+    from scalegen.eval.data import EvalData
+    from scalegen.eval.dist import rank_world
+    from scalegen.eval.runner import evaluate, parse_metrics
+    from scalegen.metrics.weights import sha256_file
+    from scalegen.runtime import load_model
+
+    _init_distributed()
+    ckpt = checkpoint_file(args.checkpoint)
+    model, cfg = load_model(ckpt, use_ema=not args.raw)
+    for item in args.overrides:
+        if "=" not in item:
+            raise UserError(f"override {item!r} is not key=value (for example eval.iwae_k=100)")
+        cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override {item!r}")
+    if args.data:
+        cfg.data.root, cfg.data.train, cfg.data.val, cfg.data.test = args.data, "", "", ""
+    if args.num_samples is not None:
+        cfg.eval.num_samples = args.num_samples
+    metrics = parse_metrics(args.metrics if args.metrics is not None else list(cfg.eval.metrics), model)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None and rank_world()[1] > 1:
+        device = torch.device("cuda", torch.cuda.current_device())
+    model = model.to(device)
+    data = EvalData.from_config(cfg.data)
+    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
+    results = evaluate(
+        model, cfg.eval, data, Path(args.out), metrics=metrics,
+        checkpoint={"path": str(ckpt.resolve()), "sha256": sha256_file(ckpt), "ema": not args.raw},
+        run_dir=run_dir, step=None, config=OmegaConf.to_container(cfg, resolve=True),
+    )
+    if rank_world()[0] == 0:
+        for key, value in results["summary"].items():
+            print(f"{key}: {value:.6g}")
+        print(f"wrote {Path(args.out) / 'metrics.json'} and {Path(args.out) / 'report.md'}")
+    return 0

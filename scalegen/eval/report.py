@@ -1,0 +1,231 @@
+"""metrics.json, report.md and the report's PNG figures (rank 0 only)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from scalegen.plots import save_curves, save_image_grid
+
+ORDER = (
+    "bpd",
+    "bpd_elbo",
+    "fid",
+    "kid",
+    "is",
+    "domain_fid",
+    "domain_kid",
+    "domain_is",
+    "linear_probe",
+    "semisup",
+)
+
+
+def _fmt(v: Any, digits: int = 4) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "n/a"
+    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+
+def write_report(
+    results: dict,
+    artifacts: dict,
+    out: Path,
+    run_dir: Path | None = None,
+    spec: Any = None,
+    log_wandb: bool = True,
+) -> None:
+    from scalegen.eval.runner import nan_to_none
+
+    out.mkdir(parents=True, exist_ok=True)
+    figures = write_figures(results, artifacts, out, run_dir, spec)
+    results["figures"] = {k: str(v.name) for k, v in figures.items()}
+    (out / "metrics.json").write_text(json.dumps(nan_to_none(results), indent=1) + "\n")
+    (out / "report.md").write_text(markdown(results, figures))
+    if log_wandb:
+        log_to_wandb(results, figures)
+
+
+def write_figures(
+    results: dict, artifacts: dict, out: Path, run_dir: Path | None, spec: Any
+) -> dict[str, Path]:
+    figs: dict[str, Path] = {}
+    samples = artifacts.get("samples")
+    if samples is not None and len(samples):
+        if samples.dtype == torch.uint8 and samples.dim() == 4:
+            figs["samples"] = save_image_grid(samples[:64], out / "samples.png", nrow=8)
+        elif samples.dim() == 3:
+            figs["samples"] = _waveforms(samples[:8], out / "samples.png", getattr(spec, "sample_rate", None))
+    rec = artifacts.get("reconstructions")
+    if rec is not None and rec[0].dim() == 4:
+        x, r = rec
+        figs["reconstructions"] = save_image_grid(
+            torch.cat([x, r.to(x.dtype)]), out / "reconstructions.png", nrow=len(x)
+        )
+    if run_dir is not None and (run_dir / "metrics.jsonl").is_file():
+        keys = ("val/bpd", "eval/bpd", "eval/bpd_elbo")
+        path = save_curves(run_dir / "metrics.jsonl", out / "bpd_curve.png", keys=keys, title="bits/dim")
+        if path is not None:
+            figs["bpd_curve"] = path
+    semi = results["metrics"].get("semisup")
+    if semi is not None:
+        figs["probe_accuracy"] = _probe_figure(results, out / "probe_accuracy.png")
+    return figs
+
+
+def _waveforms(x: torch.Tensor, path: Path, sample_rate: int | None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(x), 1, figsize=(8, 1.2 * len(x)), sharex=True)
+    for ax, w in zip(list(axes) if len(x) > 1 else [axes], x):
+        ax.plot(w.float().flatten().numpy(), lw=0.5)
+        ax.set_yticks([])
+    fig.supxlabel(f"sample index ({sample_rate} Hz)" if sample_rate else "sample index")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _probe_figure(results: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    semi = results["metrics"]["semisup"]
+    full = results["metrics"].get("linear_probe", {}).get("sources", {})
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for src, rows in semi["curve"].items():
+        ns = sorted(int(n) for n in rows)
+        mean = [rows[str(n)]["accuracy_mean"] for n in ns]
+        std = [rows[str(n)]["accuracy_std"] for n in ns]
+        line = ax.errorbar(ns, mean, yerr=std, marker="o", capsize=3, label=src.replace("_", " "))
+        if src in full:
+            ax.axhline(
+                full[src]["accuracy_mean"],
+                ls="--",
+                color=line[0].get_color(),
+                alpha=0.6,
+                label=f"{src.replace('_', ' ')}, all labels",
+            )
+    if "method" in semi and "classify" in semi["method"]:
+        ax.axhline(semi["value"], color="k", ls=":", label="family's own classifier")
+    ax.set_xscale("log")
+    ax.set_xlabel("labels per class")
+    ax.set_ylabel(f"test accuracy ({semi['test_split']} split)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def markdown(results: dict, figures: dict[str, Path]) -> str:
+    m = results["metrics"]
+    ck = results.get("checkpoint") or {}
+    lines = [f"# Evaluation: {results.get('family') or 'model'} on {results.get('dataset')}", ""]
+    if ck:
+        lines.append(
+            f"Checkpoint `{ck.get('path', '')}` (sha256 `{ck.get('sha256', '')}`)"
+            + (f", step {results['step']}" if results.get("step") is not None else "")
+            + "."
+        )
+    lines += [
+        f"World size {results.get('world_size', 1)}, {results.get('seconds', 0)} s.",
+        "",
+        "| metric | value | what it is | counts |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name in ORDER:
+        e = m.get(name)
+        if e is None:
+            continue
+        if name.startswith("bpd"):
+            val = f"{_fmt(e['value'])} ± {_fmt(e['sem'])} (s.e.)"
+            what = e["quantity"]
+            counts = f"{e['count']} examples, {e['split']} split"
+        elif name in ("linear_probe", "semisup"):
+            val = f"{_fmt(e['value'])} ± {_fmt(e.get('std'))}"
+            what = e.get("method", "linear probe on encode() features, all labels")
+            counts = f"train {e['train']} ({e['train_split']}), test {e['test']} ({e['test_split']})"
+        else:
+            val = _fmt(e["value"], 6 if "kid" in name else 3) + (
+                f" ± {_fmt(e['std'], 6 if 'kid' in name else 3)}" if "std" in e else ""
+            )
+            what = e["label"]
+            ref = e["reference"]
+            counts = f"{e['num_samples']} samples vs {ref['count']} from the {ref['split']} split"
+        lines.append(f"| {name} | {val} | {what} | {counts} |")
+    for name, reason in results.get("skipped", {}).items():
+        lines.append(f"| {name} | skipped | {reason} | |")
+    lines += ["", "## Definitions", ""]
+    for name in ORDER:
+        if name in m and "definition" in m[name]:
+            lines.append(f"- **{name}**: {m[name]['definition']}.")
+    if "linear_probe" in m or "semisup" in m:
+        lines += [
+            "",
+            "## Probes (test accuracy, mean ± std over seeds)",
+            "",
+            "Baselines: the same probe on raw pixels and on a randomly initialized encoder of that shape.",
+            "",
+            "| features | all labels | "
+            + " | ".join(
+                f"{n}/class"
+                for n in sorted(
+                    int(k) for k in next(iter(m.get("semisup", {}).get("curve", {"": {}}).values()))
+                )
+            )
+            + " |",
+        ]
+        lines.append(
+            "| --- " * (2 + len(next(iter(m.get("semisup", {}).get("curve", {"": {}}).values())))) + "|"
+        )
+        srcs = list(m.get("linear_probe", {}).get("sources", {}) or m.get("semisup", {}).get("curve", {}))
+        for src in srcs:
+            full = m.get("linear_probe", {}).get("sources", {}).get(src)
+            row = [
+                src.replace("_", " "),
+                f"{_fmt(full['accuracy_mean'])} ± {_fmt(full['accuracy_std'])}" if full else "n/a",
+            ]
+            curve = m.get("semisup", {}).get("curve", {}).get(src, {})
+            for n in sorted(curve, key=int):
+                row.append(f"{_fmt(curve[n]['accuracy_mean'])} ± {_fmt(curve[n]['accuracy_std'])}")
+            lines.append("| " + " | ".join(row) + " |")
+    if figures:
+        lines += ["", "## Figures", ""]
+        captions = {
+            "samples": "Samples",
+            "reconstructions": "Reconstructions (originals above)",
+            "bpd_curve": "Bits/dim over training",
+            "probe_accuracy": "Probe accuracy against labels per class",
+        }
+        for key, path in figures.items():
+            lines += [f"### {captions.get(key, key)}", "", f"![{key}]({path.name})", ""]
+    lines += ["", "The evaluation config is in metrics.json (`eval_config`).", ""]
+    return "\n".join(lines)
+
+
+def log_to_wandb(results: dict, figures: dict[str, Path]) -> None:
+    """Log the flat metrics and the figures to the active W&B run, if there is one and it is wanted."""
+    if not results.get("eval_config", {}).get("log_wandb", True):
+        return
+    try:
+        import wandb
+    except ImportError:
+        return
+    if wandb.run is None:
+        return
+    payload: dict[str, Any] = dict(results.get("summary", {}))
+    for key, path in figures.items():
+        payload[f"eval/{key}"] = wandb.Image(str(path))
+    wandb.log(payload)

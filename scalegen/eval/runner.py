@@ -1,0 +1,519 @@
+"""The evaluation runner: every metric through the family contract only.
+
+`evaluate(model, cfg.eval, data, out_dir)` uses `model.nll`, `model.sample`, `model.encode`,
+`model.reconstruct`, an optional `model.classify`, `type(model).capabilities()`, `model.nll_kind`
+and `model.data_spec`; it never looks at the family's name. Per-example work is split across ranks
+and gathered exactly (`scalegen.eval.dist`); rank 0 writes metrics.json, report.md and the figures
+and every rank returns the same flat summary.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from scalegen.errors import UserError
+from scalegen.eval.data import EvalData
+from scalegen.eval.dist import broadcast_object, gather_rows, rank_world, shard_bounds
+
+ALL_METRICS = ("bpd", "fid", "kid", "is", "linear_probe", "semisup")
+
+DEFINITIONS = {
+    "bpd": "negative log-likelihood of the discrete test data in bits per dimension: nll_nats / (D ln 2), "
+    "averaged over examples (D = values per example)",
+    "fid": "Frechet distance between Gaussians fitted to 2048-d Inception pool3 features of generated "
+    "samples and of the reference split (pytorch-fid protocol)",
+    "kid": "unbiased MMD^2 with kernel (x.y/D + 1)^3 between Inception features of generated samples and of "
+    "the reference split, mean (std) over random subsets",
+    "is": "exp(E KL(p(y|x) || p(y))) over the 1008-way Inception softmax of generated samples, mean (std) "
+    "over splits",
+    "domain_fid": "Frechet distance between Gaussians fitted to the 64-d penultimate features of a "
+    "classifier trained on this dataset by scalegen; not comparable with Inception FID",
+    "domain_kid": "KID (cubic-kernel unbiased MMD^2) on the domain classifier's features",
+    "domain_is": "Inception-Score formula on the domain classifier's softmax (1 = one class, C = all classes "
+    "confidently and evenly)",
+    "linear_probe": "test accuracy of a multinomial logistic regression on standardized frozen features, "
+    "weight decay chosen on a validation part of the training split, mean (std) over seeds",
+    "semisup": "test accuracy with N labelled training examples per class: the family's own classifier "
+    "when it has one, else the linear-probe protocol on those labels only; mean (std) over seeds",
+}
+
+BOUND_NAMES = {
+    "exact": "exact negative log-likelihood",
+    "elbo": "negative ELBO (an upper bound on the NLL)",
+    "iwae": "negative IWAE bound (an upper bound on the NLL)",
+    "vlb": "variational bound (an upper bound on the NLL)",
+}
+
+
+def parse_metrics(names: list[str] | str | None, model: Any) -> list[str]:
+    """Validated metric names; empty = every metric the model's capabilities allow."""
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    if not names:
+        caps = type(model).capabilities()
+        names = [
+            m
+            for m, need in (
+                ("bpd", "nll"),
+                ("fid", "sample"),
+                ("kid", "sample"),
+                ("is", "sample"),
+                ("linear_probe", "encode"),
+                ("semisup", "encode"),
+            )
+            if need in caps
+        ]
+    unknown = [n for n in names if n not in ALL_METRICS]
+    if unknown:
+        from scalegen.errors import did_you_mean
+
+        raise UserError(f"unknown metric {unknown[0]!r}.{did_you_mean(unknown[0], ALL_METRICS)}")
+    return list(dict.fromkeys(names))
+
+
+def _device(model: Any) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def per_example(fn, x: Tensor, y: Tensor, batch_size: int, device: torch.device) -> Tensor:
+    """fn(x_batch, y_batch) -> [b, ...] over all examples, split across ranks, gathered in order."""
+    rank, world = rank_world()
+    start, stop = shard_bounds(len(x), rank, world)
+    out = [
+        fn(x[i : min(i + batch_size, stop)].to(device), y[i : min(i + batch_size, stop)].to(device))
+        .detach()
+        .cpu()
+        for i in range(start, stop, batch_size)
+    ]
+    if not out:  # more ranks than examples: an empty block of the right trailing shape
+        probe = fn(x[:1].to(device), y[:1].to(device)).detach().cpu()
+        out = [probe[:0]]
+    return gather_rows(torch.cat(out))
+
+
+def generate(model: Any, n: int, batch_size: int) -> Tensor:
+    """This rank's share of n samples (rank r draws its contiguous block of the n)."""
+    rank, world = rank_world()
+    start, stop = shard_bounds(n, rank, world)
+    parts = [model.sample(min(batch_size, stop - i)).cpu() for i in range(start, stop, batch_size)]
+    return torch.cat(parts) if parts else model.sample(1).cpu()[:0]
+
+
+def nll_accepts_k(model: Any) -> bool:
+    try:
+        return "k" in inspect.signature(model.nll).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def random_encoder(model: Any, seed: int) -> Any:
+    """A freshly initialized model of the same family, shape and config (the probe's baseline)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        fresh = type(model)(model.cfg, model.optim_cfg, model.data_spec)
+    return fresh.to(_device(model)).eval()
+
+
+class Evaluation:
+    """One evaluation of one model; `run()` returns the full results dict (see metrics.json)."""
+
+    def __init__(self, model: Any, cfg: Any, data: EvalData, metrics: list[str] | str | None = None) -> None:
+        self.model, self.cfg, self.data = model, cfg, data
+        self.metrics = parse_metrics(metrics if metrics is not None else list(cfg.metrics), model)
+        self.caps = type(model).capabilities()
+        self.device = _device(model)
+        self.spec = model.data_spec
+        self.results: dict[str, dict] = {}
+        self.skipped: dict[str, str] = {}
+        self.artifacts: dict[str, Any] = {}  # tensors for figures
+
+    # ---- helpers -----------------------------------------------------------------------------
+    def _eval_split(self) -> tuple[Tensor, Tensor]:
+        return self.data.split(self.cfg.split, self.cfg.max_examples)
+
+    def _skip(self, name: str, reason: str) -> None:
+        self.skipped[name] = reason
+
+    def run(self) -> dict:
+        t0 = time.time()
+        model = self.model
+        was_training = model.training
+        model.eval()
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            torch.manual_seed(self.cfg.seed + 7919 * rank_world()[0])
+            if "bpd" in self.metrics:
+                self.bpd()
+            if {"fid", "kid", "is"} & set(self.metrics):
+                self.sample_metrics()
+            if {"linear_probe", "semisup"} & set(self.metrics):
+                self.probes()
+            self.figures_data()
+        model.train(was_training)
+        return {
+            "metrics": self.results,
+            "skipped": self.skipped,
+            "seconds": round(time.time() - t0, 2),
+            "world_size": rank_world()[1],
+        }
+
+    # ---- bits/dim ----------------------------------------------------------------------------
+    def bpd(self) -> None:
+        from scalegen.metrics.bpd import summarize_bpd
+
+        if "nll" not in self.caps:
+            return self._skip(
+                "bpd", f"{self.model.family_name or type(self.model).__name__} has no likelihood"
+            )
+        x, y = self._eval_split()
+        dims = self.spec.dims
+        kind = self.model.nll_kind
+        runs: list[tuple[str, dict]] = []
+        if nll_accepts_k(self.model) and self.cfg.iwae_k > 1:
+            k = self.cfg.iwae_k
+            runs.append(("bpd", {"k": k}))
+            runs.append(("bpd_elbo", {"k": 1}))
+        else:
+            runs.append(("bpd", {}))
+        for name, kw in runs:
+            nll = per_example(
+                lambda a, b, kw=kw: self.model.nll(a, b, **kw), x, y, self.cfg.batch_size, self.device
+            )
+            s = summarize_bpd(nll, dims)
+            if kw.get("k", 1) > 1:
+                quantity = f"negative IWAE-{kw['k']} bound (an upper bound on the NLL; k={kw['k']})"
+            elif "k" in kw:
+                quantity = BOUND_NAMES["elbo"]
+            else:
+                quantity = BOUND_NAMES.get(kind, kind)
+            self.results[name] = {
+                "value": s["mean"],
+                "sem": s["sem"],
+                "unit": "bits/dim",
+                "quantity": quantity,
+                "definition": DEFINITIONS["bpd"],
+                "count": s["count"],
+                "split": self.cfg.split,
+                "dims": dims,
+                "levels": self.spec.levels,
+            }
+            self.artifacts.setdefault("nll_" + name, nll)
+
+    # ---- FID / KID / IS ------------------------------------------------------------------------
+    def extractors(self) -> list:
+        from scalegen.eval.extractors import domain_extractor, inception_extractor, wants_domain
+        from scalegen.metrics.inception import WEIGHTS_ENV, weights_hint
+
+        out = []
+        import os
+
+        have_weights = bool(self.cfg.inception_weights or os.environ.get(WEIGHTS_ENV))
+        if have_weights:
+            out.append(inception_extractor(self.cfg.inception_weights, self.device))
+        else:
+            self.skipped["fid"] = f"no Inception weights: {weights_hint()}"
+        if self.cfg.domain_fid and wants_domain(self.spec):
+            out.append(domain_extractor(self.data, self.device, self.cfg.reference_split))
+        if not out:
+            raise UserError(f"FID/KID/IS need the Inception weights for this data: {weights_hint()}")
+        return out
+
+    def sample_metrics(self) -> None:
+        from scalegen.eval.extractors import reference_statistics
+        from scalegen.metrics.fid import feature_statistics, frechet_distance
+        from scalegen.metrics.inception_score import inception_score
+        from scalegen.metrics.kid import kernel_inception_distance
+        from scalegen.metrics.weights import cache_dir
+
+        if "sample" not in self.caps:
+            for m in ("fid", "kid", "is"):
+                self._skip(m, "the family cannot sample")
+            return
+        if self.spec.kind != "image":
+            for m in ("fid", "kid", "is"):
+                self._skip(m, f"defined for images only (data kind: {self.spec.kind})")
+            return
+        n = self.cfg.num_samples
+        if n < max(2, rank_world()[1]):
+            raise UserError(
+                f"eval.num_samples={n} is too small: FID needs at least 2 samples and one per rank"
+            )
+        local = generate(self.model, n, self.cfg.batch_size)
+        if rank_world()[0] == 0:
+            self.artifacts["samples"] = local[:64]
+        for ex in self.extractors():
+            ref = reference_statistics(
+                ex,
+                self.data,
+                self.cfg.reference_split,
+                self.cfg.reference_examples,
+                self.cfg.batch_size,
+                self.cfg.kid_subset_size,
+                cache_dir() / "fid_stats",
+            )
+            # Features of this rank's samples, then every rank's gathered in order (one forward pass
+            # gives the features for FID and KID and the logits for IS).
+            outs = [ex(local[i : i + self.cfg.batch_size]) for i in range(0, len(local), self.cfg.batch_size)]
+            feats = gather_rows(torch.cat([o[0] for o in outs]))
+            logits = gather_rows(torch.cat([o[1] for o in outs]))
+            common = {
+                "extractor": ex.label,
+                "num_samples": len(feats),
+                "reference": {
+                    "split": self.cfg.reference_split,
+                    "count": int(ref["count"]),
+                    "statistics": Path(ref["path"]).name,
+                    "data_checksum": str(ref["data_checksum"]),
+                    "preprocessing_checksum": str(ref["preprocessing_checksum"]),
+                },
+            }
+            if "fid" in self.metrics:
+                mu, sigma = feature_statistics(feats)
+                value = frechet_distance(mu, sigma, ref["mu"], ref["sigma"])
+                self.results[f"{ex.key}fid"] = {
+                    "value": value,
+                    "definition": DEFINITIONS[f"{ex.key}fid"],
+                    "label": ex.label,
+                    **common,
+                }
+            if "kid" in self.metrics:
+                kid = kernel_inception_distance(
+                    feats,
+                    ref["kid_features"],
+                    self.cfg.kid_subsets,
+                    self.cfg.kid_subset_size,
+                    seed=self.cfg.seed,
+                )
+                self.results[f"{ex.key}kid"] = {
+                    "value": kid["mean"],
+                    "std": kid["std"],
+                    "subset_size": kid["subset_size"],
+                    "num_subsets": kid["num_subsets"],
+                    "reference_features": int(len(ref["kid_features"])),
+                    "definition": DEFINITIONS[f"{ex.key}kid"],
+                    "label": ex.label.replace("FID", "KID"),
+                    **common,
+                }
+            if "is" in self.metrics:
+                score = inception_score(logits, self.cfg.is_splits)
+                self.results[f"{ex.key}is"] = {
+                    "value": score["mean"],
+                    "std": score["std"],
+                    "splits": score["splits"],
+                    "definition": DEFINITIONS[f"{ex.key}is"],
+                    "label": ex.label.replace("FID", "IS"),
+                    **common,
+                }
+
+    # ---- probes ------------------------------------------------------------------------------
+    def probes(self) -> None:
+        from scalegen.probes import ProbeSettings, linear_probe
+
+        if "encode" not in self.caps and not hasattr(self.model, "classify"):
+            for m in ("linear_probe", "semisup"):
+                if m in self.metrics:
+                    self._skip(m, "the family has no encoder")
+            return
+        if self.spec.num_classes < 2:
+            for m in ("linear_probe", "semisup"):
+                self._skip(m, "the data has no class labels")
+            return
+        c = self.cfg
+        train_x, train_y = self.data.split(c.probe_split, c.probe_train_examples)
+        test_x, test_y = self._eval_split()
+        keep = train_y >= 0
+        train_x, train_y = train_x[keep], train_y[keep]
+        settings = ProbeSettings(steps=c.probe_steps, seeds=tuple(range(c.probe_seeds)))
+        k = self.spec.num_classes
+        sources: dict[str, tuple[Tensor, Tensor]] = {}
+        encode_kw = {}
+        if "encode" in self.caps:
+            enc = lambda m: lambda a, b: m.encode(a).float().flatten(1)  # noqa: E731 (label-free features)
+            sources["model"] = (
+                per_example(enc(self.model), train_x, train_y, c.batch_size, self.device),
+                per_example(enc(self.model), test_x, test_y, c.batch_size, self.device),
+            )
+            rnd = random_encoder(self.model, c.seed + 1)
+            sources["random_encoder"] = (
+                per_example(enc(rnd), train_x, train_y, c.batch_size, self.device),
+                per_example(enc(rnd), test_x, test_y, c.batch_size, self.device),
+            )
+            del rnd
+        sources["pixels"] = (train_x.float().flatten(1), test_x.float().flatten(1))
+        counts = {
+            "train": len(train_y),
+            "test": len(test_y),
+            "train_split": c.probe_split,
+            "test_split": c.split,
+        }
+        if "linear_probe" in self.metrics:
+            rows = {}
+            for name, (ftr, fte) in sources.items():
+                rows[name] = linear_probe(
+                    ftr.to(self.device),
+                    train_y.to(self.device),
+                    fte.to(self.device),
+                    test_y.to(self.device),
+                    k,
+                    settings,
+                ).to_dict()
+            if "model" in rows:
+                self.results["linear_probe"] = {
+                    "value": rows["model"]["accuracy_mean"],
+                    "std": rows["model"]["accuracy_std"],
+                    "definition": DEFINITIONS["linear_probe"],
+                    "sources": rows,
+                    "feature_dims": {n: int(s[0].shape[1]) for n, s in sources.items()},
+                    **counts,
+                    **encode_kw,
+                }
+            else:
+                self._skip("linear_probe", "the family has no encoder (only the pixel baseline was computed)")
+        if "semisup" in self.metrics:
+            curve = sorted(set(c.label_curve) | {c.labels_per_class})
+            table: dict[str, dict[int, dict]] = {name: {} for name in sources}
+            for n in curve:
+                for name, (ftr, fte) in sources.items():
+                    table[name][n] = linear_probe(
+                        ftr.to(self.device),
+                        train_y.to(self.device),
+                        fte.to(self.device),
+                        test_y.to(self.device),
+                        k,
+                        settings,
+                        labels_per_class=n,
+                    ).to_dict()
+            entry = {
+                "labels_per_class": c.labels_per_class,
+                "definition": DEFINITIONS["semisup"],
+                "curve": {name: {str(n): r for n, r in rows.items()} for name, rows in table.items()},
+                **counts,
+            }
+            if hasattr(self.model, "classify"):
+                correct = per_example(
+                    lambda a, b: (self.model.classify(a).argmax(-1) == b).float(),
+                    test_x,
+                    test_y,
+                    c.batch_size,
+                    self.device,
+                )
+                entry.update(
+                    value=float(correct.mean()), std=0.0, method="the family's own classifier (classify)"
+                )
+            elif "model" in table:
+                r = table["model"][c.labels_per_class]
+                entry.update(
+                    value=r["accuracy_mean"],
+                    std=r["accuracy_std"],
+                    method=f"linear probe on encode() features with {c.labels_per_class} labels per class",
+                )
+            else:
+                return self._skip("semisup", "the family has neither an encoder nor a classifier")
+            self.results["semisup"] = entry
+
+    # ---- figure inputs ---------------------------------------------------------------------------
+    def figures_data(self) -> None:
+        if rank_world()[0] != 0:
+            return
+        if "samples" not in self.artifacts and "sample" in self.caps:
+            self.artifacts["samples"] = self.model.sample(min(64, self.cfg.num_samples)).cpu()
+        if "reconstruct" in self.caps:
+            x, y = self._eval_split()
+            x, y = x[:16], y[:16]
+            self.artifacts["reconstructions"] = (
+                x,
+                self.model.reconstruct(x.to(self.device), y.to(self.device)).cpu(),
+            )
+
+
+def flat_summary(results: dict) -> dict[str, float]:
+    """{"eval/<metric>": value} (plus probe baselines) for loggers."""
+    out: dict[str, float] = {}
+    for name, entry in results["metrics"].items():
+        if isinstance(entry.get("value"), (int, float)) and math.isfinite(entry["value"]):
+            out[f"eval/{name}"] = float(entry["value"])
+        for src, row in entry.get("sources", {}).items():
+            out[f"eval/{name}/{src}"] = float(row["accuracy_mean"])
+        for src, rows in entry.get("curve", {}).items():
+            r = rows.get(str(entry.get("labels_per_class")))
+            if r is not None:
+                out[f"eval/{name}/{src}"] = float(r["accuracy_mean"])
+    return out
+
+
+def evaluate(
+    model: Any,
+    cfg: Any,
+    data: EvalData,
+    out_dir: str | Path | None = None,
+    *,
+    metrics: list[str] | str | None = None,
+    checkpoint: dict | None = None,
+    run_dir: str | Path | None = None,
+    step: int | None = None,
+    config: dict | None = None,
+    log_wandb: bool = True,
+) -> dict:
+    """Evaluate `model` under `cfg` (an EvalConfig) on `data`; write the report to out_dir (rank 0).
+
+    Returns the results (every rank gets rank 0's), with `summary` = flat {"eval/...": value}.
+    """
+    ev = Evaluation(model, cfg, data, metrics)
+    results = ev.run()
+    results.update(
+        family=getattr(model, "family_name", ""),
+        dataset=data.name,
+        step=step,
+        checkpoint=checkpoint or {},
+        eval_config=_plain(cfg),
+        config=config or {},
+    )
+    results["summary"] = flat_summary(results)
+    if rank_world()[0] == 0 and out_dir is not None:
+        from scalegen.eval.report import write_report
+
+        write_report(
+            results,
+            ev.artifacts,
+            Path(out_dir),
+            run_dir=Path(run_dir) if run_dir else None,
+            spec=model.data_spec,
+            log_wandb=log_wandb,
+        )
+    return broadcast_object(results)
+
+
+def _plain(cfg: Any) -> dict:
+    import dataclasses
+
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    if dataclasses.is_dataclass(cfg):
+        return dataclasses.asdict(cfg)
+    return dict(cfg)
+
+
+def nan_to_none(obj: Any) -> Any:
+    """JSON has no NaN: replace non-finite floats by null, recursively."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {str(k): nan_to_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [nan_to_none(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return nan_to_none(obj.item())
+    return obj
