@@ -243,6 +243,10 @@ class ShardDataModule(L.LightningDataModule):
             return "test"
         return split
 
+    def shards(self, split: str) -> tuple[list[str], list[int]]:
+        """(URLs, sample counts) of a split (train / val / test), after the existence check."""
+        return self._shards(split)
+
     def _shards(self, split: str) -> tuple[list[str], list[int]]:
         """(URLs, sample counts) of a split; every URL must be listed in the manifest and must exist."""
         m = self.manifest

@@ -43,10 +43,7 @@ def digits(source: str | None) -> Prepared:
     labels = data.target.astype(np.int64)
     order = np.random.default_rng(0).permutation(len(images))
     cut = {"test": order[:300], "val": order[300:450], "train": order[450:]}
-    splits = {
-        name: [(f"digits-{i:06d}", images[i], int(labels[i])) for i in sorted(idx)]
-        for name, idx in cut.items()
-    }
+    splits = {name: [(f"digits-{i:06d}", images[i], int(labels[i])) for i in sorted(idx)] for name, idx in cut.items()}
     raw = data.images.astype(np.float64).tobytes() + labels.tobytes()
     return Prepared(
         kind="image",
@@ -89,8 +86,7 @@ def _mnist_file(folder: Path | None, name: str) -> bytes:
         path = next((p for p in (folder / (name + ".gz"), folder / name) if p.is_file()), None)
         if path is None:
             raise DataError(
-                f"{folder} has no {name}.gz (or {name}): --source must be the folder with "
-                "the four MNIST IDX files"
+                f"{folder} has no {name}.gz (or {name}): --source must be the folder with the four MNIST IDX files"
             )
     data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     digest = hashlib.sha256(data).hexdigest()
@@ -226,9 +222,7 @@ def _fsdd_recordings(source: str | None) -> tuple[dict[str, bytes], dict[str, An
 
         archive = fetch([FSDD_URL], cache_dir("fsdd") / f"fsdd-{FSDD_COMMIT[:7]}.zip")
         with zipfile.ZipFile(archive) as z:
-            files = {
-                Path(n).name: z.read(n) for n in z.namelist() if "/recordings/" in n and n.endswith(".wav")
-            }
+            files = {Path(n).name: z.read(n) for n in z.namelist() if "/recordings/" in n and n.endswith(".wav")}
         where = {"url": FSDD_URL}
     else:
         path = Path(source).expanduser()

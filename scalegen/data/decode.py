@@ -42,12 +42,7 @@ def decode_png_batch(datas: list[bytes], channels: int | None) -> np.ndarray | N
                 shape = header
                 w, h, depth, color, _, _, interlace = header
                 ch = 1 if color == 0 else 3
-                if (
-                    depth != 8
-                    or interlace
-                    or color not in (0, 2)
-                    or (channels is not None and ch != channels)
-                ):
+                if depth != 8 or interlace or color not in (0, 2) or (channels is not None and ch != channels):
                     return None
             elif header != shape:
                 return None
@@ -171,9 +166,7 @@ def encode_png(arr: np.ndarray, level: int = 6) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
     ihdr = struct.pack(">IIBBBBB", w, h, 8, 0 if ch == 1 else 2, 0, 0, 0)
-    return (
-        PNG_SIGNATURE + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw, level)) + chunk(b"IEND", b"")
-    )
+    return PNG_SIGNATURE + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw, level)) + chunk(b"IEND", b"")
 
 
 def decode_sample(sample: dict, kind: str, channels: int | None, sample_rate: int | None) -> dict:

@@ -53,9 +53,7 @@ def pack_folder(
     cut = {"train": order[n_test + n_val :], "val": order[n_test : n_test + n_val], "test": order[:n_test]}
     keys = _keys([f for f, _ in files], src)
     splits = {k: [(keys[i], files[i][0], files[i][1]) for i in sorted(v)] for k, v in cut.items() if len(v)}
-    listing = "".join(
-        f"{hashlib.sha256(f.read_bytes()).hexdigest()}  {f.relative_to(src)}\n" for f, _ in files
-    )
+    listing = "".join(f"{hashlib.sha256(f.read_bytes()).hexdigest()}  {f.relative_to(src)}\n" for f, _ in files)
     prep = Prepared(
         kind=kind,
         shape=shape,

@@ -17,6 +17,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
+from itertools import islice
 from typing import Any
 
 import numpy as np
@@ -117,9 +118,7 @@ class ShardStream(IterableDataset):
             to_drop = batches_before(self.start, worker, num_workers)  # resume: replay, drop undecoded
         # Planned batches are numbered per rank already; resampled ones per worker (and resume point).
         aug_seed = (o.seed, self.epoch, self.rank) + ((worker, self.start) if o.resampled else (-1,))
-        rng = random.Random(
-            f"shuffle/{o.seed}/{self.epoch}/{self.rank}/{worker}/{self.start if o.resampled else 0}"
-        )
+        rng = random.Random(f"shuffle/{o.seed}/{self.epoch}/{self.rank}/{worker}/{self.start if o.resampled else 0}")
         stages: list[Callable[[Any], Iterable[Any]]] = [
             partial(read_slices, self.urls, skips=skips),  # raw samples (bytes), bad shards skipped
             partial(shuffle, buffer=o.shuffle_buffer if o.train else 0, rng=rng),
@@ -243,12 +242,7 @@ def group(stream: Iterable[Raw], sizes: Iterable[int], first: int) -> Iterator[t
     """Exactly one group per planned size, numbered from `first`; short (even empty) if the stream ran dry."""
     it = iter(stream)
     for j, size in enumerate(sizes):
-        items = []
-        for item in it:
-            items.append(item)
-            if len(items) == size:
-                break
-        yield first + j, items
+        yield first + j, list(islice(it, size))
 
 
 def drop(stream: Iterable[Any], n: int) -> Iterator[Any]:
@@ -299,9 +293,7 @@ def decode_batches(
         yield out
 
 
-def collate(
-    stream: Iterable[list[dict[str, Any]] | dict[str, Any]], skips: _Skips
-) -> Iterator[dict[str, Any]]:
+def collate(stream: Iterable[list[dict[str, Any]] | dict[str, Any]], skips: _Skips) -> Iterator[dict[str, Any]]:
     for samples in stream:
         if isinstance(samples, dict):  # decoded as a whole batch already
             yield {**samples, "skipped": torch.tensor(skips.delta(), dtype=torch.int64)}

@@ -284,8 +284,4 @@ def _sha256(data: bytes) -> str:
 
 def verify_shards(folder: Path, split: SplitInfo) -> list[str]:
     """Names of shards that are missing or whose sha256 differs from the manifest."""
-    return [
-        s.name
-        for s in split.shards
-        if not (folder / s.name).is_file() or sha256_file(folder / s.name) != s.sha256
-    ]
+    return [s.name for s in split.shards if not (folder / s.name).is_file() or sha256_file(folder / s.name) != s.sha256]

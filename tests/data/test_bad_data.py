@@ -69,9 +69,7 @@ def test_truncated_shard_is_skipped_from_the_cut(digits_root: Path, tmp_path: Pa
     assert total == skipped[-1] == 500 - len(readable)
 
 
-def test_workers_report_skips_and_raise_policy_fails_without_hanging(
-    digits_root: Path, tmp_path: Path
-) -> None:
+def test_workers_report_skips_and_raise_policy_fails_without_hanging(digits_root: Path, tmp_path: Path) -> None:
     root = _copy(digits_root, tmp_path / "d")
     bad = next(iter_shard(str(root / "train-000000.tar")))["__key__"]
     _corrupt_one_sample(root, bad)

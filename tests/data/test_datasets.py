@@ -54,15 +54,9 @@ def test_fsdd_samples_equal_the_wav_files(fsdd_root: Path, shared_datasets: Path
     """Eval clips: the first 4000 samples / 32768, zero-padded; mu-law codes when asked."""
     dm = build_datamodule(DataConfig(root=str(fsdd_root), batch_size=20, clip_samples=4000, prepare=False))
     batch = next(iter(dm.test_dataloader()))
-    mu = build_datamodule(
-        DataConfig(root=str(fsdd_root), batch_size=20, clip_samples=4000, mu_law=256, prepare=False)
-    )
+    mu = build_datamodule(DataConfig(root=str(fsdd_root), batch_size=20, clip_samples=4000, mu_law=256, prepare=False))
     codes = next(iter(mu.test_dataloader()))
-    assert (
-        mu.spec.levels == 256
-        and codes["x"].dtype == torch.int64
-        and 0 <= codes["x"].min() <= codes["x"].max() < 256
-    )
+    assert mu.spec.levels == 256 and codes["x"].dtype == torch.int64 and 0 <= codes["x"].min() <= codes["x"].max() < 256
     for key, x in zip(batch["key"], batch["x"]):
         with wave.open(str(shared_datasets / "fsdd" / "recordings" / f"{key}.wav")) as w:
             ref = np.frombuffer(w.readframes(w.getnframes()), "<i2").astype(np.float32) / 32768
@@ -130,9 +124,7 @@ def test_cifar10_from_upstream_format(tmp_path: Path, as_archive: bool) -> None:
         "train": (200, [64, 64, 64, 8]),
         "test": (40, [40]),
     }
-    dm = build_datamodule(
-        DataConfig(dataset="cifar10", root=str(tmp_path / "out"), batch_size=16, prepare=False)
-    )
+    dm = build_datamodule(DataConfig(dataset="cifar10", root=str(tmp_path / "out"), batch_size=16, prepare=False))
     assert dm.spec.shape == (3, 32, 32) and dm.split_name("val") == "test"
     n = 0
     for batch in dm.train_dataloader():

@@ -30,9 +30,7 @@ def _rank_main(rank: int, world: int, port: int, root: str, out: str) -> None:
         timeout=timedelta(seconds=60),
     )
     try:
-        dm = build_datamodule(
-            DataConfig(root=root, batch_size=64, num_workers=1, shuffle_buffer=50, prepare=False)
-        )
+        dm = build_datamodule(DataConfig(root=root, batch_size=64, num_workers=1, shuffle_buffer=50, prepare=False))
         keys, steps = [], 0
         for batch in dm.train_dataloader():
             # A collective per step, like DDP's gradient all-reduce: unequal step counts would hang here.

@@ -126,9 +126,7 @@ def test_pack_unlabelled_images_of_mixed_sizes_needs_resize(tmp_path: Path) -> N
     assert m.shape == [3, 0, 0] and m.class_names == []
     with pytest.raises(DataError, match="resize"):
         build_datamodule(DataConfig(root=str(tmp_path / "out"), prepare=False)).spec  # noqa: B018
-    dm = build_datamodule(
-        DataConfig(root=str(tmp_path / "out"), resize=8, center_crop=8, batch_size=7, prepare=False)
-    )
+    dm = build_datamodule(DataConfig(root=str(tmp_path / "out"), resize=8, center_crop=8, batch_size=7, prepare=False))
     batch = next(iter(dm.train_dataloader()))
     assert dm.spec.shape == (3, 8, 8) and batch["x"].shape == (7, 3, 8, 8) and (batch["y"] == -1).all()
 
@@ -137,15 +135,11 @@ def test_pack_audio_and_reject_mixed_rates(tmp_path: Path) -> None:
     for i, cls in enumerate(["yes", "no"]):
         (tmp_path / "src" / cls).mkdir(parents=True)
         for j in range(3):
-            wav = encode_wav(
-                (np.sin(np.arange(800 + 100 * j) * 0.1 * (i + 1)) * 0.5).astype(np.float32), 16000
-            )
+            wav = encode_wav((np.sin(np.arange(800 + 100 * j) * 0.1 * (i + 1)) * 0.5).astype(np.float32), 16000)
             (tmp_path / "src" / cls / f"{j}.wav").write_bytes(wav)
     m = pack_folder(tmp_path / "src", tmp_path / "out", progress=False)
     assert (m.kind, m.sample_rate, m.shape, m.class_names) == ("audio", 16000, [1, 0], ["no", "yes"])
-    dm = build_datamodule(
-        DataConfig(root=str(tmp_path / "out"), clip_samples=1000, batch_size=6, prepare=False)
-    )
+    dm = build_datamodule(DataConfig(root=str(tmp_path / "out"), clip_samples=1000, batch_size=6, prepare=False))
     batch = next(iter(dm.train_dataloader()))
     assert batch["x"].shape == (6, 1, 1000) and batch["x"].abs().max() <= 0.5 + 1e-4
     (tmp_path / "src" / "no" / "3.wav").write_bytes(encode_wav(np.zeros(10, np.int16), 8000))
@@ -157,10 +151,7 @@ def test_cli_prepare_and_pack(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
     assert main(["data", "prepare", "digits", "--out", str(tmp_path / "d"), "--shard-size", "400"]) == 0
     assert "train 1347 in 4 shards" in capsys.readouterr().out
     _image_folder(tmp_path / "src")
-    assert (
-        main(["data", "pack", str(tmp_path / "src"), "--out", str(tmp_path / "p"), "--val-fraction", "0.3"])
-        == 0
-    )
+    assert main(["data", "pack", str(tmp_path / "src"), "--out", str(tmp_path / "p"), "--val-fraction", "0.3"]) == 0
     assert json.loads((tmp_path / "p" / "manifest.json").read_text())["splits"]["val"]["count"] == 6
     assert main(["data", "prepare", "digitz", "--out", str(tmp_path / "x")]) == 2
     assert "Did you mean 'digits'" in capsys.readouterr().err

@@ -77,9 +77,7 @@ def test_shuffled_shard_order_changes_with_epoch_but_not_rank() -> None:
 @pytest.mark.parametrize("workers", [0, 2])
 def test_ranks_and_workers_read_every_digit_once(digits_root: Path, world: int, workers: int) -> None:
     """Real shards (500/500/347 samples: uneven), simulated ranks, real DataLoader workers."""
-    cfg = DataConfig(
-        root=str(digits_root), batch_size=64, num_workers=workers, shuffle_buffer=100, prepare=False
-    )
+    cfg = DataConfig(root=str(digits_root), batch_size=64, num_workers=workers, shuffle_buffer=100, prepare=False)
     dm = build_datamodule(cfg)
     urls, counts = dm._shards("train")
     keys: list[str] = []
@@ -93,3 +91,17 @@ def test_ranks_and_workers_read_every_digit_once(digits_root: Path, world: int, 
         keys += [k for b in batches for k in b["key"]]
     assert len(set(steps)) == 1, f"ranks ran different step counts {steps}"
     assert len(keys) == 1347 and len(set(keys)) == 1347
+
+
+def test_batch_size_one_with_an_uneven_split_keeps_steps_equal(digits_root: Path) -> None:
+    """150 val samples over 4 ranks at batch 1: ranks of 37 samples get one repeated step to match 38."""
+    dm = build_datamodule(DataConfig(root=str(digits_root), batch_size=1, prepare=False))
+    urls, counts = dm._shards("val")
+    keys, steps = [], []
+    for rank in range(4):
+        loader = dm.val_dataloader()
+        loader.stream = ShardStream(urls, counts, loader.stream.opts, rank=rank, world=4)
+        batches = [b["key"] for b in loader]
+        steps.append(len(batches))
+        keys += [k for b in batches for k in b]
+    assert steps == [38] * 4 and len(set(keys)) == 150 and len(keys) == 152

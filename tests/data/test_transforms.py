@@ -30,9 +30,7 @@ def test_crop_with_padding_is_a_window_of_the_reflect_padded_image() -> None:
     offsets = set()
     for _ in range(200):
         y = T.random_crop(x, (12, 16), 2, gen).numpy()
-        hits = [
-            (i, j) for i in range(5) for j in range(5) if np.array_equal(padded[:, i : i + 12, j : j + 16], y)
-        ]
+        hits = [(i, j) for i in range(5) for j in range(5) if np.array_equal(padded[:, i : i + 12, j : j + 16], y)]
         assert hits, "crop is not a window of the padded image"
         offsets.add(hits[0])
     assert len(offsets) == 25  # every offset occurs
@@ -72,8 +70,7 @@ def test_mu_law_against_the_formula_and_round_trip() -> None:
     x = torch.linspace(-1, 1, 2001)
     codes = T.mu_law_encode(x, 256)
     expected = [
-        round((math.copysign(math.log1p(255 * abs(v)) / math.log1p(255), v) + 1) / 2 * 255)
-        for v in x.double().tolist()
+        round((math.copysign(math.log1p(255 * abs(v)) / math.log1p(255), v) + 1) / 2 * 255) for v in x.double().tolist()
     ]
     assert codes.min() == 0 and codes.max() == 255
     assert np.abs(codes.numpy() - np.array(expected)).max() <= 1  # float32 vs float64 at .5 boundaries

@@ -23,9 +23,7 @@ def _keys(root: Path, train: str, world: int = 1) -> list[str]:
 
 
 def test_expand_and_name() -> None:
-    assert expand_urls("s3://b/train-{000000..000002}.tar") == [
-        f"s3://b/train-00000{i}.tar" for i in range(3)
-    ]
+    assert expand_urls("s3://b/train-{000000..000002}.tar") == [f"s3://b/train-00000{i}.tar" for i in range(3)]
     assert expand_urls("a.tar::b-{1..2}.tar") == ["a.tar", "b-1.tar", "b-2.tar"]
     assert shard_name("pipe:cat /data/train-000001.tar") == "train-000001.tar"
     assert shard_name("pipe:aws s3 cp s3://bucket/x/train-000001.tar -") == "train-000001.tar"
