@@ -16,7 +16,7 @@ from scalegen.data import build_datamodule
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _cfg(root: Path, workers: int) -> DataConfig:
+def _cfg(root: Path, workers: int, crop: int = 2) -> DataConfig:
     # Shuffled shards + shuffle buffer + random flip/crop: a resume must reproduce all of it.
     return DataConfig(
         root=str(root),
@@ -25,7 +25,7 @@ def _cfg(root: Path, workers: int) -> DataConfig:
         shuffle_buffer=64,
         seed=3,
         random_flip=True,
-        random_crop_padding=2,
+        random_crop_padding=crop,
         prepare=False,
     )
 
