@@ -26,14 +26,14 @@ class ModelConfig:
 class DataConfig:
     dataset: str = "digits"  # built-in (digits, mnist, cifar10, fsdd) or any name for packed data
     root: str = "${oc.env:SCALEGEN_DATA,'~/.cache/scalegen/data'}/${.dataset}"  # folder with manifest.json
-    train: str = ""  # shard URLs for training; "" = {root}/train-*.tar (brace patterns, pipe:, s3://)
-    val: str = ""  # shard URLs for validation; "" = {root}/val-*.tar, else {root}/test-*.tar
-    test: str = ""  # shard URLs for the test split; "" = {root}/test-*.tar
+    train: str = ""  # shard URLs (brace patterns, pipe:, s3://...); "" = the manifest's train shards in root
+    val: str = ""  # shard URLs for validation; "" = the manifest's val shards, else its test shards
+    test: str = ""  # shard URLs for the test split; "" = the manifest's test shards
     prepare: bool = True  # prepare a built-in dataset into `root` on first use when it has no manifest
     source: str | None = None  # local copy in the upstream format to prepare from (no download)
-    batch_size: int = 64  # per device, per step (see trainer.global_batch_size)
+    batch_size: int = 64  # per device, per step (at most; see docs/data.md); see trainer.global_batch_size
     num_workers: int = 0  # DataLoader worker processes per rank
-    shuffle_buffer: int = 1000  # samples held in the shuffle buffer (0 disables shuffling)
+    shuffle_buffer: int = 1000  # samples in each worker's shuffle buffer (0: shard order is still shuffled)
     resampled: bool = False  # infinite stream of shards sampled with replacement, for step-counted runs
     seed: int | None = None  # shard order, shuffle and augmentation seed; None = trainer.seed
     on_bad_sample: str = choice("warn", "raise")  # skip corrupt shards/samples with a warning, or fail

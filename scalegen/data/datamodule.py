@@ -56,9 +56,14 @@ class ShardLoader:
             self.epoch, self.consumed = self.epoch + 1, 0  # a new pass, or the saved epoch was finished
         self._started = True
         self.stream.epoch, self.stream.start = self.epoch, self.consumed
-        loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
-                            pin_memory=self.pin_memory, persistent_workers=False,
-                            multiprocessing_context=_mp_context(self.num_workers))
+        loader = DataLoader(
+            self.stream,
+            batch_size=None,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=False,
+            multiprocessing_context=_mp_context(self.num_workers),
+        )
         for batch in loader:
             # Workers report the bad samples skipped since their previous batch; the batch carries this
             # rank's running total (what `data/skipped_samples` logs).
@@ -70,14 +75,25 @@ class ShardLoader:
 
     def state_dict(self) -> dict[str, Any]:
         s = self.stream
-        return {"epoch": self.epoch, "consumed": self.consumed, "world": s.world, "rank": s.rank,
-                "num_workers": self.num_workers, "batch_size": s.opts.batch_size, "seed": s.opts.seed,
-                "skipped": self.skipped}
+        return {
+            "epoch": self.epoch,
+            "consumed": self.consumed,
+            "world": s.world,
+            "rank": s.rank,
+            "num_workers": self.num_workers,
+            "batch_size": s.opts.batch_size,
+            "seed": s.opts.seed,
+            "skipped": self.skipped,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         s = self.stream
         same = (state.get("world"), state.get("num_workers"), state.get("batch_size"), state.get("seed")) == (
-            s.world, self.num_workers, s.opts.batch_size, s.opts.seed)
+            s.world,
+            self.num_workers,
+            s.opts.batch_size,
+            s.opts.seed,
+        )
         self.epoch, self.skipped = int(state["epoch"]), int(state.get("skipped", 0))
         if same:
             self.consumed = int(state["consumed"])
@@ -88,7 +104,9 @@ class ShardLoader:
                 "data pipeline resumed with a different world size, worker count, batch size or seed "
                 f"({state.get('world')}, {state.get('num_workers')}, {state.get('batch_size')}, "
                 f"{state.get('seed')} -> {s.world}, {self.num_workers}, {s.opts.batch_size}, {s.opts.seed}): "
-                f"restarting epoch {self.epoch} from its first batch", stacklevel=2)
+                f"restarting epoch {self.epoch} from its first batch",
+                stacklevel=2,
+            )
             self.consumed = 0
         self._started = False
 
@@ -124,9 +142,14 @@ class ShardDataModule(L.LightningDataModule):
             length = c.clip_samples or (m.shape[-1] if m.shape[-1] else 0)
             if not length:
                 raise DataError("clips have different lengths: set data.clip_samples to crop/pad them")
-            return DataSpec(kind="audio", shape=(1, length), num_classes=m.num_classes,
-                            class_names=list(m.class_names), levels=c.mu_law if c.mu_law > 0 else m.levels,
-                            sample_rate=m.sample_rate)
+            return DataSpec(
+                kind="audio",
+                shape=(1, length),
+                num_classes=m.num_classes,
+                class_names=list(m.class_names),
+                levels=c.mu_law if c.mu_law > 0 else m.levels,
+                sample_rate=m.sample_rate,
+            )
         ch, h, w = m.shape
         if c.resize:
             if not (h and w):
@@ -137,8 +160,13 @@ class ShardDataModule(L.LightningDataModule):
             h = w = c.center_crop
         if not (h and w):
             raise DataError(f"images in {self.root} differ in size: set data.resize and data.center_crop")
-        return DataSpec(kind="image", shape=(ch, h, w), num_classes=m.num_classes,
-                        class_names=list(m.class_names), levels=m.levels)
+        return DataSpec(
+            kind="image",
+            shape=(ch, h, w),
+            num_classes=m.num_classes,
+            class_names=list(m.class_names),
+            levels=m.levels,
+        )
 
     # ---- Lightning hooks --------------------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -215,6 +243,10 @@ class ShardDataModule(L.LightningDataModule):
             return "test"
         return split
 
+    def shards(self, split: str) -> tuple[list[str], list[int]]:
+        """(URLs, sample counts) of a split (train / val / test), after the existence check."""
+        return self._shards(split)
+
     def _shards(self, split: str) -> tuple[list[str], list[int]]:
         """(URLs, sample counts) of a split; every URL must be listed in the manifest and must exist."""
         m = self.manifest
@@ -228,8 +260,10 @@ class ShardDataModule(L.LightningDataModule):
             known = {s.name: s.count for sp in m.splits.values() for s in sp.shards}
             unknown = [u for u in urls if shard_name(u) not in known]
             if unknown:
-                raise DataError(f"data.{split} shard {unknown[0]} is not listed in {self.root}/{MANIFEST}; "
-                                "point data.root at the folder whose manifest describes these shards")
+                raise DataError(
+                    f"data.{split} shard {unknown[0]} is not listed in {self.root}/{MANIFEST}; "
+                    "point data.root at the folder whose manifest describes these shards"
+                )
             counts = [known[shard_name(u)] for u in urls]
         elif info is None or not info.shards:
             raise DataError(f"{self.root}/{MANIFEST} has no {name!r} split (it has {sorted(m.splits)})")
@@ -238,8 +272,10 @@ class ShardDataModule(L.LightningDataModule):
             counts = [s.count for s in info.shards]
         for url in urls:
             if not url_exists(url):
-                raise DataError(f"shard {url} does not exist (data.{split}); re-run `scalegen data prepare` "
-                                "or fix data.root / data." + split)
+                raise DataError(
+                    f"shard {url} does not exist (data.{split}); re-run `scalegen data prepare` "
+                    "or fix data.root / data." + split
+                )
         return urls, counts
 
     def _loader(self, split: str) -> ShardLoader:
@@ -250,15 +286,27 @@ class ShardDataModule(L.LightningDataModule):
         c, m = self.cfg, self.manifest
         train = split == "train"
         opts = StreamOptions(
-            kind=m.kind, channels=m.shape[0] if m.kind == "image" else None, sample_rate=m.sample_rate,
-            batch_size=c.batch_size, train=train, shuffle_buffer=c.shuffle_buffer,
-            resampled=c.resampled and train, seed=self._seed(), on_bad_sample=c.on_bad_sample,
-            random_flip=c.random_flip, random_crop_padding=c.random_crop_padding, resize=c.resize,
-            center_crop=c.center_crop, clip_samples=c.clip_samples if m.kind == "audio" else 0,
+            kind=m.kind,
+            channels=m.shape[0] if m.kind == "image" else None,
+            sample_rate=m.sample_rate,
+            batch_size=c.batch_size,
+            train=train,
+            shuffle_buffer=c.shuffle_buffer,
+            resampled=c.resampled and train,
+            seed=self._seed(),
+            on_bad_sample=c.on_bad_sample,
+            random_flip=c.random_flip,
+            random_crop_padding=c.random_crop_padding,
+            resize=c.resize,
+            center_crop=c.center_crop,
+            clip_samples=c.clip_samples if m.kind == "audio" else 0,
             mu_law=c.mu_law if m.kind == "audio" else 0,
         )
-        loader = ShardLoader(ShardStream(urls, counts, opts, rank=rank, world=world), c.num_workers,
-                             pin_memory=torch.cuda.is_available())
+        loader = ShardLoader(
+            ShardStream(urls, counts, opts, rank=rank, world=world),
+            c.num_workers,
+            pin_memory=torch.cuda.is_available(),
+        )
         if train:
             loader.count_on_yield = self._trainer is None
             if self._pending_state and "train" in self._pending_state:

@@ -43,17 +43,21 @@ def digits(source: str | None) -> Prepared:
     labels = data.target.astype(np.int64)
     order = np.random.default_rng(0).permutation(len(images))
     cut = {"test": order[:300], "val": order[300:450], "train": order[450:]}
-    splits = {name: [(f"digits-{i:06d}", images[i], int(labels[i])) for i in sorted(idx)]
-              for name, idx in cut.items()}
+    splits = {name: [(f"digits-{i:06d}", images[i], int(labels[i])) for i in sorted(idx)] for name, idx in cut.items()}
     raw = data.images.astype(np.float64).tobytes() + labels.tobytes()
     return Prepared(
-        kind="image", shape=[1, 8, 8], class_names=DIGIT_NAMES,
+        kind="image",
+        shape=[1, 8, 8],
+        class_names=DIGIT_NAMES,
         splits={k: splits[k] for k in ("train", "val", "test")},
         encode=_encode_image,
-        source={"name": "sklearn.datasets.load_digits (UCI optical recognition of handwritten digits)",
-                "sha256": hashlib.sha256(raw).hexdigest(), "sha256_of": "float64 images then int64 labels"},
+        source={
+            "name": "sklearn.datasets.load_digits (UCI optical recognition of handwritten digits)",
+            "sha256": hashlib.sha256(raw).hexdigest(),
+            "sha256_of": "float64 images then int64 labels",
+        },
         notes="permutation of the 1,797 images by numpy default_rng(0): first 300 = test, next 150 = val, "
-              "rest (1,347) = train; grey levels 0..16 stored as round(v*255/16)",
+        "rest (1,347) = train; grey levels 0..16 stored as round(v*255/16)",
         fields={"png": "image, greyscale 8x8", "cls": "digit 0-9 (key: digits-{index in load_digits()})"},
         shard_size=500,
     )
@@ -81,13 +85,16 @@ def _mnist_file(folder: Path | None, name: str) -> bytes:
     else:
         path = next((p for p in (folder / (name + ".gz"), folder / name) if p.is_file()), None)
         if path is None:
-            raise DataError(f"{folder} has no {name}.gz (or {name}): --source must be the folder with "
-                            "the four MNIST IDX files")
+            raise DataError(
+                f"{folder} has no {name}.gz (or {name}): --source must be the folder with the four MNIST IDX files"
+            )
     data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     if digest != MNIST_SHA256[name]:
-        raise DataError(f"{path}: decompressed sha256 {digest} is not the official {MNIST_SHA256[name]}; "
-                        "the file is corrupt or not MNIST (delete it to download again)")
+        raise DataError(
+            f"{path}: decompressed sha256 {digest} is not the official {MNIST_SHA256[name]}; "
+            "the file is corrupt or not MNIST (delete it to download again)"
+        )
     return data
 
 
@@ -103,14 +110,20 @@ def mnist(source: str | None) -> Prepared:
         y = np.frombuffer(labels, np.uint8, offset=8).astype(np.int64)
         arrays[part] = [(f"mnist-{part}-{i:05d}", x[i], int(y[i])) for i in range(len(y))]
     return Prepared(
-        kind="image", shape=[1, 28, 28], class_names=DIGIT_NAMES,
+        kind="image",
+        shape=[1, 28, 28],
+        class_names=DIGIT_NAMES,
         splits={"train": arrays["train"][:55000], "val": arrays["train"][55000:], "test": arrays["t10k"]},
         encode=_encode_image,
-        source={"name": "MNIST (LeCun, Cortes, Burges)", "url": MNIST_MIRRORS[0],
-                "local": str(folder) if folder else None, "sha256": MNIST_SHA256,
-                "sha256_of": "decompressed IDX files"},
+        source={
+            "name": "MNIST (LeCun, Cortes, Burges)",
+            "url": MNIST_MIRRORS[0],
+            "local": str(folder) if folder else None,
+            "sha256": MNIST_SHA256,
+            "sha256_of": "decompressed IDX files",
+        },
         notes="train = upstream train 0..54999, val = upstream train 55000..59999, test = upstream t10k; "
-              "keys mnist-{train|t10k}-{upstream index}",
+        "keys mnist-{train|t10k}-{upstream index}",
         fields={"png": "image, greyscale 28x28", "cls": "digit 0-9"},
         shard_size=5000,
     )
@@ -133,27 +146,38 @@ def _cifar_members(source: str | None) -> tuple[dict[str, bytes], dict[str, Any]
     path = Path(source).expanduser() if source else None
     if path is None or path.is_file():
         verify = path is None
-        archive = fetch([CIFAR10_URL], cache_dir("cifar10") / "cifar-10-python.tar.gz", CIFAR10_SHA256) \
-            if path is None else path
+        archive = (
+            fetch([CIFAR10_URL], cache_dir("cifar10") / "cifar-10-python.tar.gz", CIFAR10_SHA256)
+            if path is None
+            else path
+        )
         members = {}
         with tarfile.open(archive, "r:*") as tar:
             for m in tar.getmembers():
                 if m.isfile() and Path(m.name).name in names:
                     members[Path(m.name).name] = tar.extractfile(m).read()  # type: ignore[union-attr]
-        info = {"archive": str(archive), "sha256": hashlib.sha256(archive.read_bytes()).hexdigest(),
-                "sha256_of": "cifar-10-python.tar.gz"}
+        info = {
+            "archive": str(archive),
+            "sha256": hashlib.sha256(archive.read_bytes()).hexdigest(),
+            "sha256_of": "cifar-10-python.tar.gz",
+        }
         if verify or info["sha256"] == CIFAR10_SHA256:
             info["verified"] = True
     else:
         folder = path / "cifar-10-batches-py" if (path / "cifar-10-batches-py").is_dir() else path
         members = {n: (folder / n).read_bytes() for n in names if (folder / n).is_file()}
         digest = hashlib.sha256(b"".join(hashlib.sha256(members[n]).digest() for n in sorted(members)))
-        info = {"folder": str(folder), "sha256": digest.hexdigest(),
-                "sha256_of": "sha256 of the concatenated sha256 digests of the batch files, sorted by name"}
+        info = {
+            "folder": str(folder),
+            "sha256": digest.hexdigest(),
+            "sha256_of": "sha256 of the concatenated sha256 digests of the batch files, sorted by name",
+        }
     missing = [n for n in names if n not in members]
     if missing:
-        raise DataError(f"CIFAR-10 source {path} lacks {', '.join(missing)}: --source must be "
-                        "cifar-10-python.tar.gz or the cifar-10-batches-py folder")
+        raise DataError(
+            f"CIFAR-10 source {path} lacks {', '.join(missing)}: --source must be "
+            "cifar-10-python.tar.gz or the cifar-10-batches-py folder"
+        )
     return members, info
 
 
@@ -171,10 +195,14 @@ def cifar10(source: str | None) -> Prepared:
         split = "test" if name == "test_batch" else "train"
         splits[split] += [(f"cifar10-{name}-{i:05d}", x[i], int(y[i])) for i in range(len(y))]
     return Prepared(
-        kind="image", shape=[3, 32, 32], class_names=class_names, splits=splits, encode=_encode_image,
+        kind="image",
+        shape=[3, 32, 32],
+        class_names=class_names,
+        splits=splits,
+        encode=_encode_image,
         source={"name": "CIFAR-10 (Krizhevsky 2009)", "url": CIFAR10_URL, **info},
         notes="train = data_batch_1..5, test = test_batch, no val split (loaders use test); "
-              "keys cifar10-{batch file}-{row}",
+        "keys cifar10-{batch file}-{row}",
         fields={"png": "image, RGB 32x32", "cls": "class index into class_names"},
         shard_size=5000,
     )
@@ -206,10 +234,16 @@ def _fsdd_recordings(source: str | None) -> tuple[dict[str, bytes], dict[str, An
     listing = "".join(f"{hashlib.sha256(files[n]).hexdigest()}  {n}\n" for n in sorted(files))
     digest = hashlib.sha256(listing.encode()).hexdigest()
     if digest != FSDD_SHA256SUMS:
-        raise DataError(f"FSDD recordings in {source or FSDD_URL} do not match release {FSDD_COMMIT[:7]} "
-                        f"(digest of their sha256sum listing {digest}, expected {FSDD_SHA256SUMS}); "
-                        "point --source at an unmodified copy of recordings/")
-    return files, {**where, "sha256": digest, "sha256_of": "`sha256sum *.wav` listing of recordings/ (sorted)"}
+        raise DataError(
+            f"FSDD recordings in {source or FSDD_URL} do not match release {FSDD_COMMIT[:7]} "
+            f"(digest of their sha256sum listing {digest}, expected {FSDD_SHA256SUMS}); "
+            "point --source at an unmodified copy of recordings/"
+        )
+    return files, {
+        **where,
+        "sha256": digest,
+        "sha256_of": "`sha256sum *.wav` listing of recordings/ (sorted)",
+    }
 
 
 @preparer("fsdd")
@@ -224,13 +258,23 @@ def fsdd(source: str | None) -> Prepared:
         digit, speaker, take = int(m.group(1)), m.group(2), int(m.group(3))
         splits["test" if take <= 4 else "train"].append((name[:-4], files[name], digit, speaker, take))
     return Prepared(
-        kind="audio", shape=[1, 0], class_names=DIGIT_NAMES, splits=splits, encode=_encode_fsdd,
+        kind="audio",
+        shape=[1, 0],
+        class_names=DIGIT_NAMES,
+        splits=splits,
+        encode=_encode_fsdd,
         source={"name": "Free Spoken Digit Dataset (Jakobovski et al.)", "commit": FSDD_COMMIT, **info},
-        notes="official split: takes 0-4 of every speaker and digit = test (300), takes 5-49 = train (2,700); "
-              "keys {digit}_{speaker}_{take}",
-        fields={"wav": "8 kHz mono 16-bit PCM, as upstream", "cls": "spoken digit 0-9",
-                "json": "speaker (index into extra_classes.speaker), take (0-49)"},
-        sample_rate=8000, levels=65536, extra_classes={"speaker": FSDD_SPEAKERS}, shard_size=500,
+        notes="official split: takes 0-4 of each speaker and digit = test (300), takes 5-49 = train (2,700); "
+        "keys {digit}_{speaker}_{take}",
+        fields={
+            "wav": "8 kHz mono 16-bit PCM, as upstream",
+            "cls": "spoken digit 0-9",
+            "json": "speaker (index into extra_classes.speaker), take (0-49)",
+        },
+        sample_rate=8000,
+        levels=65536,
+        extra_classes={"speaker": FSDD_SPEAKERS},
+        shard_size=500,
     )
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import struct
 import wave
+import zlib
 
 import numpy as np
 import torch
@@ -15,8 +17,60 @@ IMAGE_EXTS = ("png", "jpg", "jpeg")
 AUDIO_EXTS = ("wav",)
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
 def decode_image(data: bytes, channels: int | None) -> Tensor:
     """uint8 [C, H, W]; converted to `channels` (1 = greyscale, 3 = RGB) when given."""
+    arr = _decode_plain_png(data)
+    if arr is None or (channels is not None and arr.shape[2] != channels):
+        arr = _decode_pil(data, channels)
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+
+
+def decode_png_batch(datas: list[bytes], channels: int | None) -> np.ndarray | None:
+    """uint8 [B, H, W, C] for plain PNGs (see `_decode_plain_png`) that all share one shape and have
+    `channels` channels; None when any does not (the caller then decodes one by one). One reshape
+    for the whole batch instead of per-image array handling: the common case for built-in datasets."""
+    shape, chunks = None, []
+    try:
+        for data in datas:
+            if not data.startswith(PNG_SIGNATURE) or data[12:16] != b"IHDR":
+                return None
+            header = struct.unpack(">IIBBBBB", data[16:29])
+            if shape is None:
+                shape = header
+                w, h, depth, color, _, _, interlace = header
+                ch = 1 if color == 0 else 3
+                if depth != 8 or interlace or color not in (0, 2) or (channels is not None and ch != channels):
+                    return None
+            elif header != shape:
+                return None
+            pos, idat = 33, []
+            while pos + 8 <= len(data):
+                length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+                if kind == b"IDAT":
+                    idat.append(data[pos + 8 : pos + 8 + length])
+                elif kind == b"IEND":
+                    break
+                elif kind != b"tEXt":
+                    return None
+                pos += 12 + length
+            chunks.append(zlib.decompress(b"".join(idat)))
+    except (struct.error, zlib.error):
+        return None
+    if shape is None:
+        return None
+    flat = np.frombuffer(b"".join(chunks), np.uint8)
+    if flat.size != len(datas) * h * (1 + w * ch):
+        return None
+    rows = flat.reshape(len(datas), h, 1 + w * ch)
+    if rows[:, :, 0].any():
+        return None
+    return rows[:, :, 1:].reshape(len(datas), h, w, ch)
+
+
+def _decode_pil(data: bytes, channels: int | None) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as img:
         img.load()  # raises on truncated or corrupt data instead of returning garbage later
         mode = {1: "L", 3: "RGB", 4: "RGBA"}.get(channels or 0)
@@ -24,8 +78,43 @@ def decode_image(data: bytes, channels: int | None) -> Tensor:
             grey = img.mode in ("1", "L", "I", "I;16", "P") and "transparency" not in img.info
             mode = "L" if grey else "RGB"
         arr = np.array(img.convert(mode) if img.mode != mode else img, dtype=np.uint8)  # a writable copy
-    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-    return torch.from_numpy(np.ascontiguousarray(arr))
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def _decode_plain_png(data: bytes) -> np.ndarray | None:
+    """[H, W, C] for an 8-bit grey/RGB, non-interlaced PNG whose rows are all unfiltered (what
+    `encode_png` writes): zlib + reshape, ~10x faster than PIL on small images. None for anything else
+    (PIL then decodes it, and raises for corrupt data). zlib's checksum catches damaged pixel data."""
+    if not data.startswith(PNG_SIGNATURE):
+        return None
+    pos, idat, header = 8, [], None
+    try:
+        while pos + 8 <= len(data):
+            length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+            if kind == b"IHDR":
+                header = struct.unpack(">IIBBBBB", data[pos + 8 : pos + 21])
+            elif kind == b"IDAT":
+                idat.append(data[pos + 8 : pos + 8 + length])
+            elif kind == b"IEND":
+                break
+            elif kind in (b"PLTE", b"tRNS", b"gAMA", b"iCCP", b"sBIT"):
+                return None  # colour semantics PIL knows how to apply
+            pos += 12 + length
+        if header is None:
+            return None
+        w, h, depth, color, _, _, interlace = header
+        if depth != 8 or interlace or color not in (0, 2):
+            return None
+        ch = 1 if color == 0 else 3
+        rows = np.frombuffer(zlib.decompress(b"".join(idat)), np.uint8)
+        if rows.size != h * (1 + w * ch):
+            return None
+        rows = rows.reshape(h, 1 + w * ch)
+    except (struct.error, zlib.error):
+        return None
+    if rows[:, 0].any():
+        return None  # filtered rows (most PNG writers): undo the filters with PIL
+    return rows[:, 1:].reshape(h, w, ch).copy()
 
 
 def decode_wav(data: bytes, sample_rate: int | None) -> Tensor:
@@ -63,11 +152,21 @@ def encode_wav(x: np.ndarray, sample_rate: int) -> bytes:
     return buf.getvalue()
 
 
-def encode_png(arr: np.ndarray) -> bytes:
-    """PNG bytes of a uint8 [H, W] (greyscale) or [H, W, 3] (RGB) array; deterministic."""
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(arr, dtype=np.uint8)).save(buf, format="PNG", compress_level=6)
-    return buf.getvalue()
+def encode_png(arr: np.ndarray, level: int = 6) -> bytes:
+    """A valid PNG of a uint8 [H, W] (grey) or [H, W, 3] (RGB) array, rows unfiltered so that
+    `decode_image` can read it back with zlib alone; deterministic."""
+    arr = np.ascontiguousarray(arr, dtype=np.uint8)
+    h, w = arr.shape[:2]
+    ch = 1 if arr.ndim == 2 else arr.shape[2]
+    if ch not in (1, 3):
+        raise ValueError(f"encode_png takes grey or RGB images, got {ch} channels")
+    raw = np.concatenate([np.zeros((h, 1), np.uint8), arr.reshape(h, w * ch)], axis=1).tobytes()
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 0 if ch == 1 else 2, 0, 0, 0)
+    return PNG_SIGNATURE + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw, level)) + chunk(b"IEND", b"")
 
 
 def decode_sample(sample: dict, kind: str, channels: int | None, sample_rate: int | None) -> dict:

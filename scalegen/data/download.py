@@ -12,15 +12,16 @@ from scalegen.data.manifest import DataError
 
 
 def cache_dir(name: str) -> Path:
-    """Where downloads of dataset `name` are kept: $SCALEGEN_DOWNLOADS/name or ~/.cache/scalegen/downloads/name."""
+    """Where downloads of `name` are kept: $SCALEGEN_DOWNLOADS/name, else ~/.cache/scalegen/downloads/name."""
     base = os.environ.get("SCALEGEN_DOWNLOADS", "~/.cache/scalegen/downloads")
     path = Path(base).expanduser() / name
     path.mkdir(parents=True, exist_ok=True)
     return path
 
 
-def fetch(urls: Sequence[str], dest: Path, sha256: str | None = None, progress: bool = True,
-          timeout: float = 60.0) -> Path:
+def fetch(
+    urls: Sequence[str], dest: Path, sha256: str | None = None, progress: bool = True, timeout: float = 60.0
+) -> Path:
     """`dest`, downloaded from the first of `urls` that works unless already there (and verified).
 
     The file is written under a temporary name and renamed when complete and verified, so an
@@ -43,8 +44,10 @@ def fetch(urls: Sequence[str], dest: Path, sha256: str | None = None, progress: 
             continue
         os.replace(tmp, dest)
         return dest
-    raise DataError(f"could not download {dest.name}: {'; '.join(errors)}. Download it yourself and pass "
-                    "its folder with --source (or data.source)")
+    raise DataError(
+        f"could not download {dest.name}: {'; '.join(errors)}. Download it yourself and pass "
+        "its folder with --source (or data.source)"
+    )
 
 
 def _download(url: str, path: Path, progress: bool, timeout: float) -> None:
@@ -64,8 +67,14 @@ def _download(url: str, path: Path, progress: bool, timeout: float) -> None:
             TransferSpeedColumn,
         )
 
-        with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                      TimeRemainingColumn(), transient=True) as bar:
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            transient=True,
+        ) as bar:
             task = bar.add_task(f"downloading {path.name.split('.part-')[0].lstrip('.')}", total=total)
             while block := response.read(1 << 20):
                 out.write(block)

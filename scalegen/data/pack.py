@@ -24,9 +24,16 @@ IMAGE_SUFFIXES = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg"}
 AUDIO_SUFFIXES = {".wav": "wav"}
 
 
-def pack_folder(src: str | Path, out: str | Path, shard_size: int = 5000, val_fraction: float = 0.0,
-                test_fraction: float = 0.0, seed: int = 0, name: str | None = None,
-                progress: bool = True) -> Manifest:
+def pack_folder(
+    src: str | Path,
+    out: str | Path,
+    shard_size: int = 5000,
+    val_fraction: float = 0.0,
+    test_fraction: float = 0.0,
+    seed: int = 0,
+    name: str | None = None,
+    progress: bool = True,
+) -> Manifest:
     """Pack `src` into `{split}-{index:06d}.tar` shards + manifest.json in `out`; returns the manifest."""
     src, out = Path(src).expanduser(), Path(out).expanduser()
     if not src.is_dir():
@@ -43,20 +50,32 @@ def pack_folder(src: str | Path, out: str | Path, shard_size: int = 5000, val_fr
         raise DataError("--val-fraction + --test-fraction must be in [0, 1)")
     order = np.random.default_rng(seed).permutation(len(files))
     n_test, n_val = round(len(files) * test_fraction), round(len(files) * val_fraction)
-    cut = {"train": order[n_test + n_val:], "val": order[n_test:n_test + n_val], "test": order[:n_test]}
+    cut = {"train": order[n_test + n_val :], "val": order[n_test : n_test + n_val], "test": order[:n_test]}
     keys = _keys([f for f, _ in files], src)
     splits = {k: [(keys[i], files[i][0], files[i][1]) for i in sorted(v)] for k, v in cut.items() if len(v)}
     listing = "".join(f"{hashlib.sha256(f.read_bytes()).hexdigest()}  {f.relative_to(src)}\n" for f, _ in files)
     prep = Prepared(
-        kind=kind, shape=shape, class_names=class_names, splits=splits, encode=_encode,
-        source={"name": f"packed from {src}", "local": str(src), "files": len(files),
-                "sha256": hashlib.sha256(listing.encode()).hexdigest(),
-                "sha256_of": "`sha256sum` listing of the files, relative paths, sorted"},
+        kind=kind,
+        shape=shape,
+        class_names=class_names,
+        splits=splits,
+        encode=_encode,
+        source={
+            "name": f"packed from {src}",
+            "local": str(src),
+            "files": len(files),
+            "sha256": hashlib.sha256(listing.encode()).hexdigest(),
+            "sha256_of": "`sha256sum` listing of the files, relative paths, sorted",
+        },
         notes=f"packed by `scalegen data pack`; held out by numpy default_rng({seed}): "
-              f"test {n_test}, val {n_val}; labels {'from class folders' if class_names else 'none (-1)'}",
-        fields={"png|jpg" if kind == "image" else "wav": "the original file, unchanged",
-                "cls": "index into class_names (absent when unlabelled)"},
-        sample_rate=rate, levels=levels, shard_size=shard_size,
+        f"test {n_test}, val {n_val}; labels {'from class folders' if class_names else 'none (-1)'}",
+        fields={
+            "png|jpg" if kind == "image" else "wav": "the original file, unchanged",
+            "cls": "index into class_names (absent when unlabelled)",
+        },
+        sample_rate=rate,
+        levels=levels,
+        shard_size=shard_size,
     )
     return write_prepared(name or src.name, prep, out, shard_size, progress)
 
@@ -66,12 +85,18 @@ def _list(src: Path) -> tuple[list[tuple[Path, int]], list[str]]:
     flat = sorted(p for p in src.iterdir() if p.is_file() and p.suffix.lower() in known)
     dirs = sorted(p for p in src.iterdir() if p.is_dir() and not p.name.startswith("."))
     if flat and dirs:
-        raise DataError(f"{src} has both files and class folders: use class_name/ folders for everything, "
-                        "or no folders (unlabelled)")
+        raise DataError(
+            f"{src} has both files and class folders: use class_name/ folders for everything, "
+            "or no folders (unlabelled)"
+        )
     if flat:
         return [(p, -1) for p in flat], []
-    files = [(p, label) for label, d in enumerate(dirs)
-             for p in sorted(d.rglob("*")) if p.is_file() and p.suffix.lower() in known]
+    files = [
+        (p, label)
+        for label, d in enumerate(dirs)
+        for p in sorted(d.rglob("*"))
+        if p.is_file() and p.suffix.lower() in known
+    ]
     if not files:
         raise DataError(f"no .png/.jpg/.jpeg/.wav files in {src} or its class folders")
     return files, [d.name for d in dirs]
@@ -99,7 +124,7 @@ def _image_shape(files: list[tuple[Path, int]]) -> tuple[list[int], int]:
                 grey &= img.mode in ("1", "L", "I", "I;16")
         except OSError as err:
             raise DataError(f"cannot read image {f}: {err}") from None
-    (w, h), = sizes if len(sizes) == 1 else {(0, 0)}
+    ((w, h),) = sizes if len(sizes) == 1 else {(0, 0)}
     return [1 if grey else 3, h, w], 256
 
 
@@ -124,7 +149,10 @@ def _audio_shape(files: list[tuple[Path, int]]) -> tuple[list[int], int, int]:
 
 def _encode(split: str, i: int, item: tuple[str, Path, int]) -> dict[str, Any]:
     key, path, label = item
-    sample: dict[str, Any] = {"__key__": key, IMAGE_SUFFIXES.get(path.suffix.lower(), "wav"): path.read_bytes()}
+    sample: dict[str, Any] = {
+        "__key__": key,
+        IMAGE_SUFFIXES.get(path.suffix.lower(), "wav"): path.read_bytes(),
+    }
     if label >= 0:
         sample["cls"] = str(label).encode()
     return sample

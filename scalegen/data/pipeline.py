@@ -17,13 +17,15 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
+from itertools import islice
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from scalegen.data import transforms as T
-from scalegen.data.decode import decode_sample
+from scalegen.data.decode import decode_png_batch, decode_sample
 from scalegen.data.manifest import DataError
 from scalegen.data.shards import iter_shard
 from scalegen.data.split import Slice, batches_before, plan_worker, worker_batch_range
@@ -74,8 +76,9 @@ class _Skips:
 class ShardStream(IterableDataset):
     """One split's shards for one rank; `epoch` and `start` (batches already consumed) are set per pass."""
 
-    def __init__(self, urls: Sequence[str], counts: Sequence[int], opts: StreamOptions,
-                 rank: int = 0, world: int = 1) -> None:
+    def __init__(
+        self, urls: Sequence[str], counts: Sequence[int], opts: StreamOptions, rank: int = 0, world: int = 1
+    ) -> None:
         super().__init__()
         if len(urls) != len(counts):
             raise ValueError("one count per shard URL")
@@ -93,24 +96,41 @@ class ShardStream(IterableDataset):
         o = self.opts
         skips = _Skips(o.on_bad_sample)
         if o.resampled:
+            # An infinite stream is not replayed on resume (that would re-read everything seen so
+            # far): a resumed stream draws afresh, seeded by its position, so it is still reproducible.
             slices: Iterable[Slice] = self._resampled_slices(worker)
             sizes: Iterable[int] = _forever(o.batch_size)
-            first_batch = 0
+            first_batch, to_drop = 0, 0
         else:
-            plan = plan_worker(self.counts, rank=self.rank, world=self.world, worker=worker,
-                               num_workers=num_workers, batch_size=o.batch_size, epoch=self.epoch,
-                               seed=o.seed, shuffle=o.train)
+            plan = plan_worker(
+                self.counts,
+                rank=self.rank,
+                world=self.world,
+                worker=worker,
+                num_workers=num_workers,
+                batch_size=o.batch_size,
+                epoch=self.epoch,
+                seed=o.seed,
+                shuffle=o.train,
+            )
             slices, sizes = plan.slices, plan.batch_sizes
             first_batch = worker_batch_range(len(self), worker, num_workers)[0]
-        # Planned batches are numbered per rank already; resampled ones per worker, so add the worker.
-        aug_seed = (o.seed, self.epoch, self.rank, worker if o.resampled else -1)
-        rng = random.Random(f"shuffle/{o.seed}/{self.epoch}/{self.rank}/{worker}")
+            to_drop = batches_before(self.start, worker, num_workers)  # resume: replay, drop undecoded
+        # Planned batches are numbered per rank already; resampled ones per worker (and resume point).
+        aug_seed = (o.seed, self.epoch, self.rank) + ((worker, self.start) if o.resampled else (-1,))
+        rng = random.Random(f"shuffle/{o.seed}/{self.epoch}/{self.rank}/{worker}/{self.start if o.resampled else 0}")
         stages: list[Callable[[Any], Iterable[Any]]] = [
             partial(read_slices, self.urls, skips=skips),  # raw samples (bytes), bad shards skipped
             partial(shuffle, buffer=o.shuffle_buffer if o.train else 0, rng=rng),
             partial(group, sizes=sizes, first=first_batch),  # (batch index, [raw]) in planned sizes
-            partial(drop, n=batches_before(self.start, worker, num_workers)),  # resume: skip, undecoded
-            partial(decode_batches, decode_one=self._decode_one, skips=skips, seed=aug_seed),
+            partial(drop, n=to_drop),  # resume mid-epoch: batches already consumed, dropped undecoded
+            partial(
+                decode_batches,
+                decode_one=self._decode_one,
+                decode_batch=self._decode_batch,
+                skips=skips,
+                seed=aug_seed,
+            ),
             partial(collate, skips=skips),
         ]
         stream: Any = slices
@@ -128,25 +148,48 @@ class ShardStream(IterableDataset):
 
     def _resampled_slices(self, worker: int) -> Iterator[Slice]:
         """Whole shards drawn with replacement, weighted by size (each sample equally likely)."""
-        rng = random.Random(f"resampled/{self.opts.seed}/{self.epoch}/{self.rank}/{worker}")
+        rng = random.Random(f"resampled/{self.opts.seed}/{self.epoch}/{self.rank}/{worker}/{self.start}")
         population = range(len(self.counts))
         while True:
             shard = rng.choices(population, weights=self.counts)[0]
             yield Slice(shard, 0, self.counts[shard])
+
+    def _decode_batch(self, raws: list[Raw], gen: torch.Generator) -> dict[str, Any] | None:
+        """The whole batch at once when it is all plain same-size PNGs with labels and nothing else
+        (built-in image datasets); None otherwise, and the samples are decoded one by one."""
+        o = self.opts
+        if o.kind != "image" or not raws or any("png" not in r or "json" in r for r in raws):
+            return None
+        arr = decode_png_batch([r["png"] for r in raws], o.channels)
+        if arr is None:
+            return None
+        try:
+            y = torch.tensor([int(r["cls"]) if "cls" in r else -1 for r in raws], dtype=torch.int64)
+        except ValueError:
+            return None
+        x = torch.from_numpy(np.ascontiguousarray(arr.transpose(0, 3, 1, 2)))
+        if o.resize or o.center_crop or (o.train and (o.random_crop_padding > 0 or o.random_flip)):
+            x = torch.stack([self._transform_image(xi, gen) for xi in x])
+        return {"x": x, "y": y, "key": [r["__key__"] for r in raws]}
+
+    def _transform_image(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        o = self.opts
+        if o.resize:
+            x = T.resize(x, o.resize)
+        if o.center_crop:
+            x = T.center_crop(x, o.center_crop)
+        if o.train and o.random_crop_padding > 0:
+            x = T.random_crop(x, tuple(x.shape[-2:]), o.random_crop_padding, gen)
+        if o.train and o.random_flip:
+            x = T.random_flip(x, gen)
+        return x
 
     def _decode_one(self, raw: Raw, gen: torch.Generator) -> dict[str, Any]:
         o = self.opts
         s = decode_sample(raw, o.kind, o.channels, o.sample_rate)
         x = s["x"]
         if o.kind == "image":
-            if o.resize:
-                x = T.resize(x, o.resize)
-            if o.center_crop:
-                x = T.center_crop(x, o.center_crop)
-            if o.train and o.random_crop_padding > 0:
-                x = T.random_crop(x, tuple(x.shape[-2:]), o.random_crop_padding, gen)
-            if o.train and o.random_flip:
-                x = T.random_flip(x, gen)
+            x = self._transform_image(x, gen)
         else:
             if o.clip_samples:
                 x = T.crop_or_pad(x, o.clip_samples, gen if o.train else None)
@@ -175,8 +218,7 @@ def read_slices(urls: Sequence[str], slices: Iterable[Slice], skips: _Skips) -> 
             skips.bad(f"shard {url} unreadable {where}: {type(err).__name__}: {err}", want - got)
             continue
         if got < want:
-            skips.bad(f"shard {url} ended after key {last_key}: {got} of {want} planned samples",
-                      want - got)
+            skips.bad(f"shard {url} ended after key {last_key}: {got} of {want} planned samples", want - got)
 
 
 def shuffle(stream: Iterable[Raw], buffer: int, rng: random.Random) -> Iterator[Raw]:
@@ -200,12 +242,7 @@ def group(stream: Iterable[Raw], sizes: Iterable[int], first: int) -> Iterator[t
     """Exactly one group per planned size, numbered from `first`; short (even empty) if the stream ran dry."""
     it = iter(stream)
     for j, size in enumerate(sizes):
-        items = []
-        for item in it:
-            items.append(item)
-            if len(items) == size:
-                break
-        yield first + j, items
+        yield first + j, list(islice(it, size))
 
 
 def drop(stream: Iterable[Any], n: int) -> Iterator[Any]:
@@ -214,19 +251,31 @@ def drop(stream: Iterable[Any], n: int) -> Iterator[Any]:
             yield item
 
 
-def decode_batches(stream: Iterable[tuple[int, list[Raw]]], decode_one: Callable[[Raw, torch.Generator], Any],
-                   skips: _Skips, seed: tuple[int, ...]) -> Iterator[list[dict[str, Any]]]:
+def decode_batches(
+    stream: Iterable[tuple[int, list[Raw]]],
+    decode_one: Callable[[Raw, torch.Generator], Any],
+    skips: _Skips,
+    seed: tuple[int, ...],
+    decode_batch: Callable[[list[Raw], torch.Generator], dict[str, Any] | None] | None = None,
+) -> Iterator[list[dict[str, Any]] | dict[str, Any]]:
     """Decode and transform each sample; undecodable ones are skipped (and counted).
 
     Random transforms draw from a generator seeded by (seed, epoch, rank, batch index), so a batch's
     augmentation does not depend on what was read before it (resume gives identical batches).
     A batch left empty (its samples were all bad, or the rank had fewer samples than steps) repeats
     the previous batch's samples, so every rank still takes the same number of steps.
+    `decode_batch`, when given, may decode a whole batch at once (a ready batch dict) or decline (None).
     """
-    recent: list[dict[str, Any]] = []
+    recent: list[dict[str, Any]] | dict[str, Any] = []
     for index, raws in stream:
         gen = torch.Generator().manual_seed(hash_seed(*seed, index))
-        out = []
+        fast = decode_batch(raws, gen) if decode_batch is not None else None
+        if fast is not None:
+            recent = fast
+            yield fast
+            continue
+        gen = torch.Generator().manual_seed(hash_seed(*seed, index))  # the same draws as the fast path
+        out: list[dict[str, Any]] = []
         for raw in raws:
             try:
                 out.append(decode_one(raw, gen))
@@ -238,13 +287,17 @@ def decode_batches(stream: Iterable[tuple[int, list[Raw]]], decode_one: Callable
         if not out:
             if not recent:
                 continue  # nothing good read yet: nothing to repeat
-            out = recent[-1:] if not raws else recent
+            yield recent
+            continue
         recent = out
         yield out
 
 
-def collate(stream: Iterable[list[dict[str, Any]]], skips: _Skips) -> Iterator[dict[str, Any]]:
+def collate(stream: Iterable[list[dict[str, Any]] | dict[str, Any]], skips: _Skips) -> Iterator[dict[str, Any]]:
     for samples in stream:
+        if isinstance(samples, dict):  # decoded as a whole batch already
+            yield {**samples, "skipped": torch.tensor(skips.delta(), dtype=torch.int64)}
+            continue
         shapes = {tuple(s["x"].shape) for s in samples}
         if len(shapes) > 1:
             raise DataError(

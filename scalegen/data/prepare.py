@@ -52,8 +52,13 @@ def preparer(name: str) -> Callable[[Callable[[str | None], Prepared]], Callable
     return deco
 
 
-def prepare_dataset(name: str, out: str | Path, source: str | None = None, shard_size: int | None = None,
-                    progress: bool = True) -> Manifest:
+def prepare_dataset(
+    name: str,
+    out: str | Path,
+    source: str | None = None,
+    shard_size: int | None = None,
+    progress: bool = True,
+) -> Manifest:
     """Write the built-in dataset `name` as shards + manifest.json into `out`; returns the manifest.
 
     Safe to call from several processes at once (a file lock serializes them) and to re-run after a
@@ -64,16 +69,19 @@ def prepare_dataset(name: str, out: str | Path, source: str | None = None, shard
     if name not in PREPARERS:
         from scalegen.errors import did_you_mean
 
-        raise DataError(f"no built-in dataset {name!r}.{did_you_mean(name, PREPARERS)} "
-                        "For your own files use `scalegen data pack SRC --out DIR`.")
+        raise DataError(
+            f"no built-in dataset {name!r}.{did_you_mean(name, PREPARERS)} "
+            "For your own files use `scalegen data pack SRC --out DIR`."
+        )
     out = Path(os.path.expanduser(str(out)))
     out.mkdir(parents=True, exist_ok=True)
     with _lock(out / ".prepare.lock"):  # ranks of one job may all get here first; one prepares
         return _write(name, PREPARERS[name](source), out, shard_size, progress)
 
 
-def write_prepared(name: str, prep: Prepared, out: Path, shard_size: int | None = None,
-                   progress: bool = True) -> Manifest:
+def write_prepared(
+    name: str, prep: Prepared, out: Path, shard_size: int | None = None, progress: bool = True
+) -> Manifest:
     """Shards + manifest for prepared items (a built-in dataset or a packed folder); see `prepare_dataset`."""
     out.mkdir(parents=True, exist_ok=True)
     with _lock(out / ".prepare.lock"):
@@ -82,23 +90,37 @@ def write_prepared(name: str, prep: Prepared, out: Path, shard_size: int | None 
 
 def _write(name: str, prep: Prepared, out: Path, shard_size: int | None, progress: bool) -> Manifest:
     size = int(shard_size or prep.shard_size)
-    plan = {"dataset": name, "shard_size": size, "splits": {k: len(v) for k, v in prep.splits.items()},
-            "source_sha256": prep.source.get("sha256")}
+    plan = {
+        "dataset": name,
+        "shard_size": size,
+        "splits": {k: len(v) for k, v in prep.splits.items()},
+        "source_sha256": prep.source.get("sha256"),
+    }
     previous = _previous_shards(out, plan)
     if previous is not None and _complete(out, plan, previous):
         return Manifest.from_dict(json.loads((out / MANIFEST).read_text()))
-    manifest = Manifest(name=name, kind=prep.kind, shape=prep.shape, class_names=prep.class_names,
-                        sample_rate=prep.sample_rate, levels=prep.levels, fields=prep.fields,
-                        extra_classes=prep.extra_classes,
-                        source={**prep.source, "plan": plan}, notes=prep.notes)
+    manifest = Manifest(
+        name=name,
+        kind=prep.kind,
+        shape=prep.shape,
+        class_names=prep.class_names,
+        sample_rate=prep.sample_rate,
+        levels=prep.levels,
+        fields=prep.fields,
+        extra_classes=prep.extra_classes,
+        source={**prep.source, "plan": plan},
+        notes=prep.notes,
+    )
     done: dict[str, ShardInfo] = {}
     total = sum(len(v) for v in prep.splits.values())
     with _progress_bar(f"preparing {name}", total, progress) as advance:
 
         def on_shard(info: ShardInfo, skipped: bool) -> None:
             done[info.name] = info
-            atomic_write_bytes(out / PROGRESS, json.dumps(
-                {"plan": plan, "shards": [vars(s) for s in done.values()]}).encode())
+            atomic_write_bytes(
+                out / PROGRESS,
+                json.dumps({"plan": plan, "shards": [vars(s) for s in done.values()]}).encode(),
+            )
             advance(info.count)
 
         for split, items in prep.splits.items():
@@ -136,7 +158,8 @@ def _complete(out: Path, plan: dict[str, Any], previous: dict[str, ShardInfo]) -
         return False
     expected = sum((n + plan["shard_size"] - 1) // plan["shard_size"] for n in plan["splits"].values())
     return len(previous) == expected and all(
-        (out / s.name).is_file() and sha256_file(out / s.name) == s.sha256 for s in previous.values())
+        (out / s.name).is_file() and sha256_file(out / s.name) == s.sha256 for s in previous.values()
+    )
 
 
 @contextmanager
@@ -156,7 +179,12 @@ def _progress_bar(description: str, total: int, enabled: bool):  # type: ignore[
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  transient=True) as bar:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        transient=True,
+    ) as bar:
         task = bar.add_task(description, total=total)
         yield lambda n: bar.advance(task, n)

@@ -85,8 +85,10 @@ def plan_worker(
     b0, b1 = worker_batch_range(steps, worker, num_workers)
     first = lo + sum(sizes[:b0])
     last = first + sum(sizes[b0:b1])
-    return WorkerPlan(slices=tuple(_slices(counts, shard_order(counts, epoch, seed, shuffle), first, last)),
-                      batch_sizes=tuple(sizes[b0:b1]))
+    return WorkerPlan(
+        slices=tuple(_slices(counts, shard_order(counts, epoch, seed, shuffle), first, last)),
+        batch_sizes=tuple(sizes[b0:b1]),
+    )
 
 
 def _slices(counts: Sequence[int], order: Sequence[int], first: int, last: int) -> list[Slice]:

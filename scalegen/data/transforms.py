@@ -21,14 +21,26 @@ def random_flip(x: Tensor, gen: torch.Generator, p: float = 0.5) -> Tensor:
 
 
 def random_crop(x: Tensor, size: tuple[int, int], padding: int, gen: torch.Generator) -> Tensor:
-    """Pad by `padding` pixels (reflect) on every side, then crop `size` at a uniformly random offset."""
-    if padding > 0:
-        mode = "reflect" if padding < min(x.shape[-2:]) else "replicate"
-        x = F.pad(x[None].float(), (padding,) * 4, mode=mode)[0].round().to(torch.uint8)
+    """Pad by `padding` pixels (reflect) on every side, then crop `size` at a uniformly random offset.
+
+    The padded image is never built: the window's rows and columns are gathered through reflected
+    indices (integer indexing, no float round trip), which is what makes per-sample cropping cheap.
+    """
     h, w = size
-    top = int(torch.randint(0, x.shape[-2] - h + 1, (), generator=gen))
-    left = int(torch.randint(0, x.shape[-1] - w + 1, (), generator=gen))
-    return x[..., top : top + h, left : left + w]
+    top = int(torch.randint(0, x.shape[-2] + 2 * padding - h + 1, (), generator=gen)) - padding
+    left = int(torch.randint(0, x.shape[-1] + 2 * padding - w + 1, (), generator=gen)) - padding
+    rows = _reflect(torch.arange(top, top + h), x.shape[-2])
+    cols = _reflect(torch.arange(left, left + w), x.shape[-1])
+    return x[..., rows[:, None], cols[None, :]]
+
+
+def _reflect(i: Tensor, n: int) -> Tensor:
+    """Reflect-padding index map (edge not repeated: -1 -> 1, n -> n - 2), periodic for wide pads."""
+    if n == 1:
+        return torch.zeros_like(i)
+    period = 2 * (n - 1)
+    i = i.remainder(period)
+    return torch.where(i < n, i, period - i)
 
 
 def center_crop(x: Tensor, size: int) -> Tensor:

@@ -29,8 +29,9 @@ def _corrupt_one_sample(root: Path, key: str) -> None:
 
 
 def _run(root: Path, workers: int = 0, policy: str = "warn") -> tuple[list[str], list[int], int]:
-    dm = build_datamodule(DataConfig(root=str(root), batch_size=64, num_workers=workers, on_bad_sample=policy,
-                                     prepare=False))
+    dm = build_datamodule(
+        DataConfig(root=str(root), batch_size=64, num_workers=workers, on_bad_sample=policy, prepare=False)
+    )
     loader = dm.train_dataloader()
     batches = list(loader)
     assert len(batches) == len(loader) == 22  # bad data never changes the step count
@@ -88,8 +89,9 @@ def test_missing_shard_fails_before_training_naming_it(digits_root: Path, tmp_pa
         dm.setup("fit")
     dm.setup("test")  # other splits are fine
     with pytest.raises(DataError, match=r"missing-\{0\.\.1\}|missing-000000\.tar"):
-        build_datamodule(DataConfig(root=str(root), train=str(root / "missing-{000000..000001}.tar"),
-                                    prepare=False)).setup("fit")
+        build_datamodule(
+            DataConfig(root=str(root), train=str(root / "missing-{000000..000001}.tar"), prepare=False)
+        ).setup("fit")
 
 
 def test_missing_manifest_names_the_fix(tmp_path: Path) -> None:

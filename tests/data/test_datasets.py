@@ -34,7 +34,12 @@ def test_fsdd_official_split_speakers_and_rate(fsdd_root: Path) -> None:
     assert {k: v.count for k, v in m.splits.items()} == {"train": 2700, "test": 300}
     assert m.extra_classes["speaker"] == ["george", "jackson", "lucas", "nicolas", "theo", "yweweler"]
     dm = build_datamodule(DataConfig(root=str(fsdd_root), batch_size=50, clip_samples=4000, prepare=False))
-    assert (dm.spec.kind, dm.spec.shape, dm.spec.sample_rate, dm.spec.levels) == ("audio", (1, 4000), 8000, 65536)
+    assert (dm.spec.kind, dm.spec.shape, dm.spec.sample_rate, dm.spec.levels) == (
+        "audio",
+        (1, 4000),
+        8000,
+        65536,
+    )
     keys = []
     for batch in dm.test_dataloader():
         assert batch["x"].dtype == torch.float32 and batch["x"].shape[1:] == (1, 4000)
@@ -49,8 +54,7 @@ def test_fsdd_samples_equal_the_wav_files(fsdd_root: Path, shared_datasets: Path
     """Eval clips: the first 4000 samples / 32768, zero-padded; mu-law codes when asked."""
     dm = build_datamodule(DataConfig(root=str(fsdd_root), batch_size=20, clip_samples=4000, prepare=False))
     batch = next(iter(dm.test_dataloader()))
-    mu = build_datamodule(DataConfig(root=str(fsdd_root), batch_size=20, clip_samples=4000, mu_law=256,
-                                     prepare=False))
+    mu = build_datamodule(DataConfig(root=str(fsdd_root), batch_size=20, clip_samples=4000, mu_law=256, prepare=False))
     codes = next(iter(mu.test_dataloader()))
     assert mu.spec.levels == 256 and codes["x"].dtype == torch.int64 and 0 <= codes["x"].min() <= codes["x"].max() < 256
     for key, x in zip(batch["key"], batch["x"]):
@@ -90,10 +94,18 @@ def _fake_cifar(folder: Path, per_batch: int = 40) -> dict[str, np.ndarray]:
         data = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
         labels = rng.integers(0, 10, per_batch).tolist()
         arrays[name] = data
-        batch = {b"batch_label": name.encode(), b"labels": labels, b"data": data,
-                 b"filenames": [f"img_{i}.png".encode() for i in range(per_batch)]}
+        batch = {
+            b"batch_label": name.encode(),
+            b"labels": labels,
+            b"data": data,
+            b"filenames": [f"img_{i}.png".encode() for i in range(per_batch)],
+        }
         (d / name).write_bytes(pickle.dumps(batch, protocol=2))
-    meta = {b"num_cases_per_batch": per_batch, b"label_names": [c.encode() for c in CLASSES], b"num_vis": 3072}
+    meta = {
+        b"num_cases_per_batch": per_batch,
+        b"label_names": [c.encode() for c in CLASSES],
+        b"num_vis": 3072,
+    }
     (d / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
     return arrays
 
@@ -109,7 +121,9 @@ def test_cifar10_from_upstream_format(tmp_path: Path, as_archive: bool) -> None:
     m = prepare_dataset("cifar10", tmp_path / "out", source=str(source), shard_size=64, progress=False)
     assert m.class_names == CLASSES and m.shape == [3, 32, 32]
     assert {k: (v.count, [s.count for s in v.shards]) for k, v in m.splits.items()} == {
-        "train": (200, [64, 64, 64, 8]), "test": (40, [40])}
+        "train": (200, [64, 64, 64, 8]),
+        "test": (40, [40]),
+    }
     dm = build_datamodule(DataConfig(dataset="cifar10", root=str(tmp_path / "out"), batch_size=16, prepare=False))
     assert dm.spec.shape == (3, 32, 32) and dm.split_name("val") == "test"
     n = 0
@@ -153,4 +167,3 @@ def test_mnist_prepared_from_the_shared_copy(shared_datasets: Path, tmp_path: Pa
     assert np.array_equal(first["x"][:, 0].numpy(), ref)
     total = sum(float(b["x"].float().sum()) for b in dm.train_dataloader())
     assert abs(total / (55000 * 784) / 255 - 0.1307) < 0.002  # the usual MNIST mean
-

@@ -33,8 +33,11 @@ def test_decoded_pixels_equal_the_source(digits_root: Path) -> None:
     expected = np.round(data.images * 255 / 16).astype(np.uint8)
     dm = build_datamodule(DataConfig(root=str(digits_root), batch_size=50, prepare=False))
     seen: dict[str, set[int]] = {}
-    for split, loader in [("train", dm.train_dataloader()), ("val", dm.val_dataloader()),
-                          ("test", dm.test_dataloader())]:
+    for split, loader in [
+        ("train", dm.train_dataloader()),
+        ("val", dm.val_dataloader()),
+        ("test", dm.test_dataloader()),
+    ]:
         seen[split] = set()
         for batch in loader:
             assert batch["x"].dtype == torch.uint8 and batch["x"].shape[1:] == (1, 8, 8)

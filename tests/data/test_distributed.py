@@ -22,11 +22,15 @@ def _free_port() -> int:
 
 
 def _rank_main(rank: int, world: int, port: int, root: str, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=60),
+    )
     try:
-        dm = build_datamodule(DataConfig(root=root, batch_size=64, num_workers=1, shuffle_buffer=50,
-                                         prepare=False))
+        dm = build_datamodule(DataConfig(root=root, batch_size=64, num_workers=1, shuffle_buffer=50, prepare=False))
         keys, steps = [], 0
         for batch in dm.train_dataloader():
             # A collective per step, like DDP's gradient all-reduce: unequal step counts would hang here.

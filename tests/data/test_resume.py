@@ -16,10 +16,18 @@ from scalegen.data import build_datamodule
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _cfg(root: Path, workers: int) -> DataConfig:
+def _cfg(root: Path, workers: int, crop: int = 2) -> DataConfig:
     # Shuffled shards + shuffle buffer + random flip/crop: a resume must reproduce all of it.
-    return DataConfig(root=str(root), batch_size=100, num_workers=workers, shuffle_buffer=64, seed=3,
-                      random_flip=True, random_crop_padding=2, prepare=False)
+    return DataConfig(
+        root=str(root),
+        batch_size=100,
+        num_workers=workers,
+        shuffle_buffer=64,
+        seed=3,
+        random_flip=True,
+        random_crop_padding=crop,
+        prepare=False,
+    )
 
 
 def _take(loader, n: int | None = None) -> list[dict]:
@@ -67,8 +75,20 @@ def test_resume_in_a_new_process_continues_exactly(digits_root: Path, tmp_path: 
     assert dm.state_dict()["train"]["consumed"] == n
 
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    subprocess.run([sys.executable, "-c", CHILD, str(digits_root), str(workers), str(tmp_path / "state.pt"),
-                    str(tmp_path / "out.pt")], check=True, env=env, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            CHILD,
+            str(digits_root),
+            str(workers),
+            str(tmp_path / "state.pt"),
+            str(tmp_path / "out.pt"),
+        ],
+        check=True,
+        env=env,
+        timeout=300,
+    )
     child = torch.load(tmp_path / "out.pt")
     _assert_same(child["rest"], epoch0[n:])
     _assert_same(child["next"], epoch1)
@@ -77,7 +97,7 @@ def test_resume_in_a_new_process_continues_exactly(digits_root: Path, tmp_path: 
 def test_resume_in_process_without_workers_and_at_epoch_end(digits_root: Path) -> None:
     full = build_datamodule(_cfg(digits_root, 0)).train_dataloader()
     epoch0, epoch1 = _take(full), _take(full)
-    for n in (1, 13, 14):  # early, last batch, exactly at the end of the epoch
+    for n in (13, 14):  # the last batch, and exactly at the end of the epoch (n = 5: the new-process test)
         dm = build_datamodule(_cfg(digits_root, 0))
         _take(dm.train_dataloader(), n)
         state = dm.state_dict()
@@ -105,16 +125,24 @@ class _Recorder(L.LightningModule):
 
 def _fit(root: Path, ckpt_dir: Path, max_steps: int, resume: str | None = None) -> list[str]:
     model = _Recorder()
-    trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, default_root_dir=str(ckpt_dir),
-                        enable_checkpointing=False)
+    trainer = L.Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=str(ckpt_dir),
+        enable_checkpointing=False,
+    )
     trainer.fit(model, datamodule=build_datamodule(_cfg(root, 0)), ckpt_path=resume)
     trainer.save_checkpoint(ckpt_dir / "last.ckpt")
     return model.seen
 
 
 def test_lightning_checkpoint_resumes_mid_epoch(digits_root: Path, tmp_path: Path) -> None:
-    """Through a real Trainer: 5 steps, checkpoint, resume to 20 steps == 20 steps straight (crosses an epoch)."""
+    """A real Trainer: 5 steps, checkpoint, resume to 20 steps == 20 steps straight (crosses an epoch)."""
     straight = _fit(digits_root, tmp_path / "a", 20)
     first = _fit(digits_root, tmp_path / "b", 5)
     rest = _fit(digits_root, tmp_path / "c", 20, resume=str(tmp_path / "b" / "last.ckpt"))

@@ -18,13 +18,33 @@ from scalegen.data.split import plan_worker, steps_per_epoch
 
 def _plan_all(counts, world, workers, batch, epoch=0, shuffle=True):
     """{rank: [(worker, plan)]} for every rank and worker."""
-    return {r: [plan_worker(counts, rank=r, world=world, worker=w, num_workers=workers, batch_size=batch,
-                            epoch=epoch, seed=7, shuffle=shuffle) for w in range(workers)] for r in range(world)}
+    return {
+        r: [
+            plan_worker(
+                counts,
+                rank=r,
+                world=world,
+                worker=w,
+                num_workers=workers,
+                batch_size=batch,
+                epoch=epoch,
+                seed=7,
+                shuffle=shuffle,
+            )
+            for w in range(workers)
+        ]
+        for r in range(world)
+    }
 
 
 @settings(max_examples=300, deadline=None)
-@given(counts=st.lists(st.integers(1, 60), min_size=1, max_size=9), world=st.integers(1, 4),
-       workers=st.integers(1, 4), batch=st.integers(1, 17), epoch=st.integers(0, 3))
+@given(
+    counts=st.lists(st.integers(1, 60), min_size=1, max_size=9),
+    world=st.integers(1, 4),
+    workers=st.integers(1, 4),
+    batch=st.integers(1, 17),
+    epoch=st.integers(0, 3),
+)
 def test_plan_covers_every_sample_once_with_equal_steps(counts, world, workers, batch, epoch) -> None:
     total = sum(counts)
     if total < world:
@@ -71,3 +91,17 @@ def test_ranks_and_workers_read_every_digit_once(digits_root: Path, world: int, 
         keys += [k for b in batches for k in b["key"]]
     assert len(set(steps)) == 1, f"ranks ran different step counts {steps}"
     assert len(keys) == 1347 and len(set(keys)) == 1347
+
+
+def test_batch_size_one_with_an_uneven_split_keeps_steps_equal(digits_root: Path) -> None:
+    """150 val samples over 4 ranks at batch 1: ranks of 37 samples get one repeated step to match 38."""
+    dm = build_datamodule(DataConfig(root=str(digits_root), batch_size=1, prepare=False))
+    urls, counts = dm._shards("val")
+    keys, steps = [], []
+    for rank in range(4):
+        loader = dm.val_dataloader()
+        loader.stream = ShardStream(urls, counts, loader.stream.opts, rank=rank, world=4)
+        batches = [b["key"] for b in loader]
+        steps.append(len(batches))
+        keys += [k for b in batches for k in b]
+    assert steps == [38] * 4 and len(set(keys)) == 150 and len(keys) == 152

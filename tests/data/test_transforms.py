@@ -30,7 +30,7 @@ def test_crop_with_padding_is_a_window_of_the_reflect_padded_image() -> None:
     offsets = set()
     for _ in range(200):
         y = T.random_crop(x, (12, 16), 2, gen).numpy()
-        hits = [(i, j) for i in range(5) for j in range(5) if np.array_equal(padded[:, i:i + 12, j:j + 16], y)]
+        hits = [(i, j) for i in range(5) for j in range(5) if np.array_equal(padded[:, i : i + 12, j : j + 16], y)]
         assert hits, "crop is not a window of the padded image"
         offsets.add(hits[0])
     assert len(offsets) == 25  # every offset occurs
@@ -51,8 +51,10 @@ def test_resize_matches_pil_bilinear(size: int) -> None:
     assert (h, w) == (size, round(16 * size / 12)) and y.shape == (1, h, w)
     ref = np.asarray(Image.fromarray(x[0].numpy()).resize((w, h), Image.BILINEAR)).astype(int)
     assert np.abs(y[0].numpy().astype(int) - ref).max() <= 2  # same filter; rounding differs by a level or so
-    assert torch.equal(T.resize(torch.full((3, 7, 9), 77, dtype=torch.uint8), 14), torch.full((3, 14, 18), 77,
-                                                                                              dtype=torch.uint8))
+    assert torch.equal(
+        T.resize(torch.full((3, 7, 9), 77, dtype=torch.uint8), 14),
+        torch.full((3, 14, 18), 77, dtype=torch.uint8),
+    )
 
 
 def test_crop_or_pad() -> None:
@@ -67,8 +69,9 @@ def test_crop_or_pad() -> None:
 def test_mu_law_against_the_formula_and_round_trip() -> None:
     x = torch.linspace(-1, 1, 2001)
     codes = T.mu_law_encode(x, 256)
-    expected = [round((math.copysign(math.log1p(255 * abs(v)) / math.log1p(255), v) + 1) / 2 * 255)
-                for v in x.double().tolist()]
+    expected = [
+        round((math.copysign(math.log1p(255 * abs(v)) / math.log1p(255), v) + 1) / 2 * 255) for v in x.double().tolist()
+    ]
     assert codes.min() == 0 and codes.max() == 255
     assert np.abs(codes.numpy() - np.array(expected)).max() <= 1  # float32 vs float64 at .5 boundaries
     assert (codes[1:] >= codes[:-1]).all()

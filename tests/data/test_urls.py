@@ -1,4 +1,4 @@
-"""Shard URLs: local paths, brace patterns, `pipe:` commands and fsspec `file://` URLs read the same samples."""
+"""Shard URLs: local paths, brace patterns, `pipe:` commands and fsspec URLs read the same samples."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ def test_expand_and_name() -> None:
     assert expand_urls("s3://b/train-{000000..000002}.tar") == [f"s3://b/train-00000{i}.tar" for i in range(3)]
     assert expand_urls("a.tar::b-{1..2}.tar") == ["a.tar", "b-1.tar", "b-2.tar"]
     assert shard_name("pipe:cat /data/train-000001.tar") == "train-000001.tar"
+    assert shard_name("pipe:aws s3 cp s3://bucket/x/train-000001.tar -") == "train-000001.tar"
     assert shard_name("gs://bucket/d/train-000004.tar") == "train-000004.tar"
 
 
@@ -34,5 +35,27 @@ def test_local_brace_pipe_and_file_urls_agree(digits_root: Path, world: int) -> 
     pattern = "train-{000000..000002}.tar"
     reference = _keys(digits_root, "", world)
     assert len(reference) == 1347
-    for spec in (str(digits_root / pattern), f"pipe:cat {digits_root}/{pattern}", f"file://{digits_root}/{pattern}"):
+    for spec in (
+        str(digits_root / pattern),
+        f"pipe:cat {digits_root}/{pattern}",
+        f"file://{digits_root}/{pattern}",
+    ):
         assert _keys(digits_root, spec, world) == reference, spec
+
+
+def test_object_store_root_through_fsspec(digits_root: Path) -> None:
+    """An fsspec URL root (memory:// here, s3:// or gs:// for users): manifest and shards stream from it."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    for path in digits_root.glob("*"):
+        if not path.name.startswith("."):
+            fs.pipe(f"/bench-digits/{path.name}", path.read_bytes())
+    dm = build_datamodule(DataConfig(root="memory://bench-digits", batch_size=100, prepare=False))
+    assert dm.spec.shape == (1, 8, 8)
+    dm.setup("fit")
+    keys = [k for b in dm.train_dataloader() for k in b["key"]]
+    assert sorted(keys) == sorted(_keys(digits_root, ""))
+    fs.rm("/bench-digits/train-000001.tar")
+    with pytest.raises(Exception, match=r"memory://bench-digits/train-000001\.tar does not exist"):
+        build_datamodule(DataConfig(root="memory://bench-digits", prepare=False)).setup("fit")
