@@ -49,8 +49,8 @@ def download(url: str, dest: Path, sha256: str | None = None, progress: bool = F
                     out.write(block)
                     advance(len(block))
         if sha256 is not None and not h.hexdigest().startswith(sha256.lower()):
-            raise UserError(f"{url} has sha256 {h.hexdigest()[:16]}..., expected {sha256[:16]}...: "
-                            "the server's copy is corrupt or not the file named")
+            raise UserError(f"checksum mismatch for {url}: sha256 {h.hexdigest()[:16]}..., expected "
+                            f"{sha256[:16]}...; the server's copy is corrupt or not the file named")
         os.replace(tmp, dest)
     except (urllib.error.URLError, OSError) as err:
         raise UserError(f"cannot download {url}: {err}") from None
@@ -68,8 +68,14 @@ class _progress:
     def __enter__(self):
         if not self.show:
             return lambda n: None
-        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                                   TransferSpeedColumn)
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
 
         self.bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                             TimeRemainingColumn(), transient=True)

@@ -7,7 +7,6 @@ sha256 of every shard lets preparation skip shards that are already written and 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from scalegen.errors import UserError
+from scalegen.fetch import sha256_file  # noqa: F401  (re-exported: callers import it from here)
 
 FORMAT = "scalegen-shards/1"
 MANIFEST = "manifest.json"
@@ -92,14 +92,6 @@ def read_manifest(root: str) -> Manifest:
     if data.get("format") != FORMAT:
         raise DataError(f"{url} has format {data.get('format')!r}, not {FORMAT!r}; re-prepare the shards")
     return Manifest.from_dict(data)
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from scalegen.errors import UserError
+from scalegen.fetch import sha256_file  # noqa: F401  (re-exported: callers import it from here)
 
 SUMS = "SHA256SUMS"
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_sums(folder: Path, names: list[str]) -> Path:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 import urllib.error
@@ -20,6 +19,7 @@ from urllib.parse import unquote, urlparse
 
 import torch
 
+from scalegen import fetch
 from scalegen.errors import UserError
 from scalegen.hub.checksums import SUMS, read_sums, sha256_file, verify_folder
 
@@ -28,8 +28,7 @@ EMA_WEIGHTS, WEIGHTS = "model_ema.safetensors", "model.safetensors"
 
 def cache_dir() -> Path:
     """Where downloaded releases live: $SCALEGEN_CACHE/releases, default ~/.cache/scalegen/releases."""
-    root = os.environ.get("SCALEGEN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "scalegen")
-    return Path(root) / "releases"
+    return fetch.cache_dir("releases")
 
 
 def _get(url: str, timeout: float = 60) -> bytes:
@@ -38,22 +37,6 @@ def _get(url: str, timeout: float = 60) -> bytes:
             return r.read()
     except (urllib.error.URLError, OSError) as err:
         raise UserError(f"cannot download {url}: {err}") from None
-
-
-def _download(url: str, dest: Path, expected: str) -> None:
-    h = hashlib.sha256()
-    try:
-        with urllib.request.urlopen(url, timeout=60) as r, open(dest, "wb") as f:  # noqa: S310
-            while block := r.read(1 << 20):
-                h.update(block)
-                f.write(block)
-    except (urllib.error.URLError, OSError) as err:
-        raise UserError(f"cannot download {url}: {err}") from None
-    if h.hexdigest() != expected:
-        raise UserError(
-            f"checksum mismatch for {url}: expected {expected[:16]}..., got {h.hexdigest()[:16]}...; "
-            "the server's copy is corrupt or was modified"
-        )
 
 
 def fetch_release(source: str | Path, sha256: str | None = None) -> Path:
@@ -83,7 +66,7 @@ def fetch_release(source: str | Path, sha256: str | None = None) -> Path:
             (tmp / SUMS).write_bytes(sums_bytes)
             for name, expected in sums.items():
                 (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-                _download(base + name, tmp / name, expected)
+                fetch.download(base + name, tmp / name, expected)
             (tmp / ".complete").write_text(base + "\n")
             try:
                 tmp.rename(target)
