@@ -15,7 +15,8 @@ Protocol (docs/evaluation.md, "Linear probe"):
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -61,8 +62,27 @@ def fit_heads(
     x: Tensor, y: Tensor, num_classes: int, weight_decays: Sequence[float], settings: ProbeSettings, seed: int
 ) -> tuple[Tensor, Tensor]:
     """Train one linear head per weight decay on (x, y) at once; returns W [G, D, C], b [G, C]."""
-    with torch.enable_grad():  # callers (the eval runner) may be under no_grad
+    with torch.enable_grad(), _few_threads_if_small(x, len(weight_decays) * num_classes):
+        # (enable_grad: callers such as the eval runner may be under no_grad)
         return _fit_heads(x, y, num_classes, weight_decays, settings, seed)
+
+
+@contextmanager
+def _few_threads_if_small(x: Tensor, outputs: int) -> Iterator[None]:
+    """One intra-op thread for small CPU problems, restored afterwards.
+
+    A probe step on a few hundred examples is microseconds of arithmetic; with several threads on a
+    busy machine each op waits for descheduled workers, measured 20x slower than one thread.
+    """
+    small = x.device.type == "cpu" and min(x.shape[0], 1024) * x.shape[1] * outputs < 2**24
+    before = torch.get_num_threads()
+    if small:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if small:
+            torch.set_num_threads(before)
 
 
 def _fit_heads(
