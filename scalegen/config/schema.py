@@ -76,6 +76,16 @@ class TrainerConfig:
     global_batch_size: int | None = None  # fixed across world sizes: accumulation is derived from it
     accumulate_grad_batches: int = 1  # ignored when global_batch_size is set
     gradient_clip_val: float | None = None  # clip the global gradient norm to this value
+    # Scale-out options (read only by scalegen.distributed; see docs/cluster.md).
+    find_unused_parameters: bool = False  # DDP: allow parameters without a gradient in a step (slower)
+    offload_optimizer: bool = False  # DeepSpeed ZeRO 1-3: keep optimizer state in CPU memory (ZeRO-Offload)
+    offload_parameters: bool = False  # DeepSpeed ZeRO-3 / FSDP: keep parameters in CPU memory between uses
+    loss_scale: float = 0.0  # 16-mixed only: 0 = dynamic loss scaling, > 0 = this fixed scale
+    initial_scale_power: int = 16  # 16-mixed, dynamic: the loss scale starts at 2**this
+    loss_scale_window: int = 1000  # 16-mixed, dynamic: steps without overflow before the scale doubles
+    hysteresis: int = 2  # 16-mixed, dynamic: consecutive overflows before the scale is halved
+    min_loss_scale: float = 1.0  # 16-mixed, dynamic: the scale never drops below this
+    requeue_signal: str = choice("SIGUSR1", "SIGUSR2")  # SLURM: checkpoint + requeue on this signal
     val_check_interval: int | None = None  # validate every N training batches (None = each epoch)
     check_val_every_n_epoch: int | None = 1
     limit_val_batches: float | None = None  # int = batches, float = fraction of the val split
@@ -115,6 +125,16 @@ class EMAConfig:
     warmup_steps: int = 0  # decay ramps as min(decay, (1+t)/(10+t)) until then
     every_n_steps: int = 1  # update the average every N optimizer steps
     use_for_eval: bool = True  # sample and evaluate with the averaged weights
+    update_on_cpu: bool = False  # keep the average in CPU memory (saves accelerator memory, slower updates)
+
+
+@dataclass
+class FinetuneConfig:
+    init_from: str | None = None  # release folder, file:// or https:// URL to start from (scalegen finetune)
+    use_ema: bool = True  # start from the release's EMA weights when it has them, else the raw weights
+    reinit: list[str] = field(default_factory=list)  # glob patterns of parameter names to re-initialize
+    # (e.g. ["decoder.out.*"]) when their shapes differ from the release; any other mismatch is an error
+    sha256: str | None = None  # expected SHA256 of the release's SHA256SUMS file, for URLs (optional pin)
 
 
 @dataclass
@@ -168,4 +188,5 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     run: RunConfig = field(default_factory=RunConfig)

@@ -60,7 +60,10 @@ class ShardLoader:
                             pin_memory=self.pin_memory, persistent_workers=False,
                             multiprocessing_context=_mp_context(self.num_workers))
         for batch in loader:
+            # Workers report the bad samples skipped since their previous batch; the batch carries this
+            # rank's running total (what `data/skipped_samples` logs).
             self.skipped += int(batch["skipped"])
+            batch["skipped"] = torch.tensor(self.skipped, dtype=torch.int64)
             if self.count_on_yield:
                 self.consumed += 1
             yield batch

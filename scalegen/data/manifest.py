@@ -47,6 +47,7 @@ class Manifest:
     sample_rate: int | None = None  # audio only: every WAV has this rate
     levels: int = 256  # quantization levels of the stored values (uint8 PNG: 256, 16-bit WAV: 65536)
     fields: dict[str, str] = field(default_factory=dict)  # tar member extension -> meaning
+    extra_classes: dict[str, list[str]] = field(default_factory=dict)  # names of other int fields (speaker)
     splits: dict[str, SplitInfo] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)  # where it came from and its checksums
     notes: str = ""  # how the splits were made (documented per dataset)

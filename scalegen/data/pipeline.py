@@ -6,8 +6,8 @@ ones and the position in the epoch is simply "how many batches this rank has rec
 
 Batches: `x` (uint8 [B, C, H, W] images, float32 [B, 1, T] audio, or int64 [B, 1, T] mu-law codes),
 `y` (int64 [B], -1 when unlabelled), `key` (list of str), numeric fields from the sample's json
-(e.g. `speaker` for FSDD) as tensors, and `skipped` (int64 scalar: samples skipped as bad since the
-previous batch of the same worker).
+(e.g. `speaker` for FSDD) as tensors, and `skipped` (int64 scalar: bad samples this worker skipped
+since its previous batch; `ShardLoader` turns it into the rank's running total).
 """
 
 from __future__ import annotations
@@ -86,6 +86,10 @@ class ShardStream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        # The DataLoader takes batches from its workers round-robin starting with worker 0, and batch g
+        # of a pass belongs to planned worker g % W; a pass resumed at batch `start` must therefore
+        # start with planned worker start % W: rotate which plan each DataLoader worker runs.
+        worker = (worker + self.start) % num_workers
         o = self.opts
         skips = _Skips(o.on_bad_sample)
         if o.resampled:

@@ -37,6 +37,7 @@ class Prepared:
     sample_rate: int | None = None
     levels: int = 256
     fields: dict[str, str] = field(default_factory=dict)
+    extra_classes: dict[str, list[str]] = field(default_factory=dict)
     shard_size: int = 5000  # default samples per shard
 
 
@@ -67,33 +68,51 @@ def prepare_dataset(name: str, out: str | Path, source: str | None = None, shard
                         "For your own files use `scalegen data pack SRC --out DIR`.")
     out = Path(os.path.expanduser(str(out)))
     out.mkdir(parents=True, exist_ok=True)
+    with _lock(out / ".prepare.lock"):  # ranks of one job may all get here first; one prepares
+        return _write(name, PREPARERS[name](source), out, shard_size, progress)
+
+
+def write_prepared(name: str, prep: Prepared, out: Path, shard_size: int | None = None,
+                   progress: bool = True) -> Manifest:
+    """Shards + manifest for prepared items (a built-in dataset or a packed folder); see `prepare_dataset`."""
+    out.mkdir(parents=True, exist_ok=True)
     with _lock(out / ".prepare.lock"):
-        prep = PREPARERS[name](source)
-        size = int(shard_size or prep.shard_size)
-        plan = {"dataset": name, "shard_size": size, "splits": {k: len(v) for k, v in prep.splits.items()},
-                "source_sha256": prep.source.get("sha256")}
-        previous = _previous_shards(out, plan)
-        if previous is not None and _complete(out, plan, previous):
-            return Manifest.from_dict(json.loads((out / MANIFEST).read_text()))
-        manifest = Manifest(name=name, kind=prep.kind, shape=prep.shape, class_names=prep.class_names,
-                            sample_rate=prep.sample_rate, levels=prep.levels, fields=prep.fields,
-                            source={**prep.source, "plan": plan}, notes=prep.notes)
-        done: dict[str, ShardInfo] = {}
-        total = sum(len(v) for v in prep.splits.values())
-        with _progress_bar(f"preparing {name}", total, progress) as advance:
+        return _write(name, prep, out, shard_size, progress)
 
-            def on_shard(info: ShardInfo, skipped: bool) -> None:
-                done[info.name] = info
-                atomic_write_bytes(out / PROGRESS, json.dumps(
-                    {"plan": plan, "shards": [vars(s) for s in done.values()]}).encode())
-                advance(info.count)
 
-            for split, items in prep.splits.items():
-                encode = lambda i, item, split=split: prep.encode(split, i, item)  # noqa: E731
-                manifest.splits[split] = write_split(out, split, items, encode, size, previous, on_shard)
-        manifest.save(out)
-        (out / PROGRESS).unlink(missing_ok=True)
-        return manifest
+def _write(name: str, prep: Prepared, out: Path, shard_size: int | None, progress: bool) -> Manifest:
+    size = int(shard_size or prep.shard_size)
+    plan = {"dataset": name, "shard_size": size, "splits": {k: len(v) for k, v in prep.splits.items()},
+            "source_sha256": prep.source.get("sha256")}
+    previous = _previous_shards(out, plan)
+    if previous is not None and _complete(out, plan, previous):
+        return Manifest.from_dict(json.loads((out / MANIFEST).read_text()))
+    manifest = Manifest(name=name, kind=prep.kind, shape=prep.shape, class_names=prep.class_names,
+                        sample_rate=prep.sample_rate, levels=prep.levels, fields=prep.fields,
+                        extra_classes=prep.extra_classes,
+                        source={**prep.source, "plan": plan}, notes=prep.notes)
+    done: dict[str, ShardInfo] = {}
+    total = sum(len(v) for v in prep.splits.values())
+    with _progress_bar(f"preparing {name}", total, progress) as advance:
+
+        def on_shard(info: ShardInfo, skipped: bool) -> None:
+            done[info.name] = info
+            atomic_write_bytes(out / PROGRESS, json.dumps(
+                {"plan": plan, "shards": [vars(s) for s in done.values()]}).encode())
+            advance(info.count)
+
+        for split, items in prep.splits.items():
+            encode = lambda i, item, split=split: prep.encode(split, i, item)  # noqa: E731
+            manifest.splits[split] = write_split(out, split, items, encode, size, previous, on_shard)
+    manifest.save(out)
+    (out / PROGRESS).unlink(missing_ok=True)
+    # Shards of an earlier, different plan (e.g. another shard size) would confuse glob-style URLs.
+    keep = {s.name for split in manifest.splits.values() for s in split.shards}
+    for split in manifest.splits:
+        for path in out.glob(f"{split}-[0-9][0-9][0-9][0-9][0-9][0-9].tar"):
+            if path.name not in keep:
+                path.unlink()
+    return manifest
 
 
 def _previous_shards(out: Path, plan: dict[str, Any]) -> dict[str, ShardInfo] | None:

@@ -103,7 +103,7 @@ def shard_file_name(split: str, index: int) -> str:
 def tar_bytes(samples: Iterable[Sample]) -> bytes:
     """One shard as bytes; deterministic (fixed mtime, owner and mode) so a re-run reproduces it exactly."""
     buf = io.BytesIO()
-    with wds.TarWriter(buf, mtime=0.0, user="scalegen", group="scalegen", mode=0o0444) as writer:
+    with wds.TarWriter(buf, mtime=0, user="scalegen", group="scalegen", mode=0o0444) as writer:
         for sample in samples:
             writer.write(sample)
     return buf.getvalue()

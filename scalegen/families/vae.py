@@ -31,7 +31,7 @@ class VAEConfig(ModelConfig):
     hidden: list[int] = field(default_factory=lambda: [512, 256])  # MLP widths, or conv channels per stride-2 stage
     latent_dim: int = 16  # dimension of the Gaussian latent z
     likelihood: str = choice("bernoulli", "logistic", "gaussian")  # p(x|z); logistic/gaussian are discretized to 8 bits
-    binarize: str = choice("dynamic", "static", "threshold")  # bernoulli only: how 8-bit pixels become {0,1} in training
+    binarize: str = choice("dynamic", "static", "threshold")  # bernoulli: how pixels become {0,1} in training
     beta: float = 1.0  # weight of the KL term (beta-VAE, Higgins et al. 2017); 1 = the ELBO
     kl_warmup_steps: int = 0  # ramp the KL weight linearly from 0 to beta over this many steps
     conditional: bool = False  # condition encoder, decoder and prior on the label (Sohn et al. 2015)
@@ -124,13 +124,13 @@ class VAE(GenerativeModel):
         if self.cfg.likelihood == "bernoulli":
             return bernoulli_log_prob(target, out[:, 0])
         mean, log_scale = out[:, 0], out[:, 1].clamp(min=self.cfg.min_log_scale)
-        return discretized_log_prob(target, torch.tanh(mean), log_scale, self.cfg.likelihood)
+        return discretized_log_prob(target, mean, log_scale, self.cfg.likelihood)
 
     def _mean_image(self, out: Tensor) -> Tensor:
         if self.cfg.likelihood == "bernoulli":
             m = torch.sigmoid(out[:, 0])
         else:
-            m = (torch.tanh(out[:, 0]) + 1) / 2
+            m = (out[:, 0].clamp(-1, 1) + 1) / 2
         return (m * 255).round().clamp(0, 255).to(torch.uint8)
 
     def log_weights(self, x: Tensor, y: Tensor | None, k: int, train: bool = False) -> Tensor:

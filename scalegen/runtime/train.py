@@ -58,8 +58,15 @@ def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
     return distributed_kwargs(cfg.trainer, cfg.data.batch_size)
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path, spec: Any, extra_callbacks: list | None = None) -> L.Trainer:
+def build_trainer(cfg: DictConfig, run_dir: Path, spec: Any, extra_callbacks: list | None = None,
+                  manual_model: Any = None) -> L.Trainer:
     t = cfg.trainer
+    kwargs, clip = trainer_kwargs(cfg), t.gradient_clip_val
+    if manual_model is not None:
+        # Lightning rejects Trainer-level accumulation and clipping under manual optimization; a family
+        # that optimizes manually (GANs) takes them over (see families/gan.py).
+        manual_model.configure_manual_optimization(kwargs.get("accumulate_grad_batches", 1), clip)
+        kwargs["accumulate_grad_batches"], clip = 1, None
     metrics_file = run_dir / cfg.logging.metrics_file
     loggers: list[Any] = [JsonLinesLogger(metrics_file)]
     if cfg.logging.wandb and cfg.logging.mode != "disabled":
@@ -73,6 +80,10 @@ def build_trainer(cfg: DictConfig, run_dir: Path, spec: Any, extra_callbacks: li
         RunFigures(run_dir, metrics_file),
         DataAudit(run_dir, record_keys=t.record_sample_keys),
     ]
+    if cfg.eval.every_n_steps:
+        from scalegen.callbacks.periodic_eval import PeriodicEval
+
+        callbacks.append(PeriodicEval(cfg))
     if t.progress_bar:
         callbacks.append(RichProgressBar(leave=True))
     callbacks += extra_callbacks or []
@@ -80,27 +91,35 @@ def build_trainer(cfg: DictConfig, run_dir: Path, spec: Any, extra_callbacks: li
     return L.Trainer(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
         max_steps=t.max_steps, max_epochs=t.max_epochs,
-        gradient_clip_val=t.gradient_clip_val,
+        gradient_clip_val=clip,
         val_check_interval=t.val_check_interval, check_val_every_n_epoch=check_every_epoch,
         limit_val_batches=t.limit_val_batches, num_sanity_val_steps=t.num_sanity_val_steps,
         log_every_n_steps=t.log_every_n_steps, deterministic=t.deterministic,
         enable_progress_bar=t.progress_bar, enable_model_summary=False,
         default_root_dir=str(run_dir), logger=loggers, callbacks=callbacks,
-        plugins=[AtomicCheckpointIO()], **trainer_kwargs(cfg),
+        plugins=[AtomicCheckpointIO()], **kwargs,
     )
 
 
-def train(cfg: DictConfig) -> Path:
-    """Train the recipe's family on its data; returns the run folder."""
+def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> Path:
+    """Train the recipe's family on its data; returns the run folder. `callbacks` are added to the defaults."""
+    from scalegen.callbacks.resume import scale_out_callbacks
     from scalegen.data import build_datamodule
+    from scalegen.distributed import scaled_optim
 
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     datamodule = build_datamodule(cfg.data)
     spec = datamodule.spec
-    model = get_family(cfg.model.family).module(cfg.model, cfg.optim, spec)
-    trainer = build_trainer(cfg, run_dir, spec)
+    model = get_family(cfg.model.family).module(cfg.model, scaled_optim(cfg), spec)
+    if cfg.finetune.init_from:  # start from a release's weights (a resumed run then loads its checkpoint)
+        from scalegen.hub import init_from_release
+
+        init_from_release(model, cfg.finetune)
+    extra = [*scale_out_callbacks(cfg, run_dir), *(callbacks or [])]
+    trainer = build_trainer(cfg, run_dir, spec, extra_callbacks=extra,
+                            manual_model=None if model.automatic_optimization else model)
     if trainer.is_global_zero:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved(cfg)))
     trainer.fit(model, datamodule=datamodule, ckpt_path=_resume_path(cfg, run_dir))

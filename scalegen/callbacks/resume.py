@@ -1,0 +1,207 @@
+"""Exact resume: per-rank RNG states in checkpoints, and checkpoint-and-stop on a preemption signal.
+
+`RNGState` stores the torch (CPU and CUDA), numpy and Python generators of every rank under
+`checkpoint["rng_states"]` and restores each rank's own at the first training batch after a resume
+(not earlier: creating the data iterator draws from the torch generator, and the uninterrupted run
+drew that number at the start of the epoch, not at the restart).
+
+`Preemption` turns a signal (SLURM sends `--signal` some minutes before the time limit; an operator
+may `scancel --signal=USR1`) into: all ranks agree at the next optimizer-step boundary, a checkpoint
+is written there, a marker file `{run_dir}/.preempted` is left for the batch script (which requeues
+the job), and every rank exits with code 3 (`PREEMPTED_EXIT_CODE`). The handler itself only sets a
+flag: checkpointing inside a signal handler would save whatever half-finished step each rank was in.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Checkpoint
+
+from scalegen.errors import UserError
+
+PREEMPTED_MARKER = ".preempted"
+PREEMPTED_EXIT_CODE = 3  # `scalegen train` stopped for preemption after writing its checkpoint
+
+
+# ---- RNG states ------------------------------------------------------------------------------
+def rng_state() -> dict[str, Any]:
+    """This process's generator states as tensors and plain lists (loadable with weights_only=True)."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "python": {"version": py_state[0], "state": list(py_state[1]), "gauss": py_state[2]},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(
+        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _all_gather(trainer: L.Trainer, obj: Any) -> list[Any]:
+    if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        out: list[Any] = [None] * trainer.world_size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
+class RNGState(L.Callback):
+    """Saves every rank's RNG states in checkpoints and restores them on resume."""
+
+    def __init__(self) -> None:
+        self._pending: list[dict[str, Any]] | None = None
+
+    def on_save_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # Every rank runs this hook (rank 0 alone writes the file), so the gather is collective.
+        checkpoint["rng_states"] = _all_gather(trainer, rng_state())
+
+    def on_load_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        self._pending = checkpoint.get("rng_states")
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._pending is None:
+            return
+        states, self._pending = self._pending, None
+        if len(states) != trainer.world_size:
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            rank_zero_warn(
+                f"checkpoint has RNG states of {len(states)} ranks, this run has "
+                f"{trainer.world_size}: random streams continue from the seed, not exactly"
+            )
+            return
+        set_rng_state(states[trainer.global_rank])
+
+
+# ---- preemption ------------------------------------------------------------------------------
+class Preemption(Checkpoint):
+    """Checkpoint at the next step boundary and stop when `signum` arrives (see the module docstring).
+
+    A `Checkpoint` subclass, so Lightning runs its hooks after every ordinary callback (EMA, RNG...):
+    the checkpoint it writes at a step includes what they did at that step.
+    """
+
+    def __init__(
+        self, run_dir: str | Path, signum: int | str = signal.SIGUSR1, checkpoint_name: str = "last.ckpt"
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.signum = getattr(signal, signum) if isinstance(signum, str) else int(signum)
+        self.checkpoint_name = checkpoint_name
+        self.received = False  # set by the handler in this process
+        self.preempted_at: int | None = None  # optimizer step where training stopped for preemption
+        self._previous: Any = None
+        self._last_checked_step = -1
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.run_dir / "checkpoints" / self.checkpoint_name
+
+    @property
+    def marker(self) -> Path:
+        return self.run_dir / PREEMPTED_MARKER
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.received = True
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit" or threading.current_thread() is not threading.main_thread():
+            return
+        if self.signum == signal.SIGTERM:
+            raise UserError(
+                "trainer.requeue_signal=SIGTERM is what SLURM sends before killing a job; "
+                "use SIGUSR1 or SIGUSR2 with #SBATCH --signal"
+            )
+        self._previous = signal.signal(self.signum, self._handler)
+        if trainer.is_global_zero and self.marker.exists():
+            self.marker.unlink()  # a marker from the previous (requeued) attempt
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._previous is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(self.signum, self._previous)
+            self._previous = None
+
+    def _agreed(self, trainer: L.Trainer) -> bool:
+        """Whether any rank got the signal; every rank calls this at the same step."""
+        flag = torch.tensor(1.0 if self.received else 0.0, device=trainer.strategy.root_device)
+        if trainer.world_size > 1:
+            flag = trainer.strategy.reduce(flag, reduce_op="max")
+        return bool(flag.item() > 0)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if step == self._last_checked_step:  # mid-accumulation: not a step boundary
+            return
+        self._last_checked_step = step
+        if not self._agreed(trainer):
+            return
+        # Save where ModelCheckpoint keeps `last`, and tell it so: after the resume it then overwrites this
+        # file instead of starting a `last-v1.ckpt` beside it (trainer.resume=auto reads last.ckpt).
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        here = self.checkpoint_path.parent
+        for cb in trainer.checkpoint_callbacks:
+            if isinstance(cb, ModelCheckpoint) and cb.save_last and Path(cb.dirpath or "") == here:
+                cb.last_model_path = str(self.checkpoint_path)
+        trainer.save_checkpoint(self.checkpoint_path)
+        trainer.strategy.barrier("scalegen_preempt")
+        if trainer.is_global_zero:
+            tmp = self.marker.with_suffix(".tmp")
+            job = os.environ.get("SLURM_JOB_ID", "")
+            tmp.write_text(f"step={step}\ncheckpoint={self.checkpoint_path}\njob={job}\n")
+            tmp.replace(self.marker)
+            print(
+                f"scalegen: preempted by {signal.Signals(self.signum).name} at step {step}; checkpoint "
+                f"{self.checkpoint_path}; the same command resumes from it",
+                file=sys.stderr,
+                flush=True,
+            )
+        self.preempted_at = step
+        # Leave at once, on every rank at the same step: stopping through `should_stop` would first run
+        # a validation pass and more checkpoint saves, drawing random numbers an uninterrupted run does not.
+        raise SystemExit(PREEMPTED_EXIT_CODE)
+
+
+def scale_out_callbacks(cfg: Any, run_dir: str | Path) -> list[L.Callback]:
+    """The callbacks the runtime adds for exact resume: RNG states, preemption, and EMA when enabled."""
+    from scalegen.callbacks.ema import EMA
+
+    callbacks: list[L.Callback] = [RNGState(), Preemption(run_dir, str(cfg.trainer.requeue_signal))]
+    if cfg.ema.enabled:
+        callbacks.append(EMA.from_config(cfg.ema))
+    return callbacks

@@ -1,0 +1,40 @@
+"""scalegen finetune RELEASE RECIPE [key=value ...]"""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "train a recipe starting from a release (folder, file:// or https:// URL; checksums verified)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "release", help="release folder, file:// URL or https:// URL (downloaded once, cached)"
+    )
+    parser.add_argument("recipe", help="recipe file or name in recipes/ (same model family as the release)")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="config overrides, e.g. 'finetune.reinit=[decoder.out.*]' trainer.max_steps=500",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from scalegen.config import load_config
+    from scalegen.errors import UserError
+    from scalegen.hub import fetch_release
+    from scalegen.hub.load import release_info
+    from scalegen.runtime import train
+
+    cfg = load_config(args.recipe, [*args.overrides, f"finetune.init_from={args.release}"])
+    folder = fetch_release(args.release, cfg.finetune.sha256)  # verify (and download) before anything trains
+    family = release_info(folder)["family"]
+    if family != cfg.model.family:
+        raise UserError(
+            f"release {args.release} is a {family!r} model but the recipe trains {cfg.model.family!r}; "
+            f"use a {family} recipe"
+        )
+    run_dir = train(cfg)
+    print(f"run folder: {run_dir}")
+    return 0

@@ -1,0 +1,131 @@
+"""Diffusion family: DDPM (Ho et al. 2020) with a UNet, linear or cosine schedule, eps or v prediction,
+ancestral or DDIM sampling and the variational bound in bits/dim.
+
+The network, objective and sampler live in `scalegen.nets.unet`, `scalegen.objectives.diffusion` and
+`scalegen.samplers.diffusion`; this module wires them to the data and to the runtime. EMA weights come
+from the shared EMA callback (the recipe's `ema:` section), not from here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from scalegen.config.schema import ModelConfig, OptimConfig, choice
+from scalegen.families.base import DataSpec, GenerativeModel
+from scalegen.nets.unet import UNet
+from scalegen.objectives.diffusion import NoiseSchedule, diffusion_loss, q_sample, vlb
+from scalegen.registry import register_family
+from scalegen.samplers.diffusion import ddim_sample, ddpm_sample
+
+
+def images_to_unit(x: Tensor, levels: int = 256) -> Tensor:
+    """uint8 images (0..255) holding `levels` grey levels -> float32 on the `levels`-point grid in [-1, 1]."""
+    k = torch.round(x.float() * (levels - 1) / 255.0)  # level index 0..levels-1
+    return k * (2.0 / (levels - 1)) - 1.0
+
+
+def unit_to_images(x: Tensor, levels: int = 256) -> Tensor:
+    """Floats in [-1, 1] -> uint8 images, quantized to the nearest of `levels` grey levels."""
+    k = torch.round((x.float().clamp(-1, 1) + 1) * (levels - 1) / 2)
+    return torch.round(k * 255.0 / (levels - 1)).to(torch.uint8)
+
+
+@dataclass
+class DiffusionConfig(ModelConfig):
+    family: str = "diffusion"
+    # Forward process.
+    timesteps: int = 1000  # T, number of noising steps (Ho et al. 2020: 1000)
+    # beta_t: linear (Ho et al. sec. 4) or cosine (Nichol & Dhariwal 2021 eq. 17).
+    schedule: str = choice("linear", "cosine")
+    beta_start: float = 1e-4  # linear schedule's beta_1 at T = 1000 (rescaled by 1000/T otherwise)
+    beta_end: float = 0.02  # linear schedule's beta_T at T = 1000 (rescaled by 1000/T otherwise)
+    # Objective.
+    prediction: str = choice("eps", "v")  # target: eps (Ho et al. eq. 14) or v (Salimans & Ho 2022)
+    # Fixed reverse-process variance sigma_t^2: beta_t or beta-tilde_t (Ho et al. sec. 3.2).
+    variance: str = choice("beta", "posterior")
+    # UNet (Ho et al. appendix B: CIFAR-10 uses 128 channels, mult 1,2,2,2, 2 blocks, attention at 16x16).
+    base_channels: int = 128  # channels at full resolution
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2, 2])  # width multiplier per level
+    num_res_blocks: int = 2  # residual blocks per level
+    attn_resolutions: list[int] = field(default_factory=lambda: [16])  # feature-map sizes with self-attention
+    num_heads: int = 1  # attention heads
+    dropout: float = 0.1  # residual-block dropout (0.1 on CIFAR-10 in Ho et al.)
+    class_conditional: bool = False  # add a label embedding (y = -1 or none = unconditional)
+    # Sampling.
+    sampler: str = choice("ddpm", "ddim")  # ancestral (Ho et al. Alg. 2) or DDIM (Song et al. 2021 eq. 12)
+    sample_steps: int = 50  # DDIM steps (ignored by ddpm, which always takes T)
+    ddim_eta: float = 0.0  # DDIM stochasticity: 0 = deterministic, 1 = DDPM-like (eq. 16)
+    clip_denoised: bool = True  # clip x0-hat to [-1, 1] at every sampling step
+    # Likelihood.
+    nll_timesteps: int = 0  # terms of the bound per example: 0 = all T; k > 0 = unbiased stratified estimate
+    # Features for probes (`encode`): UNet bottleneck, average-pooled, on x noised to this timestep index.
+    encode_timestep: int = 0
+
+
+@register_family("diffusion", DiffusionConfig)
+class Diffusion(GenerativeModel):
+    """DDPM / DDIM with a UNet; nll is the variational bound (Ho et al. 2020 eq. 5) in nats."""
+
+    nll_kind = "vlb"
+
+    def __init__(self, cfg: DiffusionConfig, optim: OptimConfig, data: DataSpec) -> None:
+        super().__init__(cfg, optim, data)
+        if data.kind != "image":
+            raise ValueError(f"the diffusion family models images; got {data.kind!r} data")
+        channels, height, width = data.shape
+        self.net = UNet(
+            in_channels=channels, resolution=min(height, width), base_channels=cfg.base_channels,
+            channel_mult=tuple(cfg.channel_mult), num_res_blocks=cfg.num_res_blocks,
+            attn_resolutions=tuple(cfg.attn_resolutions), dropout=cfg.dropout, num_heads=cfg.num_heads,
+            num_classes=data.num_classes if cfg.class_conditional else 0,
+        )
+        self.schedule = NoiseSchedule.named(cfg.schedule, cfg.timesteps, cfg.beta_start, cfg.beta_end)
+
+    def _labels(self, y: Tensor | None) -> Tensor | None:
+        return y if self.cfg.class_conditional else None
+
+    def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        x0 = images_to_unit(batch["x"], self.data_spec.levels)
+        per_example, i = diffusion_loss(self.net, self.schedule, x0, self._labels(batch.get("y")),
+                                        prediction=self.cfg.prediction)
+        loss = per_example.mean()
+        # Loss in the first and last quarter of timesteps: where training is hard vs. easy.
+        quarter = self.schedule.timesteps // 4
+        logs = {}
+        bands = (("loss_t_low", i < max(quarter, 1)), ("loss_t_high", i >= self.schedule.timesteps - quarter))
+        for name, mask in bands:
+            if bool(mask.any()):
+                logs[name] = per_example[mask].mean().detach()
+        return loss, logs
+
+    def nll(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        x0 = images_to_unit(x, self.data_spec.levels)
+        with torch.no_grad():
+            return vlb(self.net, self.schedule, x0, self._labels(y), num_timesteps=self.cfg.nll_timesteps,
+                       prediction=self.cfg.prediction, variance=self.cfg.variance,
+                       levels=self.data_spec.levels).float()
+
+    @torch.no_grad()
+    def sample(self, n: int, y: Tensor | None = None) -> Tensor:
+        noise = torch.randn(n, *self.data_spec.shape, device=self.device)
+        y = None if y is None else y.to(self.device)
+        common = dict(prediction=self.cfg.prediction, clip_denoised=self.cfg.clip_denoised)
+        if self.cfg.sampler == "ddim":
+            x = ddim_sample(self.net, self.schedule, noise, self._labels(y), steps=self.cfg.sample_steps,
+                            eta=self.cfg.ddim_eta, **common)
+        else:
+            x = ddpm_sample(self.net, self.schedule, noise, self._labels(y), variance=self.cfg.variance,
+                            **common)
+        return unit_to_images(x, self.data_spec.levels)
+
+    @torch.no_grad()
+    def encode(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        """UNet bottleneck features (average-pooled) of x noised to `encode_timestep` (0 = almost clean)."""
+        x0 = images_to_unit(x, self.data_spec.levels)
+        i = torch.full((x0.shape[0],), self.cfg.encode_timestep, device=x0.device, dtype=torch.long)
+
+        xt = q_sample(self.schedule, x0, i, torch.randn_like(x0))
+        return self.net(xt, i, self._labels(y), return_features=True).float()

@@ -1,0 +1,133 @@
+"""`scalegen release RUN_DIR --out DIR`: a self-contained release of a trained run.
+
+    DIR/
+      model.safetensors        raw weights (keys of model.state_dict())
+      model_ema.safetensors    EMA weights, when the run kept an average
+      config.yaml              the resolved recipe the run trained with
+      data_spec.json           what the model expects (shape, classes, levels)
+      metrics.json             the evaluation report's metrics, when the run has one
+      release.json             format version, family, provenance, file list
+      README.md                the model card
+      SHA256SUMS               sha256 of every file above (`sha256sum -c SHA256SUMS`)
+
+Nothing in a release is a pickle: weights are safetensors, the rest is text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+import scalegen
+from scalegen.errors import UserError
+from scalegen.hub.checksums import SUMS, write_sums
+
+FORMAT = 1
+WEIGHTS, EMA_WEIGHTS = "model.safetensors", "model_ema.safetensors"
+
+
+def _checkpoint_of(run_or_ckpt: Path) -> tuple[dict[str, Any], Path]:
+    """(checkpoint dict with state_dict / ema_state_dict / scalegen, its path), from a run folder,
+    a checkpoint file, or a sharded ZeRO checkpoint folder (consolidated with DeepSpeed's utilities)."""
+    from scalegen.distributed.deepspeed import (
+        consolidate_zero_checkpoint,
+        is_zero_checkpoint,
+        zero_client_state,
+    )
+    from scalegen.runtime.checkpoint import newest_checkpoint
+
+    path = run_or_ckpt
+    if path.is_dir() and (path / "checkpoints").is_dir():
+        found = newest_checkpoint(path)
+        if found is None:
+            raise UserError(f"run folder {path} has no checkpoint yet; train it first")
+        path = found
+    if is_zero_checkpoint(path):
+        ckpt = zero_client_state(path)
+        ckpt["state_dict"] = consolidate_zero_checkpoint(path)
+        return ckpt, path
+    if not path.is_file():
+        raise UserError(f"{run_or_ckpt} is neither a run folder nor a checkpoint")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if "scalegen" not in ckpt:
+        raise UserError(f"{path} is not a scalegen checkpoint (no config inside)")
+    return ckpt, path
+
+
+def _plain(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # safetensors refuses shared or non-contiguous storage: one contiguous copy per tensor.
+    return {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
+
+
+def _find_metrics(run_dir: Path) -> Path | None:
+    """The newest evaluation report's metrics.json in the run folder, if any."""
+    if not run_dir.is_dir():
+        return None
+    found = sorted(run_dir.rglob("metrics.json"), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
+
+
+def make_release(
+    run_dir: str | Path, out: str | Path, licence: str = "Apache-2.0", overwrite: bool = False
+) -> Path:
+    """Write the release of `run_dir` (or of one checkpoint) into `out`; returns `out`."""
+    from safetensors.torch import save_file
+
+    run_dir, out = Path(run_dir), Path(out)
+    ckpt, ckpt_path = _checkpoint_of(run_dir)
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise UserError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = ckpt["scalegen"]
+    config = meta["config"]
+    files = [WEIGHTS, "config.yaml", "data_spec.json", "release.json", "README.md"]
+    save_file(_plain(ckpt["state_dict"]), str(out / WEIGHTS), metadata={"format": "pt", "kind": "raw"})
+    has_ema = bool(ckpt.get("ema_state_dict"))
+    if has_ema:
+        save_file(
+            _plain(ckpt["ema_state_dict"]), str(out / EMA_WEIGHTS), metadata={"format": "pt", "kind": "ema"}
+        )
+        files.append(EMA_WEIGHTS)
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
+    spec = meta["data_spec"]
+    spec = dataclasses.asdict(spec) if dataclasses.is_dataclass(spec) else dict(spec)
+    (out / "data_spec.json").write_text(json.dumps(spec, indent=2, default=list) + "\n")
+    metrics = None
+    run_folder = (
+        run_dir if run_dir.is_dir() and (run_dir / "checkpoints").is_dir() else ckpt_path.parent.parent
+    )
+    metrics_path = _find_metrics(run_folder)
+    if metrics_path is not None:
+        metrics = json.loads(metrics_path.read_text())
+        shutil.copyfile(metrics_path, out / "metrics.json")
+        files.append("metrics.json")
+    info = {
+        "format": FORMAT,
+        "scalegen_version": scalegen.__version__,
+        "family": config["model"]["family"],
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "source_checkpoint": str(ckpt_path),
+        "global_step": int(ckpt.get("global_step", 0)),
+        "weights": WEIGHTS,
+        "ema_weights": EMA_WEIGHTS if has_ema else None,
+        "licence": licence,
+        "files": sorted(files),
+    }
+    (out / "release.json").write_text(json.dumps(info, indent=2) + "\n")
+    from scalegen.hub.card import model_card
+
+    (out / "README.md").write_text(model_card(config, spec, info, metrics))
+    write_sums(out, files)
+    return out
+
+
+__all__ = ["EMA_WEIGHTS", "FORMAT", "SUMS", "WEIGHTS", "make_release"]

@@ -1,0 +1,286 @@
+"""`scalegen slurm submit` against a real one-node SLURM (cluster/slurm-one-node.sh), and the rendered script.
+
+The end-to-end test trains a 2-task CPU recipe (DDP over gloo, deterministic), preempts it mid-run
+the way an operator or the time limit does (USR1 to the batch shell), and checks that it
+checkpoints, requeues itself, resumes and completes with final weights, EMA, optimizer state and
+data position bitwise equal to an uninterrupted run's, logging to the same W&B run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+PROFILE = Path(__file__).resolve().parent / "ci-profile.yaml"
+STEPS = 22  # 2 epochs of the digits at 2 ranks x 64
+PREEMPT_AFTER = 4  # optimizer steps seen in the metrics file before the signal is sent
+
+
+def scalegen(*args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-m", "scalegen", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+        timeout=300,
+    )
+    if check and proc.returncode != 0:
+        pytest.fail(f"scalegen {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def slurm_up() -> str | None:
+    """None when a SLURM controller answers, else why not."""
+    if shutil.which("sinfo") is None:
+        return "sinfo not installed (start SLURM with cluster/slurm-one-node.sh)"
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=20)
+    except subprocess.TimeoutExpired:
+        return "sinfo does not respond"
+    if out.returncode != 0 or not re.search(r"idle|mixed|alloc", out.stdout):
+        return f"no usable SLURM node: {out.stdout.strip()} {out.stderr.strip()}"
+    return None
+
+
+def job_field(job: str, name: str) -> str:
+    out = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+    m = re.search(rf"\b{name}=(\S+)", out)
+    return m.group(1) if m else ""
+
+
+def wait_for(predicate, timeout: float, what: str, poll: float = 1.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def logged_step(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return -1
+    steps = [json.loads(line).get("step", -1) for line in path.read_text().splitlines() if line.strip()]
+    return max(steps, default=-1)
+
+
+@pytest.fixture
+def ci_profile(tmp_path: Path) -> Path:
+    path = tmp_path / "profile.yaml"
+    path.write_text(PROFILE.read_text().replace("__PYTHON__", sys.executable))
+    return path
+
+
+def recipe_args(name: str, runs: Path) -> list[str]:
+    return [
+        "quickstart",
+        f"trainer.max_steps={STEPS}",
+        "trainer.max_epochs=null",
+        "trainer.log_every_n_steps=1",
+        "trainer.deterministic=true",
+        "trainer.progress_bar=false",
+        "ema.enabled=true",
+        "ema.decay=0.9",
+        f"run.dir={runs}",
+        f"run.name={name}",
+    ]
+
+
+def test_dry_run_prints_the_script_and_submits_nothing(ci_profile, tmp_path):
+    out = scalegen(
+        "slurm",
+        "submit",
+        *recipe_args("dry", tmp_path),
+        "--nodes",
+        "4",
+        "--gpus-per-node",
+        "8",
+        "--partition",
+        "gpu",
+        "--time",
+        "02:00:00",
+        "--account",
+        "proj42",
+        "--profile",
+        str(ci_profile),
+        "--dry-run",
+    ).stdout
+    assert out.startswith("#!/bin/bash")
+    for line in [
+        "#SBATCH --nodes=4",
+        "#SBATCH --ntasks-per-node=8",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --account=proj42",
+        "#SBATCH --time=02:00:00",
+        "#SBATCH --requeue",
+        "#SBATCH --signal=B:USR1@60",
+        "trap forward USR1",
+        "scontrol requeue",
+    ]:
+        assert line in out, line
+    assert re.search(r"srun .*-m scalegen train .*quickstart\.yaml", out)
+    for pinned in [
+        "trainer.num_nodes=4",
+        "trainer.devices=8",
+        "trainer.accelerator=gpu",
+        "trainer.strategy=ddp",
+        f"run.dir={tmp_path}",
+        "run.name=dry",
+        "trainer.resume=auto",
+    ]:
+        assert pinned in out, pinned
+    assert "$" + "{" not in out.replace("${SLURM", "").replace("${srun", "")  # every placeholder filled
+    assert not (tmp_path / "dry").exists()  # nothing stored, nothing submitted
+    # bash can parse it
+    subprocess.run(["bash", "-n"], input=out, text=True, check=True)
+
+
+def test_bad_requests_fail_before_the_queue(ci_profile, tmp_path):
+    r = scalegen(
+        "slurm",
+        "submit",
+        *recipe_args("bad", tmp_path),
+        "trainer.global_batch_size=100",
+        "--nodes",
+        "2",
+        "--gpus-per-node",
+        "4",
+        "--profile",
+        str(ci_profile),
+        "--dry-run",
+        check=False,
+    )
+    assert r.returncode == 2 and "global_batch_size=100" in r.stderr and "Traceback" not in r.stderr
+    r = scalegen(
+        "slurm",
+        "submit",
+        *recipe_args("bad", tmp_path),
+        "--nodes",
+        "1",
+        "--gpus-per-node",
+        "1",
+        "--profile",
+        "no-such-site",
+        "--dry-run",
+        check=False,
+    )
+    assert r.returncode == 2 and "no-such-site" in r.stderr and "default" in r.stderr
+    r = scalegen(
+        "slurm",
+        "submit",
+        *recipe_args("bad", tmp_path),
+        "trainer.nope=1",
+        "--nodes",
+        "1",
+        "--gpus-per-node",
+        "1",
+        "--profile",
+        str(ci_profile),
+        "--dry-run",
+        check=False,
+    )
+    assert r.returncode == 2 and "trainer.nope" in r.stderr
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_preempted_job_requeues_resumes_and_matches_an_uninterrupted_run(ci_profile, tmp_path):
+    why = slurm_up()
+    if why:
+        pytest.skip(why)
+    runs = tmp_path / "runs"
+    env = {"SCALEGEN_DATA": str(tmp_path / "data")}
+    # Prepare the shards once, before two jobs would race to do it.
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from scalegen.data import prepare_dataset; import sys; "
+            "prepare_dataset('digits', sys.argv[1], progress=False)",
+            str(tmp_path / "data" / "digits"),
+        ],
+        check=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+
+    def submit(name: str) -> str:
+        out = scalegen(
+            "slurm",
+            "submit",
+            *recipe_args(name, runs),
+            "--nodes",
+            "1",
+            "--gpus-per-node",
+            "0",
+            "--tasks-per-node",
+            "2",
+            "--profile",
+            str(ci_profile),
+            env=env,
+        )
+        return out.stdout.strip().splitlines()[-1]
+
+    preempted = submit("preempted")
+    reference = submit("reference")
+    pre_dir, ref_dir = runs / "preempted", runs / "reference"
+    assert len(list((pre_dir / "slurm").glob("submit-*.sbatch"))) == 1  # the script is kept in the run folder
+
+    # Mid-run: the operator's (or the time limit's) signal to the batch shell.
+    wait_for(lambda: logged_step(pre_dir) >= PREEMPT_AFTER, 600, "the job to train a few steps")
+    subprocess.run(["scancel", "--signal=USR1", "--batch", preempted], check=True)
+    wait_for(lambda: job_field(preempted, "Restarts") == "1", 300, "the job to requeue itself")
+    marker_text = (pre_dir / ".preempted").read_text()
+    stopped_at = int(re.search(r"step=(\d+)", marker_text).group(1))
+    assert PREEMPT_AFTER <= stopped_at < STEPS
+    # A requeued job waits minutes for its BeginTime; make it eligible now.
+    subprocess.run(["scontrol", "update", f"JobId={preempted}", "StartTime=now"], check=True)
+
+    for job in (preempted, reference):
+        wait_for(
+            lambda job=job: job_field(job, "JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"),
+            900,
+            f"job {job} to finish",
+            poll=3,
+        )
+        assert job_field(job, "JobState") == "COMPLETED", (
+            job,
+            [p.read_text()[-3000:] for p in (runs / "preempted" / "slurm").glob("*.out")],
+        )
+
+    log = "".join(p.read_text() for p in (pre_dir / "slurm").glob("*.out"))
+    assert "forwarding to the training tasks" in log
+    assert f"preempted by SIGUSR1 at step {stopped_at}" in log
+    assert "restart 1" in log and "requeueing job" in log
+    assert not (pre_dir / ".preempted").exists()  # the resumed attempt cleared it
+
+    a = torch.load(pre_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(ref_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert a["global_step"] == b["global_step"] == STEPS
+    for key in ("state_dict", "ema_state_dict"):
+        assert a[key].keys() == b[key].keys()
+        for k in a[key]:
+            assert torch.equal(a[key][k], b[key][k]), (key, k)
+    for sa, sb in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert a["lr_schedulers"] == b["lr_schedulers"]
+    assert a["ShardDataModule"] == b["ShardDataModule"]
+
+    # Both attempts logged to one W&B run.
+    run_id = (pre_dir / "wandb_run_id").read_text().strip()
+    attempts = [p.name for p in (pre_dir / "wandb").glob("offline-run-*")]
+    assert len(attempts) == 2 and all(name.endswith(run_id) for name in attempts)

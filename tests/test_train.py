@@ -1,0 +1,79 @@
+"""The runtime end to end: the quickstart's run folder, resume, atomic checkpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from scalegen.runtime import load_model, read_checkpoint
+from scalegen.runtime.checkpoint import AtomicCheckpointIO
+
+
+@pytest.fixture(scope="module")
+def quickstart_run(tmp_path_factory: pytest.TempPathFactory, train_recipe) -> Path:
+    """The quickstart recipe, shortened, with W&B (offline) on as a user would have it."""
+    return train_recipe("quickstart", tmp_path_factory.mktemp("qs") / "quickstart", "trainer.max_epochs=3",
+                        "logging.wandb=true")
+
+
+def test_quickstart_run_folder_has_everything(quickstart_run: Path) -> None:
+    cfg = yaml.safe_load((quickstart_run / "config.yaml").read_text())
+    assert cfg["model"]["family"] == "vae" and cfg["trainer"]["max_epochs"] == 3
+    assert "${" not in (quickstart_run / "config.yaml").read_text()  # resolved
+    rows = [json.loads(line) for line in (quickstart_run / "metrics.jsonl").read_text().splitlines()]
+    assert any("train/loss" in r for r in rows) and any("val/loss" in r for r in rows)
+    assert any("val/bpd" in r for r in rows)
+    for png in ("samples.png", "reconstructions.png", "loss_curve.png"):
+        img = Image.open(quickstart_run / png)
+        img.verify()
+    assert Image.open(quickstart_run / "samples.png").size[0] >= 64
+    wandb_runs = list((quickstart_run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(wandb_runs) == 1 and wandb_runs[0].stat().st_size > 0
+    run_id = (quickstart_run / "wandb_run_id").read_text().strip()
+    assert wandb_runs[0].name == f"run-{run_id}.wandb"
+
+
+def test_checkpoint_carries_config_and_rebuilds_the_model(quickstart_run: Path) -> None:
+    ckpt = read_checkpoint(quickstart_run / "checkpoints" / "last.ckpt")
+    saved = yaml.safe_load((quickstart_run / "config.yaml").read_text())
+    assert ckpt["scalegen"]["config"] == saved
+    model, cfg = load_model(quickstart_run / "checkpoints" / "last.ckpt")
+    assert cfg.model.latent_dim == saved["model"]["latent_dim"]
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, ckpt["state_dict"][name])
+    assert len(list((quickstart_run / "checkpoints").glob("best-*.ckpt"))) == 1
+
+
+def test_resume_auto_continues_from_the_last_checkpoint(quickstart_run: Path, train_recipe) -> None:
+    before = read_checkpoint(quickstart_run / "checkpoints" / "last.ckpt")["global_step"]
+    wandb_bytes = sum(p.stat().st_size for p in (quickstart_run / "wandb").glob("offline-run-*/run-*.wandb"))
+    train_recipe("quickstart", quickstart_run, "trainer.max_epochs=4", "logging.wandb=true")
+    after = read_checkpoint(quickstart_run / "checkpoints" / "last.ckpt")
+    assert after["epoch"] == 3 and after["global_step"] > before
+    steps = [json.loads(line)["step"] for line in (quickstart_run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps)  # the metrics file continues; nothing restarts from step 0
+    run_files = list((quickstart_run / "wandb").glob("offline-run-*/run-*.wandb"))
+    run_id = (quickstart_run / "wandb_run_id").read_text().strip()
+    assert {p.name for p in run_files} == {f"run-{run_id}.wandb"}  # the resumed session logs to the same W&B run
+    assert sum(p.stat().st_size for p in run_files) > wandb_bytes
+
+
+def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}}, path)
+
+    def crash(checkpoint, filepath):
+        Path(filepath).write_bytes(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr("scalegen.runtime.checkpoint._atomic_save", crash)
+    with pytest.raises(OSError):
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}}, path)
+    assert torch.equal(torch.load(path, weights_only=True)["state_dict"]["w"], torch.ones(3))
+    assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
