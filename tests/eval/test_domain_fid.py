@@ -33,9 +33,7 @@ def test_domain_fid_separates_real_from_noise_and_from_one_class(shared_datasets
         feats = lambda x: torch.cat([net(x[i : i + 1000])[0] for i in range(0, len(x), 1000)])  # noqa: E731
         half_a, half_b = feats(xte[:1500]), feats(xte[1500:3000])
         noise = feats(
-            torch.randint(
-                0, 256, (2000, 1, 28, 28), generator=torch.Generator().manual_seed(0), dtype=torch.uint8
-            )
+            torch.randint(0, 256, (2000, 1, 28, 28), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
         )
         ones = feats(xte[yte == 1])
     same = fid_from_features(half_a, half_b)

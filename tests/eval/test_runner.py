@@ -36,9 +36,7 @@ def small_cfg(**kw) -> EvalConfig:
 
 
 def blob_data(spec, n_train=300, n_test=120) -> EvalData:
-    return EvalData.from_arrays(
-        "blobs", spec, {"train": blobs(n_train, seed=0), "test": blobs(n_test, seed=1)}
-    )
+    return EvalData.from_arrays("blobs", spec, {"train": blobs(n_train, seed=0), "test": blobs(n_test, seed=1)})
 
 
 def test_uniform_model_scores_exactly_8_bits_per_dim(tmp_path):
@@ -74,9 +72,7 @@ def test_full_report(tmp_path):
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "eval"
     ckpt = {"path": "/x/last.ckpt", "sha256": "ab" * 32}
-    res = evaluate(
-        model, small_cfg(), blob_data(model.data_spec), out, checkpoint=ckpt, run_dir=run_dir, step=30
-    )
+    res = evaluate(model, small_cfg(), blob_data(model.data_spec), out, checkpoint=ckpt, run_dir=run_dir, step=30)
     saved = json.loads((out / "metrics.json").read_text())
     m = saved["metrics"]
     assert set(m) >= {"bpd", "domain_fid", "domain_kid", "domain_is", "linear_probe", "semisup"}
@@ -97,22 +93,15 @@ def test_full_report(tmp_path):
     for fig in ("samples.png", "bpd_curve.png", "probe_accuracy.png"):
         assert (out / fig).stat().st_size > 0, fig
     report = (out / "report.md").read_text()
-    assert (
-        "domain FID (classifier trained on blobs)" in report
-        and "120 samples vs 300 from the train split" in report
-    )
+    assert "domain FID (classifier trained on blobs)" in report and "120 samples vs 300 from the train split" in report
     assert "![probe_accuracy](probe_accuracy.png)" in report
     assert res["summary"]["eval/bpd"] == pytest.approx(m["bpd"]["value"])
 
     # Reference statistics are cached: a second evaluation reads the .npz.
-    stats = list(
-        (Path(__import__("os").environ["SCALEGEN_CACHE"]) / "fid_stats").glob("blobs-train-domain_*.npz")
-    )
+    stats = list((Path(__import__("os").environ["SCALEGEN_CACHE"]) / "fid_stats").glob("blobs-train-domain_*.npz"))
     assert len(stats) == 1
     z = np.load(stats[0])
-    assert {"mu", "sigma", "count", "data_checksum", "shards_checksum", "preprocessing_checksum"} <= set(
-        z.files
-    )
+    assert {"mu", "sigma", "count", "data_checksum", "shards_checksum", "preprocessing_checksum"} <= set(z.files)
     assert int(z["count"]) == 300
     again = evaluate(model, small_cfg(), blob_data(model.data_spec), None, metrics="fid")
     assert again["metrics"]["domain_fid"]["value"] == pytest.approx(m["domain_fid"]["value"], rel=0.5)
