@@ -21,9 +21,9 @@ from scalegen.metrics.fid import fid_from_features  # noqa: E402
 def test_domain_fid_separates_real_from_noise_and_from_one_class(shared_datasets, tmp_path):
     xtr, ytr = read_mnist(shared_datasets / "mnist", "train")
     xte, yte = read_mnist(shared_datasets / "mnist", "test")
-    recipe = DomainTraining(epochs=2, max_examples=4000)
+    recipe = DomainTraining(epochs=2, min_steps=0, max_examples=4000)
     net, key = load_or_train("mnist", xtr, ytr, 10, recipe, cache=tmp_path)
-    assert accuracy(net, xte[:2000], yte[:2000]) > 0.9  # it is a real digit classifier
+    assert accuracy(net, xte[:2000], yte[:2000]) > 0.8  # a real digit classifier (chance: 0.1), from 63 steps
     again, key2 = load_or_train("mnist", xtr, ytr, 10, recipe, cache=tmp_path)  # from the cache
     assert key2 == key and len(list(tmp_path.glob("mnist-*.pt"))) == 1
     for a, b in zip(net.state_dict().values(), again.state_dict().values()):
