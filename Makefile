@@ -20,8 +20,10 @@ $(VENV)/.installed: pyproject.toml
 quickstart: install
 	$(BIN)/scalegen train quickstart
 
+# One OpenMP thread per process: the suite's nets are tiny and its multi-process tests would otherwise
+# oversubscribe the cores (a tiny UNet step went from 0.03 s to 1 s with 2 threads on a busy 2-core machine).
 test: install
-	$(BIN)/python -m pytest -m "not slow" -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -m "not slow" -q --durations=25
 
 lint: install
 	$(BIN)/ruff check .

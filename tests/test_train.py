@@ -77,3 +77,8 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path: Path, monk
         io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}}, path)
     assert torch.equal(torch.load(path, weights_only=True)["state_dict"]["w"], torch.ones(3))
     assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
+
+
+def test_last_checkpoint_holds_the_final_step_of_a_mid_epoch_stop(tmp_path: Path, train_recipe) -> None:
+    run = train_recipe("vae/tiny", tmp_path / "mid", "trainer.max_steps=30", "trainer.max_epochs=null")
+    assert read_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 30  # 22 steps per epoch

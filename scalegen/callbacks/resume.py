@@ -74,7 +74,14 @@ def _all_gather(trainer: L.Trainer, obj: Any) -> list[Any]:
 
 
 class RNGState(L.Callback):
-    """Saves every rank's RNG states in checkpoints and restores them on resume."""
+    """Saves every rank's RNG states in checkpoints and restores each rank's own on resume.
+
+    They are restored at the first training batch after the resume, once the resumed run has
+    re-created its data iterators: everything the uninterrupted run drew between the checkpoint and
+    that batch is in the saved state. This is exact for checkpoints taken mid-epoch, and at epoch
+    boundaries too when the training DataLoader has its own `generator` (otherwise creating the next
+    epoch's iterator draws a seed from the global generator at a point a resumed run cannot mirror).
+    """
 
     def __init__(self) -> None:
         self._pending: list[dict[str, Any]] | None = None

@@ -23,8 +23,18 @@ def zero_stage(strategy: str) -> int:
 
 
 def precision_section(trainer_cfg: Any) -> dict[str, Any]:
-    """bf16 / fp16 (with loss scaling) entries for the DeepSpeed config; {} for fp32."""
+    """Precision entries of the DeepSpeed config; {} for fp32.
+
+    - `bf16-mixed`: fp32 weights, forward under `torch.autocast(bfloat16)` (DeepSpeed's
+      `torch_autocast`), i.e. the same meaning as Lightning's bf16-mixed; families need no casts.
+      `bf16.enabled: false` is written out so Lightning does not add its own bf16 section.
+    - `bf16-true`: DeepSpeed's bf16 mode: bf16 weights, fp32 master weights in the optimizer.
+    - `16-mixed`: DeepSpeed's fp16 mode with loss scaling (dynamic when `trainer.loss_scale` is 0):
+      fp16 weights, so a family must cast its inputs to its parameters' dtype.
+    """
     precision = str(trainer_cfg.precision)
+    if precision == "bf16-mixed":
+        return {"torch_autocast": {"enabled": True, "dtype": "bfloat16"}, "bf16": {"enabled": False}}
     if precision.startswith("bf16"):
         return {"bf16": {"enabled": True}}
     if precision.startswith("16"):

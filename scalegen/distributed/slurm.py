@@ -12,7 +12,6 @@ import os
 import re
 import shlex
 import subprocess
-import sys
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -194,6 +193,3 @@ def submit(sub: Submission, sbatch: str = "sbatch") -> tuple[str, Path]:
         f.write(f"{job_id}\t{stamp}\t{path.name}\n")
     return job_id, path
 
-
-if __name__ == "__main__":  # pragma: no cover
-    print(render(sys.argv[1], sys.argv[2:], nodes=1, gpus_per_node=0).script)

@@ -75,6 +75,16 @@ class GenerativeModel(L.LightningModule):
         """Reconstructions in data space, for families with an encoder and a decoder."""
         raise NotImplementedError(f"{self.family_name} does not reconstruct")
 
+    def configure_manual_optimization(self, accumulate_grad_batches: int = 1,
+                                      gradient_clip_val: float | None = None) -> None:
+        """Called by the runtime for families with `automatic_optimization = False` (GANs), which must do
+        gradient accumulation and clipping themselves: Lightning rejects both on the Trainer then."""
+        if accumulate_grad_batches != 1 or gradient_clip_val:
+            from scalegen.errors import UserError
+
+            raise UserError(f"the {self.family_name} family optimizes manually and implements neither gradient "
+                            "accumulation nor clipping; unset trainer.accumulate_grad_batches/gradient_clip_val")
+
     @classmethod
     def capabilities(cls) -> set[str]:
         """Which of nll / sample / encode / reconstruct this family implements."""

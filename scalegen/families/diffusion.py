@@ -38,14 +38,12 @@ class DiffusionConfig(ModelConfig):
     family: str = "diffusion"
     # Forward process.
     timesteps: int = 1000  # T, number of noising steps (Ho et al. 2020: 1000)
-    # beta_t: linear (Ho et al. sec. 4) or cosine (Nichol & Dhariwal 2021 eq. 17).
-    schedule: str = choice("linear", "cosine")
+    schedule: str = choice("linear", "cosine")  # beta_t: linear (Ho et al. sec. 4) or cosine (Nichol & Dhariwal)
     beta_start: float = 1e-4  # linear schedule's beta_1 at T = 1000 (rescaled by 1000/T otherwise)
     beta_end: float = 0.02  # linear schedule's beta_T at T = 1000 (rescaled by 1000/T otherwise)
     # Objective.
     prediction: str = choice("eps", "v")  # target: eps (Ho et al. eq. 14) or v (Salimans & Ho 2022)
-    # Fixed reverse-process variance sigma_t^2: beta_t or beta-tilde_t (Ho et al. sec. 3.2).
-    variance: str = choice("beta", "posterior")
+    variance: str = choice("beta", "posterior")  # fixed reverse variance: beta_t or beta-tilde_t (sec. 3.2)
     # UNet (Ho et al. appendix B: CIFAR-10 uses 128 channels, mult 1,2,2,2, 2 blocks, attention at 16x16).
     base_channels: int = 128  # channels at full resolution
     channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2, 2])  # width multiplier per level
@@ -61,8 +59,7 @@ class DiffusionConfig(ModelConfig):
     clip_denoised: bool = True  # clip x0-hat to [-1, 1] at every sampling step
     # Likelihood.
     nll_timesteps: int = 0  # terms of the bound per example: 0 = all T; k > 0 = unbiased stratified estimate
-    # Features for probes (`encode`): UNet bottleneck, average-pooled, on x noised to this timestep index.
-    encode_timestep: int = 0
+    encode_timestep: int = 0  # `encode`: pooled UNet bottleneck of x noised to this timestep index
 
 
 @register_family("diffusion", DiffusionConfig)

@@ -47,16 +47,14 @@ from scalegen.registry import register_family
 class GANConfig(ModelConfig):
     family: str = "gan"
     loss: str = choice("non_saturating", "hinge")  # Goodfellow et al. 2014 sec. 3, or hinge (Lim & Ye 2017)
-    # Discriminator penalty: R1 on reals (Mescheder et al. 2018 eq. 9) or WGAN-GP (Gulrajani 2017 eq. 3).
-    penalty: str = choice("none", "r1", "gp")
+    penalty: str = choice("none", "r1", "gp")  # R1 on reals (Mescheder et al. 2018 eq. 9) or WGAN-GP
     penalty_weight: float = 10.0  # gamma for R1 (the penalty is gamma/2 E||grad D||^2), lambda for gp
     d_steps: int = 1  # discriminator updates per generator update (k in Goodfellow et al. Algorithm 1)
     latent_dim: int = 100  # z ~ N(0, I) of this size (Radford et al.: 100, uniform)
     g_channels: int = 64  # generator width at its last hidden layer; doubles per halving of the resolution
     d_channels: int = 64  # discriminator width at its first layer; doubles per halving of the resolution
     g_norm: str = choice("batch", "none")  # generator normalization (Radford et al.: batch norm)
-    # Discriminator normalization; "none" with gp (batch norm couples the examples it penalizes).
-    d_norm: str = choice("batch", "none")
+    d_norm: str = choice("batch", "none")  # discriminator normalization; use "none" with gp
     min_resolution: int = 4  # smallest feature map (32 -> 4, 28 -> 7, 8 -> 4)
     lr_g: float | None = None  # generator learning rate; None = optim.lr
     lr_d: float | None = None  # discriminator learning rate; None = optim.lr

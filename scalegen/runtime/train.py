@@ -123,4 +123,8 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> Path:
     if trainer.is_global_zero:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved(cfg)))
     trainer.fit(model, datamodule=datamodule, ckpt_path=_resume_path(cfg, run_dir))
+    if cfg.checkpoint.save_last and not trainer.interrupted:
+        # ModelCheckpoint writes at epoch/validation ends; a run stopped by max_steps mid-epoch would
+        # otherwise leave last.ckpt without its final steps.
+        trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     return run_dir

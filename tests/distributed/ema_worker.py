@@ -21,7 +21,6 @@ import torch  # noqa: E402
 from dist_helpers import DIGITS_SPEC, digit_batches, trainer_config  # noqa: E402
 
 from scalegen.callbacks.ema import EMA  # noqa: E402
-from scalegen.callbacks.resume import RNGState  # noqa: E402
 
 
 class Recorder(L.Callback):
@@ -33,9 +32,12 @@ class Recorder(L.Callback):
         self.after_validation: list[dict[str, torch.Tensor]] = []
         self._last = -1
         self.initial: dict[str, torch.Tensor] = {}
+        self.ema_at_start: dict[str, torch.Tensor] = {}
 
     def on_train_start(self, trainer, pl_module):
         self.initial = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        ema = next(c for c in trainer.callbacks if isinstance(c, EMA))  # runs before this callback
+        self.ema_at_start = ema.ema.weights()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step != self._last:
@@ -52,7 +54,13 @@ class Recorder(L.Callback):
 
 
 def loader(rank: int, world: int, n: int):
-    return torch.utils.data.DataLoader(digit_batches(rank, world, 8, n), batch_size=None, shuffle=False)
+    # Its own generator: creating an iterator then draws no seed from the global one (see RNGState).
+    return torch.utils.data.DataLoader(
+        digit_batches(rank, world, 8, n),
+        batch_size=None,
+        shuffle=False,
+        generator=torch.Generator().manual_seed(0),
+    )
 
 
 def main() -> None:
@@ -82,7 +90,7 @@ def main() -> None:
         enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=str(out),
-        callbacks=[ema, rec, RNGState()],
+        callbacks=[ema, rec],
         enable_checkpointing=False,
     )
     trainer.fit(
@@ -96,6 +104,7 @@ def main() -> None:
         {
             "trajectory": rec.trajectory,
             "initial": rec.initial,
+            "ema_at_start": rec.ema_at_start,
             "ema": ema.ema.weights(),
             "in_val": rec.in_validation,
             "after_val": rec.after_validation,

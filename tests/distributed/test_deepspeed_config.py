@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from scalegen.config.schema import TrainerConfig
@@ -44,9 +45,15 @@ def test_zero_stage_batch_and_clipping(stage):
     assert not ds.float16_config.enabled and not ds.bfloat16_config.enabled
 
 
-def test_bf16():
+def test_bf16_mixed_is_autocast_over_fp32_weights():
     ds = parsed(deepspeed_config(trainer(strategy="deepspeed_stage_2", precision="bf16-mixed"), 8))
-    assert ds.bfloat16_config.enabled and not ds.float16_config.enabled
+    assert ds.torch_autocast_enabled and ds.torch_autocast_dtype == torch.bfloat16
+    assert not ds.bfloat16_config.enabled and not ds.float16_config.enabled
+
+
+def test_bf16_true_is_deepspeeds_bf16_mode():
+    ds = parsed(deepspeed_config(trainer(strategy="deepspeed_stage_3", precision="bf16-true"), 8))
+    assert ds.bfloat16_config.enabled and not ds.torch_autocast_enabled
 
 
 def test_fp16_dynamic_and_static_loss_scaling():

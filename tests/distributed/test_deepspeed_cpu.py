@@ -2,8 +2,9 @@
 on CPU (DS_ACCELERATOR=cpu, gloo), and its losses match DDP's on the same data and seed.
 
 Tolerances: fp32 ZeRO runs do the same arithmetic as DDP up to summation order, so losses agree to
-1e-5 relative and weights to 1e-5 absolute (seen: ~1e-8). bf16 keeps 8 mantissa bits (relative
-rounding 2^-8 = 0.4% per operation); its per-step losses agree to 1e-2 relative (seen: < 0.4%).
+1e-5 relative and weights to 1e-5 absolute (seen: ~1e-8). bf16-mixed (fp32 weights, bf16 autocast;
+8 mantissa bits, relative rounding 2^-8 = 0.4% per operation): per-step losses agree to 1e-2
+relative (seen: 2e-4 with the VAE).
 """
 
 from __future__ import annotations
@@ -91,7 +92,8 @@ def test_zero1_bf16_and_offload_match_ddp(tmp_path):
     check_against_ddp(tmp_path, "zero1", rel=1e-5, atol=1e-5)
     check_against_ddp(tmp_path, "zero2-offload", rel=1e-5, atol=1e-5)
     check_against_ddp(tmp_path, "zero3-offload", rel=1e-5, atol=1e-5)
-    bf16 = load(tmp_path, "zero2-bf16")
-    assert bf16["dtype"] == "torch.bfloat16"
-    for a, b in zip(bf16["losses"], load(tmp_path, "ddp")["losses"]):
+    bf16, ddp = load(tmp_path, "zero2-bf16"), load(tmp_path, "ddp")
+    assert bf16["dtype"] == "torch.float32"  # bf16-mixed: fp32 weights, bf16 autocast compute
+    assert bf16["losses"] != ddp["losses"]  # autocast really ran in bf16
+    for a, b in zip(bf16["losses"], ddp["losses"]):
         assert math.isclose(a, b, rel_tol=1e-2)

@@ -88,6 +88,7 @@ def ddp_runs(tmp_path_factory):
     return full, half
 
 
+@pytest.mark.slow  # three 2-process Lightning launches: ~1-2 min on 2 cores
 def test_ema_under_ddp_matches_the_recursion_on_both_ranks(ddp_runs):
     full, _ = ddp_runs
     r0, r1 = (torch.load(full / f"rank{r}.pt", weights_only=True) for r in (0, 1))
@@ -108,6 +109,7 @@ def test_ema_under_ddp_matches_the_recursion_on_both_ranks(ddp_runs):
         assert torch.equal(ckpt["ema_state_dict"][k], r0["ema"][k])  # and what the checkpoint holds
 
 
+@pytest.mark.slow  # three 2-process Lightning launches: ~1-2 min on 2 cores
 def test_validation_runs_with_the_average_and_training_continues_with_the_weights(ddp_runs):
     full, _ = ddp_runs
     r0 = torch.load(full / "rank0.pt", weights_only=True)
@@ -119,10 +121,14 @@ def test_validation_runs_with_the_average_and_training_continues_with_the_weight
     assert any(not torch.equal(final_ema[k], final[k]) for k in final)
 
 
-def test_resume_restores_the_average_exactly(ddp_runs):
-    full, half = ddp_runs
-    a = torch.load(full / "rank0.pt", weights_only=True)
-    b = torch.load(half / "resumed" / "rank0.pt", weights_only=True)
-    assert b["num_updates"] == a["num_updates"] == 4
-    for k in a["ema"]:
-        torch.testing.assert_close(b["ema"][k], a["ema"][k], rtol=0, atol=0)
+@pytest.mark.slow  # three 2-process Lightning launches: ~1-2 min on 2 cores
+def test_resume_restores_the_average_and_its_step_count(ddp_runs):
+    _, half = ddp_runs
+    saved = torch.load(half / "final.ckpt", weights_only=True)
+    for rank in (0, 1):
+        resumed = torch.load(half / "resumed" / f"rank{rank}.pt", weights_only=True)
+        assert resumed["ema_at_start"].keys() == saved["ema_state_dict"].keys()
+        for k, v in saved["ema_state_dict"].items():
+            assert torch.equal(resumed["ema_at_start"][k], v)  # the checkpoint's average, not the weights
+        assert any(not torch.equal(resumed["initial"][k], v) for k, v in saved["ema_state_dict"].items())
+        assert resumed["num_updates"] == 4  # 2 before the checkpoint + 2 after: steps 2, 4 | 6, 8

@@ -118,6 +118,7 @@ def test_release_contents(release, env):
     assert main(["config", str(release / "config.yaml")]) == 0  # the recipe it trained with still loads
 
 
+@pytest.mark.slow  # trains twice more (~30 s each on 2 cores)
 def test_finetune_round_trip_starts_from_the_release(release, env):
     from scalegen.hub import load_release_model
 
@@ -145,6 +146,7 @@ def test_tampered_weights_are_refused(release, env, tmp_path, capsys):
     assert not (env / "runs" / "ft-bad").exists()  # refused before anything ran
 
 
+@pytest.mark.slow  # trains twice more (~30 s each on 2 cores)
 def test_mismatched_head_is_refused_unless_named_for_reinit(release, env, capsys):
     # latent 8 -> 4 changes the encoder's output layer and the decoder's input layer
     assert finetune(env, str(release), "ft-head", "model.latent_dim=4") == 2
