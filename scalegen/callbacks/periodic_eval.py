@@ -4,7 +4,8 @@ The runtime adds it when `eval.every_n_steps` is set. Every rank takes part (the
 gathered exactly); rank 0 writes `{run}/eval/step-XXXXXXX/` (metrics.json, report.md, figures) and
 the trainer's loggers (metrics file, W&B) receive the flat `eval/...` values at that step. The
 model's training mode and the global RNG state are restored afterwards, so evaluating does not
-change the course of training.
+change the course of training. With the EMA callback and `ema.use_for_eval`, the averaged weights
+are evaluated.
 """
 
 from __future__ import annotations
@@ -33,9 +34,7 @@ class PeriodicEval(L.Callback):
             self._data = EvalData.from_config(self.cfg.data)
         return self._data
 
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
         if not self.every or step == 0 or step % self.every or step == self._last_step:
             return
@@ -48,8 +47,8 @@ class PeriodicEval(L.Callback):
         run_dir = Path(trainer.default_root_dir)
         out = Path(self.cfg.eval.out_dir) if self.cfg.eval.out_dir else run_dir / "eval"
         out = out / f"step-{step:07d}"
-        results = evaluate(pl_module, self.cfg.eval, self.data, out, step=step, run_dir=run_dir,
-                           log_wandb=False)
+        with self._averaged_weights(trainer, pl_module):
+            results = evaluate(pl_module, self.cfg.eval, self.data, out, step=step, run_dir=run_dir, log_wandb=False)
         summary = results["summary"]
         self.history.append({"step": step, **summary})
         if trainer.is_global_zero:
@@ -62,3 +61,13 @@ class PeriodicEval(L.Callback):
                         except Exception:  # a logger that cannot take images must not stop training
                             pass
         return results
+
+    @staticmethod
+    def _averaged_weights(trainer: L.Trainer, pl_module: Any) -> Any:
+        """The EMA callback's averaged weights for the duration (when it is there and ema.use_for_eval)."""
+        from contextlib import nullcontext
+
+        for cb in trainer.callbacks:
+            if hasattr(cb, "swapped") and hasattr(cb, "use_for_eval"):
+                return cb.swapped(trainer, pl_module)
+        return nullcontext()

@@ -26,6 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder for metrics.json, report.md and figures")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--raw", action="store_true", help="use the raw weights, not the EMA average")
+    parser.add_argument("--no-wandb", action="store_true",
+                        help="do not log to the run's W&B run (default: log when the run used W&B)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides, e.g. eval.iwae_k=100 eval.max_examples=1000")
 
@@ -39,6 +41,20 @@ def _init_distributed() -> None:
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend)
+
+
+def _resume_wandb(cfg, run_dir: Path | None):
+    """Continue the training run's W&B run (same id, same mode) so the evaluation lands next to it."""
+    if run_dir is None or not cfg.logging.wandb or cfg.logging.mode == "disabled" or not cfg.eval.log_wandb:
+        return None
+    id_file = run_dir / "wandb_run_id"
+    if not id_file.is_file():
+        return None
+    import wandb
+
+    os.environ.setdefault("WANDB_SILENT", "true")
+    return wandb.init(project=cfg.logging.project, entity=cfg.logging.entity, id=id_file.read_text().strip(),
+                      resume="allow", mode=cfg.logging.mode, dir=str(run_dir), job_type="eval")
 
 
 def checkpoint_file(path: str | Path) -> Path:
@@ -83,11 +99,16 @@ def run(args: argparse.Namespace) -> int:
     model = model.to(device)
     data = EvalData.from_config(cfg.data)
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
-    results = evaluate(
-        model, cfg.eval, data, Path(args.out), metrics=metrics,
-        checkpoint={"path": str(ckpt.resolve()), "sha256": sha256_file(ckpt), "ema": not args.raw},
-        run_dir=run_dir, step=None, config=OmegaConf.to_container(cfg, resolve=True),
-    )
+    wandb_run = None if args.no_wandb or rank_world()[0] != 0 else _resume_wandb(cfg, run_dir)
+    try:
+        results = evaluate(
+            model, cfg.eval, data, Path(args.out), metrics=metrics,
+            checkpoint={"path": str(ckpt.resolve()), "sha256": sha256_file(ckpt), "ema": not args.raw},
+            run_dir=run_dir, step=None, config=OmegaConf.to_container(cfg, resolve=True),
+        )
+    finally:
+        if wandb_run is not None:
+            wandb_run.finish()
     if rank_world()[0] == 0:
         for key, value in results["summary"].items():
             print(f"{key}: {value:.6g}")

@@ -142,8 +142,7 @@ class EvalConfig:
     """The evaluation pipeline: `scalegen eval`, and during training (see docs/evaluation.md)."""
 
     every_n_steps: int | None = None  # evaluate during training every N optimizer steps (None = never)
-    # Any of bpd, fid, kid, is, linear_probe, semisup; [] = every one the family supports.
-    metrics: list[str] = field(default_factory=list)
+    metrics: list[str] = field(default_factory=list)  # of bpd,fid,kid,is,linear_probe,semisup; [] = all that apply
     split: str = "test"  # split that bits/dim and probe accuracies are measured on
     max_examples: int | None = None  # only the first N examples of `split` (None = all)
     batch_size: int = 256  # examples per forward pass and rank (nll, sample, encode, features)
@@ -154,8 +153,7 @@ class EvalConfig:
     num_samples: int = 1000  # generated samples for FID/KID/IS (50000 for reporting)
     reference_split: str = "train"  # split the generated samples are compared with
     reference_examples: int | None = 50000  # reference statistics from its first N examples (None = all)
-    # Path or URL of pt_inception-2015-12-05-6726825d.pth; None = $SCALEGEN_INCEPTION_WEIGHTS.
-    inception_weights: str | None = None
+    inception_weights: str | None = None  # path/URL of the FID Inception weights; None = $SCALEGEN_INCEPTION_WEIGHTS
     domain_fid: bool = True  # also domain FID (a classifier trained on the data) for small grey images
     kid_subsets: int = 100  # KID: random subsets averaged
     kid_subset_size: int = 1000  # KID: examples per subset (capped by the smaller set)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -60,6 +61,7 @@ class DomainTraining:
     """How the domain classifier is trained (part of its cache key)."""
 
     epochs: int = 2  # passes over the training split
+    min_steps: int = 500  # more passes when the split is small (1,347 digits), so it still trains well
     batch_size: int = 128
     lr: float = 3e-3  # Adam
     max_examples: int | None = None  # train on the first N examples only (None = all)
@@ -87,10 +89,12 @@ def _train(x: Tensor, y: Tensor, num_classes: int, recipe: DomainTraining) -> Do
         torch.manual_seed(recipe.seed)
         net = DomainClassifier(x.shape[1], num_classes)
     opt = torch.optim.Adam(net.parameters(), lr=recipe.lr)
-    steps = recipe.epochs * ((len(x) + recipe.batch_size - 1) // recipe.batch_size)
+    per_epoch = (len(x) + recipe.batch_size - 1) // recipe.batch_size
+    epochs = max(recipe.epochs, math.ceil(recipe.min_steps / per_epoch))
+    steps = epochs * per_epoch
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, total_steps=max(1, steps))
     net.train()
-    for _ in range(recipe.epochs):
+    for _ in range(epochs):
         order = torch.randperm(len(x), generator=gen)
         for i in range(0, len(x), recipe.batch_size):
             idx = order[i : i + recipe.batch_size]

@@ -15,7 +15,8 @@ Protocol (docs/evaluation.md, "Linear probe"):
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -61,29 +62,52 @@ def fit_heads(
     x: Tensor, y: Tensor, num_classes: int, weight_decays: Sequence[float], settings: ProbeSettings, seed: int
 ) -> tuple[Tensor, Tensor]:
     """Train one linear head per weight decay on (x, y) at once; returns W [G, D, C], b [G, C]."""
-    with torch.enable_grad():  # callers (the eval runner) may be under no_grad
+    with torch.enable_grad(), _few_threads_if_small(x, len(weight_decays) * num_classes):
+        # (enable_grad: callers such as the eval runner may be under no_grad)
         return _fit_heads(x, y, num_classes, weight_decays, settings, seed)
+
+
+@contextmanager
+def _few_threads_if_small(x: Tensor, outputs: int) -> Iterator[None]:
+    """One intra-op thread for small CPU problems, restored afterwards.
+
+    A probe step on a few hundred examples is microseconds of arithmetic; with several threads on a
+    busy machine each op waits for descheduled workers, measured 20x slower than one thread.
+    """
+    small = x.device.type == "cpu" and min(x.shape[0], 1024) * x.shape[1] * outputs < 2**24
+    before = torch.get_num_threads()
+    if small:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if small:
+            torch.set_num_threads(before)
 
 
 def _fit_heads(
     x: Tensor, y: Tensor, num_classes: int, weight_decays: Sequence[float], settings: ProbeSettings, seed: int
 ) -> tuple[Tensor, Tensor]:
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    gen = torch.Generator(device="cpu").manual_seed(seed)  # initialization
+    order_gen = torch.Generator(device="cpu").manual_seed(seed + 1)  # mini-batch order
     g, d = len(weight_decays), x.shape[1]
-    # All heads side by side in one [D, G*C] matrix: one matmul per step feeds every head.
-    w = (torch.randn(d, g * num_classes, generator=gen) * 0.01).to(x.device).requires_grad_(True)
+    # All heads side by side in one [D, G*C] matrix: one matmul per step feeds every head. Every head
+    # starts from the same initialization and sees the same batches, so a grid trains each head
+    # exactly as it would be trained alone (Adam is elementwise).
+    w0 = torch.randn(d, 1, num_classes, generator=gen).expand(d, g, num_classes) * 0.01
+    w = w0.reshape(d, g * num_classes).to(x.device).requires_grad_(True)
     b = torch.zeros(g, num_classes, device=x.device, requires_grad=True)
     wd = torch.tensor(list(weight_decays), dtype=x.dtype, device=x.device)
     opt = torch.optim.Adam([w, b], lr=settings.lr)
     n = x.shape[0]
     bs = min(settings.batch_size, n)
-    order = torch.randperm(n, generator=gen).to(x.device)
+    order = torch.randperm(n, generator=order_gen).to(x.device)
     pos = 0
     for step in range(settings.steps):
         for group in opt.param_groups:
             group["lr"] = settings.lr * 0.5 * (1 + math.cos(math.pi * step / settings.steps))
         if pos + bs > n:
-            order, pos = torch.randperm(n, generator=gen).to(x.device), 0
+            order, pos = torch.randperm(n, generator=order_gen).to(x.device), 0
         idx = order[pos : pos + bs]
         pos += bs
         logits = (x[idx] @ w).view(-1, g, num_classes) + b
@@ -162,9 +186,7 @@ def linear_probe(
         accs.append(float(head_accuracies(w, b, xt, test_y)[0]))
         wds.append(wd)
     t = torch.tensor(accs, dtype=torch.float64)
-    return ProbeResult(
-        float(t.mean()), float(t.std(unbiased=False)), accs, wds, n_train, len(test_y), asdict(settings)
-    )
+    return ProbeResult(float(t.mean()), float(t.std(unbiased=False)), accs, wds, n_train, len(test_y), asdict(settings))
 
 
 def labelled_subset(y: Tensor, per_class: int, seed: int) -> Tensor:

@@ -19,9 +19,7 @@ def shared_datasets() -> Path:
     for path in candidates:
         if (path / "mnist" / "t10k-images-idx3-ubyte.gz").is_file():
             return path
-    pytest.skip(
-        f"shared datasets not found (looked in {', '.join(map(str, candidates))}; set SCALEGEN_SHARED)"
-    )
+    pytest.skip(f"shared datasets not found (looked in {', '.join(map(str, candidates))}; set SCALEGEN_SHARED)")
 
 
 @pytest.fixture(autouse=True)

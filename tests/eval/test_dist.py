@@ -50,9 +50,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         fit_to(model, x[:20])
         nll = per_example(lambda a, b: model.nll(a, b), x, y, batch_size=5, device=torch.device("cpu"))
         feats = per_example(lambda a, b: model.encode(a), x, y, batch_size=4, device=torch.device("cpu"))
-        sums = per_example(
-            lambda a, b: a.long().flatten(1).sum(1), x, y, batch_size=5, device=torch.device("cpu")
-        )
+        sums = per_example(lambda a, b: a.long().flatten(1).sum(1), x, y, batch_size=5, device=torch.device("cpu"))
         ranks = gather_rows(torch.full((rank + 2, 3), float(rank)))  # blocks of different sizes
         assert rank_world() == (rank, world)
         torch.save({"nll": nll, "feats": feats, "sums": sums, "ranks": ranks}, f"{out}/rank{rank}.pt")
