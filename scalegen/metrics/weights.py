@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
-import os
 import re
-import shutil
-import tempfile
 import urllib.request
 from pathlib import Path
 
 from scalegen.errors import UserError
+from scalegen.fetch import cache_dir as cache_root
+from scalegen.fetch import download, sha256_file
 
 # torch.hub's convention: a file named `name-<first 8+ hex digits of its sha256>.ext`.
 _HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.[A-Za-z0-9]+$")
@@ -18,15 +16,7 @@ _HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.[A-Za-z0-9]+$")
 
 def cache_dir() -> Path:
     """Where scalegen caches weights and reference statistics: $SCALEGEN_CACHE or ~/.cache/scalegen."""
-    return Path(os.environ.get("SCALEGEN_CACHE") or Path.home() / ".cache" / "scalegen").expanduser()
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+    return cache_root()
 
 
 def expected_hash(name: str, sha256: str | None = None) -> str | None:
@@ -66,16 +56,5 @@ def fetch(spec: str, subdir: str, sha256: str | None = None) -> Path:
     if target.is_file():
         verify(target, want)
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{name}.")
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(spec) as response:  # noqa: S310 (user-given URL)
-            shutil.copyfileobj(response, out)
-        verify(Path(tmp), want)
-        os.replace(tmp, target)
-    except OSError as err:
-        raise UserError(f"cannot download {spec}: {err}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    download(spec, target, want, progress=True)
     return target
