@@ -54,7 +54,8 @@ class StepTimer(L.Callback):
 def scalegen_steps_per_s(overrides: list[str], steps: int, out: Path) -> float:
     cfg = load_config("quickstart", [*overrides, f"trainer.max_steps={steps + WARMUP}", "trainer.max_epochs=null",
                                      "trainer.progress_bar=false", "logging.wandb=false",
-                                     "trainer.check_val_every_n_epoch=1000", f"run.dir={out}", "run.name=bench"])
+                                     "trainer.check_val_every_n_epoch=1000", "trainer.resume=never", f"run.dir={out}",
+                                     f"run.name=bench-{len(list(out.iterdir()))}"])
     timer = StepTimer()
     train(cfg, callbacks=[timer])
     return timer.steps / (timer.end - timer.start)
