@@ -27,6 +27,29 @@ def _train_recipe(recipe: str, run_dir: Path, *overrides: str) -> Path:
     return train(cfg)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread per test: the nets are tiny and 2 shared cores oversubscribe (up to 30x slower)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def shared_datasets() -> Path:
+    """The shared dataset copies (MNIST, FSDD): $SCALEGEN_SHARED or ../shared/datasets next to the repo."""
+    env = os.environ.get("SCALEGEN_SHARED")
+    candidates = [Path(env)] if env else []
+    candidates += [REPO.parent / "shared" / "datasets", REPO.parents[1] / "shared" / "datasets"]
+    for path in candidates:
+        if (path / "README.md").is_file():
+            return path
+    pytest.skip(f"shared datasets not found (looked in {', '.join(map(str, candidates))}; set SCALEGEN_SHARED)")
+
+
 @pytest.fixture(scope="session")
 def train_recipe():
     """`train_recipe(recipe, run_dir, *overrides) -> run_dir`: a real training run in this process."""

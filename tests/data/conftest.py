@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
 from scalegen.data import prepare_dataset
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="session")
@@ -20,14 +17,3 @@ def digits_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.fixture(scope="session")
-def shared_datasets() -> Path:
-    """The shared dataset copies (MNIST, FSDD): $SCALEGEN_SHARED or ../shared/datasets next to the repo."""
-    env = os.environ.get("SCALEGEN_SHARED")
-    candidates = [Path(env)] if env else []
-    candidates += [REPO.parent / "shared" / "datasets", REPO.parents[1] / "shared" / "datasets"]
-    for path in candidates:
-        if (path / "README.md").is_file():
-            return path
-    looked = ", ".join(map(str, candidates))
-    pytest.skip(f"shared datasets not found (looked in {looked}; set SCALEGEN_SHARED)")

@@ -29,15 +29,6 @@ from scalegen.nets.flows import (
 from scalegen.objectives.flow import flow_nll, uniform_dequantize
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """2 shared cores: intra-op threads oversubscribe under load (30x slower); restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _perturb(module: torch.nn.Module, scale: float = 0.1, seed: int = 0) -> None:
     """Move every parameter off its (identity) initialization so the checks are not trivial."""
     g = torch.Generator().manual_seed(seed)

@@ -17,15 +17,6 @@ from scalegen.objectives.autoregressive import binarize
 from scalegen.samplers.autoregressive import sample_image
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """2 shared cores: intra-op threads oversubscribe under load; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _dependencies(net: torch.nn.Module, c: int, h: int, w: int) -> torch.Tensor:
     """dep[co, r, col, ci, r2, col2]: do the logits at (co, r, col) depend on input (ci, r2, col2)?"""
     torch.manual_seed(0)

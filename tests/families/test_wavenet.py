@@ -33,15 +33,6 @@ def _fsdd_dir() -> Path | None:
     return None
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """2 shared cores: intra-op threads oversubscribe under load; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("kernel_size,input_kernel,stacks,layers", [(2, 2, 2, 3), (3, 4, 1, 3)])
 def test_causality_and_receptive_field_by_gradients(kernel_size, input_kernel, stacks, layers):
     torch.manual_seed(0)
