@@ -8,10 +8,12 @@ data position bitwise equal to an uninterrupted run's, logging to the same W&B r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -59,14 +61,33 @@ def job_field(job: str, name: str) -> str:
     return m.group(1) if m else ""
 
 
-def wait_for(predicate, timeout: float, what: str, poll: float = 1.0):
+def wait_for(predicate, timeout: float, what: str, poll: float = 1.0, diagnose=None):
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         value = predicate()
         if value:
             return value
         time.sleep(poll)
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}" + (f"\n{diagnose()}" if diagnose else ""))
+
+
+def slurm_logs(run_dir: Path) -> str:
+    """The tail of the job's output files, for a failure message."""
+    return "\n".join(f"--- {p}\n{p.read_text()[-3000:]}" for p in sorted((run_dir / "slurm").glob("*.out")))
+
+
+def training_task_pids(job: str) -> list[int]:
+    """The processes of the job's training step (srun's tasks), not the batch shell's."""
+    out = subprocess.run(["scontrol", "listpids", job], capture_output=True, text=True, check=True).stdout
+    rows = [line.split() for line in out.splitlines()[1:]]  # PID JOBID STEPID LOCALID GLOBALID
+    return [int(row[0]) for row in rows if len(row) >= 3 and row[2] not in ("batch", "extern")]
+
+
+def signal_pending(pid: int, signum: int) -> bool:
+    """Whether `signum` waits, undelivered, in a (stopped) process: /proc's pending-signal masks."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    masks = re.findall(r"^(?:ShdPnd|SigPnd):\s*([0-9a-f]+)$", status, re.M)
+    return any(int(mask, 16) >> (signum - 1) & 1 for mask in masks)
 
 
 def logged_step(run_dir: Path) -> int:
@@ -240,27 +261,50 @@ def test_preempted_job_requeues_resumes_and_matches_an_uninterrupted_run(ci_prof
     pre_dir, ref_dir = runs / "preempted", runs / "reference"
     assert len(list((pre_dir / "slurm").glob("submit-*.sbatch"))) == 1  # the script is kept in the run folder
 
-    # Mid-run: the operator's (or the time limit's) signal to the batch shell.
-    wait_for(lambda: logged_step(pre_dir) >= PREEMPT_AFTER, 600, "the job to train a few steps")
-    subprocess.run(["scancel", "--signal=USR1", "--batch", preempted], check=True)
-    wait_for(lambda: job_field(preempted, "Restarts") == "1", 300, "the job to requeue itself")
+    # Mid-run: the operator's (or the time limit's) signal to the batch shell. The whole run takes about a
+    # second of training, less than the signal's path through the batch shell and srun on a fast machine,
+    # so the training tasks are frozen (SIGSTOP) first and thawed once the forwarded USR1 is pending in
+    # each of them: the signal then lands mid-run on every machine, by the same path as on a cluster.
+    wait_for(lambda: logged_step(pre_dir) >= PREEMPT_AFTER, 600, "the job to train a few steps", poll=0.05)
+    tasks = training_task_pids(preempted)
+    assert len(tasks) >= 2, tasks
+    for pid in tasks:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        frozen_at = logged_step(pre_dir)
+        assert frozen_at < STEPS - 1, f"the run reached step {frozen_at} before it was frozen"
+        subprocess.run(["scancel", "--signal=USR1", "--batch", preempted], check=True)
+        wait_for(
+            lambda: all(signal_pending(pid, signal.SIGUSR1) for pid in tasks),
+            120,
+            "USR1 to reach the frozen training tasks through the batch shell and srun",
+            poll=0.1,
+            diagnose=lambda: slurm_logs(pre_dir),
+        )
+    finally:
+        for pid in tasks:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+    wait_for(
+        lambda: job_field(preempted, "Restarts") == "1",
+        300,
+        "the job to requeue itself",
+        diagnose=lambda: slurm_logs(pre_dir),
+    )
     marker_text = (pre_dir / ".preempted").read_text()
     stopped_at = int(re.search(r"step=(\d+)", marker_text).group(1))
     assert PREEMPT_AFTER <= stopped_at < STEPS
     # A requeued job waits minutes for its BeginTime; make it eligible now.
     subprocess.run(["scontrol", "update", f"JobId={preempted}", "StartTime=now"], check=True)
 
-    for job in (preempted, reference):
+    for job, run_dir in ((preempted, pre_dir), (reference, ref_dir)):
         wait_for(
             lambda job=job: job_field(job, "JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"),
             900,
             f"job {job} to finish",
             poll=3,
         )
-        assert job_field(job, "JobState") == "COMPLETED", (
-            job,
-            [p.read_text()[-3000:] for p in (runs / "preempted" / "slurm").glob("*.out")],
-        )
+        assert job_field(job, "JobState") == "COMPLETED", (job, slurm_logs(run_dir))
 
     log = "".join(p.read_text() for p in (pre_dir / "slurm").glob("*.out"))
     assert "forwarding to the training tasks" in log
