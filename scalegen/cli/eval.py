@@ -57,20 +57,6 @@ def _resume_wandb(cfg, run_dir: Path | None):
                       resume="allow", mode=cfg.logging.mode, dir=str(run_dir), job_type="eval")
 
 
-def checkpoint_file(path: str | Path) -> Path:
-    from scalegen.runtime import newest_checkpoint
-
-    path = Path(path)
-    if path.is_dir():
-        found = newest_checkpoint(path)
-        if found is None:
-            raise UserError(f"run folder {path} has no checkpoint yet")
-        return found
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist")
-    return path
-
-
 def run(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
@@ -78,11 +64,10 @@ def run(args: argparse.Namespace) -> int:
     from scalegen.eval.data import EvalData
     from scalegen.eval.dist import rank_world
     from scalegen.eval.runner import evaluate, parse_metrics
-    from scalegen.metrics.weights import sha256_file
-    from scalegen.runtime import load_model
+    from scalegen.runtime.checkpoint import checkpoint_sha256, load_model, resolve_checkpoint
 
     _init_distributed()
-    ckpt = checkpoint_file(args.checkpoint)
+    ckpt = resolve_checkpoint(args.checkpoint)
     model, cfg = load_model(ckpt, use_ema=not args.raw)
     for item in args.overrides:
         if "=" not in item:
@@ -103,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         results = evaluate(
             model, cfg.eval, data, Path(args.out), metrics=metrics,
-            checkpoint={"path": str(ckpt.resolve()), "sha256": sha256_file(ckpt), "ema": not args.raw},
+            checkpoint={"path": str(ckpt.resolve()), "sha256": checkpoint_sha256(ckpt), "ema": not args.raw},
             run_dir=run_dir, step=None, config=OmegaConf.to_container(cfg, resolve=True),
         )
     finally:

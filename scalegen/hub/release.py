@@ -20,7 +20,6 @@ import json
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 import torch
 from omegaconf import OmegaConf
@@ -28,37 +27,10 @@ from omegaconf import OmegaConf
 import scalegen
 from scalegen.errors import UserError
 from scalegen.hub.checksums import SUMS, write_sums
+from scalegen.runtime.checkpoint import read_checkpoint, resolve_checkpoint
 
 FORMAT = 1
 WEIGHTS, EMA_WEIGHTS = "model.safetensors", "model_ema.safetensors"
-
-
-def _checkpoint_of(run_or_ckpt: Path) -> tuple[dict[str, Any], Path]:
-    """(checkpoint dict with state_dict / ema_state_dict / scalegen, its path), from a run folder,
-    a checkpoint file, or a sharded ZeRO checkpoint folder (consolidated with DeepSpeed's utilities)."""
-    from scalegen.distributed.deepspeed import (
-        consolidate_zero_checkpoint,
-        is_zero_checkpoint,
-        zero_client_state,
-    )
-    from scalegen.runtime.checkpoint import newest_checkpoint
-
-    path = run_or_ckpt
-    if path.is_dir() and (path / "checkpoints").is_dir():
-        found = newest_checkpoint(path)
-        if found is None:
-            raise UserError(f"run folder {path} has no checkpoint yet; train it first")
-        path = found
-    if is_zero_checkpoint(path):
-        ckpt = zero_client_state(path)
-        ckpt["state_dict"] = consolidate_zero_checkpoint(path)
-        return ckpt, path
-    if not path.is_file():
-        raise UserError(f"{run_or_ckpt} is neither a run folder nor a checkpoint")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if "scalegen" not in ckpt:
-        raise UserError(f"{path} is not a scalegen checkpoint (no config inside)")
-    return ckpt, path
 
 
 def _plain(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -81,7 +53,8 @@ def make_release(
     from safetensors.torch import save_file
 
     run_dir, out = Path(run_dir), Path(out)
-    ckpt, ckpt_path = _checkpoint_of(run_dir)
+    ckpt_path = resolve_checkpoint(run_dir)
+    ckpt = read_checkpoint(ckpt_path)
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise UserError(f"{out} exists and is not empty; choose another --out or pass --overwrite")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig
 
 from scalegen.errors import UserError
+from scalegen.fetch import sha256_file
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -44,7 +46,9 @@ class SaveConfigInCheckpoint(L.Callback):
 
 
 def newest_checkpoint(run_dir: Path) -> Path | None:
-    """last.ckpt if present, else the most recently written checkpoint in run_dir/checkpoints."""
+    """last.ckpt if present, else the most recently written checkpoint in run_dir/checkpoints.
+
+    A checkpoint is a file, or a folder when DeepSpeed wrote it sharded (ZeRO)."""
     folder = Path(run_dir) / "checkpoints"
     if (folder / "last.ckpt").exists():
         return folder / "last.ckpt"
@@ -52,17 +56,46 @@ def newest_checkpoint(run_dir: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def read_checkpoint(path: str | Path) -> dict:
-    """Load a checkpoint without executing pickled code (tensors and plain containers only)."""
-    path = Path(path)
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The checkpoint a user means by `path`: a checkpoint file, a ZeRO checkpoint folder, or a run folder
+    (its newest checkpoint); a clear error otherwise."""
+    from scalegen.distributed.deepspeed import is_zero_checkpoint
+
+    given = path = Path(path)
     if path.is_dir() and (path / "checkpoints").is_dir():  # a run folder
         found = newest_checkpoint(path)
         if found is None:
-            raise UserError(f"run folder {path} has no checkpoint yet")
+            raise UserError(f"run folder {path} has no checkpoint yet; train it first")
         path = found
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if path.is_file() or is_zero_checkpoint(path):
+        return path
+    if not path.exists():
+        raise UserError(f"checkpoint {given} does not exist")
+    raise UserError(f"{given} is neither a checkpoint (file or ZeRO folder) nor a run folder with checkpoints")
+
+
+def checkpoint_sha256(path: str | Path) -> str:
+    """sha256 of a checkpoint file; for a ZeRO folder, of its files' names and sha256s in sorted order."""
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    lines = [f"{sha256_file(f)}  {f.relative_to(path)}" for f in sorted(path.rglob("*")) if f.is_file()]
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """The checkpoint dict (state_dict, ema_state_dict, the scalegen config...) of a checkpoint file, a ZeRO
+    folder (weights consolidated to fp32 through DeepSpeed's utilities) or a run folder's newest checkpoint.
+
+    Files load without executing pickled code (tensors and plain containers only)."""
+    from scalegen.distributed.deepspeed import consolidate_zero_checkpoint, is_zero_checkpoint, zero_client_state
+
+    path = resolve_checkpoint(path)
+    if is_zero_checkpoint(path):
+        ckpt = zero_client_state(path)
+        ckpt["state_dict"] = consolidate_zero_checkpoint(path)
+    else:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if "scalegen" not in ckpt:
         raise UserError(f"{path} is not a scalegen checkpoint (no config inside)")
     return ckpt

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from scalegen.callbacks.data_audit import DataAudit
 from scalegen.callbacks.figures import RunFigures
 from scalegen.config.loader import resolved
+from scalegen.distributed.deepspeed import is_zero_checkpoint
 from scalegen.errors import UserError
 from scalegen.registry import get_family
 from scalegen.runtime.checkpoint import AtomicCheckpointIO, SaveConfigInCheckpoint, newest_checkpoint
@@ -31,8 +32,11 @@ def _resume_path(cfg: DictConfig, run_dir: Path) -> str | None:
     if mode == "auto":
         found = newest_checkpoint(run_dir)
         return str(found) if found else None
-    if not Path(mode).is_file():
-        raise UserError(f"trainer.resume={mode!r}: no such checkpoint (use auto, never, or a checkpoint path)")
+    if not (Path(mode).is_file() or is_zero_checkpoint(mode)):
+        raise UserError(
+            f"trainer.resume={mode!r}: no such checkpoint (use auto, never, a checkpoint file or a ZeRO "
+            "checkpoint folder)"
+        )
     return mode
 
 

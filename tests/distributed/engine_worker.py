@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -22,20 +23,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from dist_helpers import build_model, digit_batches, trainer_config  # noqa: E402
+from dist_helpers import DIGITS_SPEC, build_model, digit_batches, trainer_config  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
 
 EMA_DECAY = 0.9  # small, so a few steps move the average visibly
 
 
 class LossOf(torch.nn.Module):
-    """The family's training objective as a module's forward, which is what an engine drives."""
+    """The family's training objective as a module's forward, which is what an engine drives. The family
+    module is held as `_forward_module`, as Lightning's DeepSpeed wrapper holds it, so the engine's
+    checkpoint has the layout of a Lightning DeepSpeed checkpoint."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
-        self.model = model
+        self._forward_module = model
 
     def forward(self, batch: dict) -> torch.Tensor:
-        return self.model.loss(batch)[0]
+        return self._forward_module.loss(batch)[0]
 
 
 def mean_over_ranks(value: float) -> float:
@@ -73,7 +77,7 @@ def run_deepspeed(name: str, args: argparse.Namespace, rank: int, world: int) ->
         lr_scheduler=schedule,
         config=deepspeed_config(cfg.trainer, args.micro, world=world),
     )
-    net = engine.module.model
+    net = engine.module._forward_module
     ema = EMAState(decay=EMA_DECAY)
     ema.init_from(net)
     losses = []
@@ -88,7 +92,14 @@ def run_deepspeed(name: str, args: argparse.Namespace, rank: int, world: int) ->
         ema.update(net, step + 1)
     with full_parameters(net):
         final = {k: v.detach().float().clone() for k, v in net.state_dict().items()}
-    engine.save_checkpoint(str(Path(args.out) / name / "zero"), tag="final")
+    # Where and how Lightning's DeepSpeed strategy saves `last.ckpt`: a folder, tag `checkpoint`, and the
+    # rest of the Lightning checkpoint (scalegen's config, the EMA, the step) as the engine's client state.
+    client_state = {
+        "scalegen": {"config": OmegaConf.to_container(cfg, resolve=True), "data_spec": asdict(DIGITS_SPEC)},
+        "ema_state_dict": ema.weights(),
+        "global_step": args.steps,
+    }
+    engine.save_checkpoint(str(Path(args.out) / name / "last.ckpt"), tag="checkpoint", client_state=client_state)
     return {
         "losses": losses,
         "final": final,

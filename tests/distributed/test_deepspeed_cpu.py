@@ -67,15 +67,40 @@ def test_ema_under_zero3_matches_ddp_and_lives_on_rank_0(engines):
 def test_zero_checkpoint_consolidates_to_the_trained_weights(engines, run):
     from scalegen.distributed import consolidate_zero_checkpoint, is_zero_checkpoint
 
-    folder = engines / run / "zero"
+    folder = engines / run / "last.ckpt"
     assert is_zero_checkpoint(folder)
-    assert len(list((folder / "final").glob("*optim_states.pt"))) == 2  # really sharded over 2 ranks
+    assert len(list((folder / "checkpoint").glob("*optim_states.pt"))) == 2  # really sharded over 2 ranks
     state = consolidate_zero_checkpoint(folder)
     final = load(engines, run)["final"]
-    assert set(state) == {f"model.{k}" for k in final}  # the engine drove LossOf(model)
+    assert set(state) == set(final)  # Lightning's `_forward_module.` prefix is gone
     for k, v in final.items():
-        assert state[f"model.{k}"].dtype == torch.float32
-        torch.testing.assert_close(state[f"model.{k}"], v, rtol=0, atol=0)
+        assert state[k].dtype == torch.float32
+        torch.testing.assert_close(state[k], v, rtol=0, atol=0)
+
+
+def test_zero_checkpoint_is_read_by_load_model_eval_and_release(engines, tmp_path):
+    """A sharded checkpoint (Lightning's layout) is what `scalegen sample/eval/release` read like a file."""
+    from safetensors.torch import load_file
+
+    from scalegen.hub import make_release
+    from scalegen.runtime.checkpoint import checkpoint_sha256, load_model, read_checkpoint
+
+    folder = engines / "zero3" / "last.ckpt"
+    expected = load(engines, "zero3")
+    ckpt = read_checkpoint(folder)
+    assert ckpt["global_step"] == STEPS and ckpt["scalegen"]["config"]["trainer"]["strategy"] == "deepspeed_stage_3"
+    raw, _ = load_model(folder, use_ema=False)
+    ema, cfg = load_model(folder)
+    assert cfg.model.family == "vae"
+    for k, v in expected["final"].items():
+        torch.testing.assert_close(raw.state_dict()[k], v, rtol=0, atol=0)
+        torch.testing.assert_close(ema.state_dict()[k], expected["ema"][k], rtol=0, atol=0)
+    assert ema.sample(3).shape == (3, 1, 8, 8)
+    digest = checkpoint_sha256(folder)
+    assert len(digest) == 64 and digest == checkpoint_sha256(folder)
+    release = make_release(folder, tmp_path / "release")
+    weights = load_file(release / "model.safetensors")
+    assert all(torch.equal(weights[k], expected["final"][k]) for k in expected["final"])
 
 
 @pytest.mark.slow
