@@ -139,8 +139,8 @@ def consolidate_zero_checkpoint(path: str | Path, tag: str | None = None) -> dic
 def zero_client_state(path: str | Path, tag: str | None = None) -> dict[str, Any]:
     """Everything Lightning stored beside the weights in a ZeRO checkpoint (callbacks, EMA, scalegen config).
 
-    Read with `weights_only=False`: only for checkpoints this installation wrote itself; releases
-    never contain pickles.
+    Read with `weights_only=True` like every other checkpoint here. (The optimizer shards, which hold
+    DeepSpeed's own classes, are only read by DeepSpeed's `zero_to_fp32` during consolidation.)
     """
     import torch
 
@@ -156,7 +156,7 @@ def zero_client_state(path: str | Path, tag: str | None = None) -> dict[str, Any
     files = sorted(tag_dir.glob("*mp_rank_00_model_states.pt"))
     if not files:
         raise UserError(f"no model states in ZeRO checkpoint {tag_dir}")
-    state = torch.load(files[0], map_location="cpu", weights_only=False)
+    state = torch.load(files[0], map_location="cpu", weights_only=True)
     skip = {
         "module",
         "optimizer",
