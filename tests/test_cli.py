@@ -57,3 +57,13 @@ def test_sample_writes_a_grid(trained_vae: Path, tmp_path: Path) -> None:
 def test_sample_missing_checkpoint_is_a_user_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["sample", str(tmp_path / "nope.ckpt")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_overrides_may_follow_options(capsys: pytest.CaptureFixture) -> None:
+    args = ["slurm", "submit", "quickstart", "--nodes", "1", "--gpus-per-node", "0", "--dry-run"]
+    assert main([*args, "trainer.max_steps=7", "optim.lr=0.01"]) == 0
+    script = capsys.readouterr().out
+    assert "trainer.max_steps=7" in script and "optim.lr=0.01" in script
+    with pytest.raises(SystemExit) as exit_:  # an unknown option is still refused
+        main([*args, "trainer.max_steps=7", "--bogus"])
+    assert exit_.value.code == 2 and "--bogus" in capsys.readouterr().err
