@@ -75,13 +75,20 @@ class WaveNet(nn.Module):
         cond = self._cond(g, n)
         skips = 0
         for i, d in enumerate(self.dilations):
-            a = self.filter_gate[i](F.pad(h, ((self.kernel_size - 1) * d, 0)))  # causal: left padding only
-            if cond is not None:
-                a = a + cond[:, i]
-            f, gate = a.chunk(2, 1)
-            z = torch.tanh(f) * torch.sigmoid(gate)
-            skips = skips + self.skip[i](z)
-            h = h + self.residual[i](z)
+            skip, h = self._layer(i, F.pad(h, ((self.kernel_size - 1) * d, 0)), h, cond)  # causal: left pad
+            skips = skips + skip
+        return self._head(skips)
+
+    def _layer(self, i: int, window: Tensor, h: Tensor, cond: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Layer i's gated activation over `window` (its dilated input): (skip output, next residual h)."""
+        a = self.filter_gate[i](window)
+        if cond is not None:
+            a = a + cond[:, i]
+        f, gate = a.chunk(2, 1)
+        z = torch.tanh(f) * torch.sigmoid(gate)
+        return self.skip[i](z), h + self.residual[i](z)
+
+    def _head(self, skips: Tensor) -> Tensor:
         return self.out2(F.relu(self.out1(F.relu(skips))))
 
     # ---- incremental generation ---------------------------------------------------------------
@@ -109,13 +116,8 @@ class WaveNet(nn.Module):
         for i in range(len(self.dilations)):
             queue = torch.cat([state[i + 1][:, :, 1:], h], 2)
             new_state.append(queue)
-            a = self.filter_gate[i](queue)  # the queue spans exactly (k-1)d+1 steps -> one output
-            if cond is not None:
-                a = a + cond[:, i]
-            f, gate = a.chunk(2, 1)
-            z = torch.tanh(f) * torch.sigmoid(gate)
-            skips = skips + self.skip[i](z)
-            h = h + self.residual[i](z)
+            skip, h = self._layer(i, queue, h, cond)  # the queue spans exactly (k-1)d+1 steps: one output
+            skips = skips + skip
         new_state.append(cond)
-        logits = self.out2(F.relu(self.out1(F.relu(skips))))
+        logits = self._head(skips)
         return logits[:, :, 0], new_state
