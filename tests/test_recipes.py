@@ -1,4 +1,5 @@
-"""Every tiny recipe trains end to end on CPU, and its checkpoint rebuilds a working model."""
+"""Every tiny recipe trains end to end on CPU, its checkpoint rebuilds a working model, and `scalegen eval`
+scores it with the metrics that apply to its family."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from scalegen.cli.main import main
 from scalegen.config.loader import RECIPES_DIR
 from scalegen.runtime import load_model
 
@@ -31,3 +33,14 @@ def test_tiny_recipe_trains_end_to_end(recipe: Path, tmp_path: Path, train_recip
         x = torch.zeros(batch_shape, dtype=torch.uint8) if model.data_spec.kind == "image" else None
         if x is not None:
             assert torch.isfinite(model.nll(x)).all()
+    # ... and `scalegen eval` scores it with every metric that applies to its family (small budgets here).
+    caps, image = type(model).capabilities(), model.data_spec.kind == "image"
+    budget = ["--num-samples", "64", "eval.max_examples=128", "eval.iwae_k=4", "eval.probe_seeds=1",
+              "eval.probe_steps=30", "eval.probe_train_examples=300", "eval.label_curve=[1,10]"]
+    assert main(["eval", str(run), "--out", str(tmp_path / "eval"), "--no-wandb", *budget]) == 0
+    summary = json.loads((tmp_path / "eval" / "metrics.json").read_text())["summary"]
+    expected = {"eval/bpd": "nll" in caps, "eval/domain_fid": "sample" in caps and image,
+                "eval/linear_probe": "encode" in caps, "eval/semisup": "encode" in caps}
+    assert {k for k, applies in expected.items() if applies} <= set(summary), sorted(summary)
+    assert all(math.isfinite(v) for v in summary.values()), summary
+    assert (tmp_path / "eval" / "report.md").is_file()
