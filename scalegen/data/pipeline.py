@@ -13,7 +13,6 @@ since its previous batch; `ShardLoader` turns it into the rank's running total).
 from __future__ import annotations
 
 import random
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -27,6 +26,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from scalegen.data import transforms as T
 from scalegen.data.decode import decode_png_batch, decode_sample
 from scalegen.data.manifest import DataError
+from scalegen.data.prefetch import warn
 from scalegen.data.shards import iter_shard
 from scalegen.data.split import Slice, batches_before, plan_worker, worker_batch_range
 
@@ -65,7 +65,7 @@ class _Skips:
     def bad(self, message: str, n: int = 1) -> None:
         if self.policy == "raise":
             raise DataError(f"{message} (data.on_bad_sample=raise; set it to warn to skip bad data)")
-        warnings.warn(f"skipping {n} sample(s): {message}", BadSampleWarning, stacklevel=2)
+        warn(f"skipping {n} sample(s): {message}", BadSampleWarning)  # deferred to the consumer in a prefetch thread
         self.total += n
 
     def delta(self) -> int:
@@ -84,7 +84,30 @@ class ShardStream(IterableDataset):
             raise ValueError("one count per shard URL")
         self.urls, self.counts, self.opts = list(urls), list(counts), opts
         self.rank, self.world = rank, world
-        self.epoch, self.start = 0, 0
+        self._position: Any = [0, 0]  # (epoch, start); shared memory once `share_position` is called
+
+    @property
+    def epoch(self) -> int:
+        return int(self._position[0])
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self._position[0] = value
+
+    @property
+    def start(self) -> int:
+        return int(self._position[1])
+
+    @start.setter
+    def start(self, value: int) -> None:
+        self._position[1] = value
+
+    def share_position(self, context: Any) -> None:
+        """Keep (epoch, start) in shared memory, so that persistent DataLoader workers (which hold a copy
+        of this object made when they started) read the pass the main process sets before each epoch."""
+        shared = context.RawArray("q", 2)
+        shared[0], shared[1] = self._position[0], self._position[1]
+        self._position = shared
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
