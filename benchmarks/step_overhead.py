@@ -198,9 +198,10 @@ def main() -> None:
                 ours = max(ours, scalegen_steps_per_s(overrides, steps, Path(tmp)))
             rows.append((name, plain, bare, ours))
     print(f"\n{'config':<7} {'plain steps/s':>14} {'lightning steps/s':>18} {'scalegen steps/s':>17} "
-          f"{'lightning/plain':>16} {'scalegen/plain':>15}")
+          f"{'lightning/plain':>16} {'scalegen/plain':>15} {'scalegen - plain ms/step':>25}")
     for name, plain, bare, ours in rows:
-        print(f"{name:<7} {plain:>14.1f} {bare:>18.1f} {ours:>17.1f} {bare / plain:>16.3f} {ours / plain:>15.3f}")
+        print(f"{name:<7} {plain:>14.1f} {bare:>18.1f} {ours:>17.1f} {bare / plain:>16.3f} {ours / plain:>15.3f} "
+              f"{1000 / ours - 1000 / plain:>25.2f}")
     for name, *_ in rows:
         print(f"{name}: {' '.join(CONFIGS[name] + args.overrides)}")
     print(f"threads: {torch.get_num_threads()}, torch {torch.__version__}")

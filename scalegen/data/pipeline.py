@@ -6,8 +6,9 @@ ones and the position in the epoch is simply "how many batches this rank has rec
 
 Batches: `x` (uint8 [B, C, H, W] images, float32 [B, 1, T] audio, or int64 [B, 1, T] mu-law codes),
 `y` (int64 [B], -1 when unlabelled), `key` (list of str), numeric fields from the sample's json
-(e.g. `speaker` for FSDD) as tensors, and `skipped` (int64 scalar: bad samples this worker skipped
-since its previous batch; `ShardLoader` turns it into the rank's running total).
+(e.g. `speaker` for FSDD) as tensors, and `skipped` (an int: bad samples this worker skipped since its
+previous batch; `ShardLoader` turns it into the rank's running total, an int64 scalar tensor; a plain int
+here is one tensor fewer for a worker to send through shared memory).
 """
 
 from __future__ import annotations
@@ -319,7 +320,7 @@ def decode_batches(
 def collate(stream: Iterable[list[dict[str, Any]] | dict[str, Any]], skips: _Skips) -> Iterator[dict[str, Any]]:
     for samples in stream:
         if isinstance(samples, dict):  # decoded as a whole batch already
-            yield {**samples, "skipped": torch.tensor(skips.delta(), dtype=torch.int64)}
+            yield {**samples, "skipped": skips.delta()}
             continue
         shapes = {tuple(s["x"].shape) for s in samples}
         if len(shapes) > 1:
@@ -342,7 +343,7 @@ def collate(stream: Iterable[list[dict[str, Any]] | dict[str, Any]], skips: _Ski
                 batch[k] = torch.tensor(values, dtype=torch.float32)
             else:
                 batch[k] = values
-        batch["skipped"] = torch.tensor(skips.delta(), dtype=torch.int64)
+        batch["skipped"] = skips.delta()
         yield batch
 
 
