@@ -19,8 +19,8 @@ others). The configs:
 - conv: recipes/vae/mnist.yaml's convolutional VAE on MNIST (28x28, batch 64), when MNIST is available (prepared from
   `$SCALEGEN_SHARED/mnist` or the shared datasets folder beside the repository).
 
-    python benchmarks/step_overhead.py [--steps N] [--repeats 3] [--threads 1] [--config small|wide|conv|all]
-        [overrides]
+    python benchmarks/step_overhead.py [--steps N] [--repeats 3] [--threads 1] [--clock wall|cpu]
+        [--config small|wide|conv|all] [overrides]
 
 Each config runs `--repeats` rounds of the three loops, interleaved, and keeps each loop's best round
 (the machine is shared: the best round is the least disturbed). Prints a table and, last,
@@ -59,6 +59,7 @@ CONFIGS = {
 }
 STEPS = {"small": 300, "wide": 60, "conv": 60}  # timed steps per loop (the big nets take ~0.2-0.3 s a step)
 WARMUP = 20
+CLOCK = [time.perf_counter]  # --clock cpu: time.process_time (CPU seconds of this process, all its threads)
 
 
 def _mnist_source() -> str | None:
@@ -80,11 +81,11 @@ class StepTimer(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == WARMUP:
-            self.start = time.perf_counter()
+            self.start = CLOCK[0]()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step > WARMUP:
-            self.end, self.steps = time.perf_counter(), trainer.global_step - WARMUP
+            self.end, self.steps = CLOCK[0](), trainer.global_step - WARMUP
 
 
 _BATCHES: dict[tuple[str, ...], list[dict]] = {}
@@ -121,13 +122,13 @@ def plain_steps_per_s(overrides: list[str], steps: int) -> float:
     start = 0.0
     for step in range(steps + WARMUP):
         if step == WARMUP:
-            start = time.perf_counter()
+            start = CLOCK[0]()
         loss, _ = model.loss(batches[step % len(batches)])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
-    return steps / (time.perf_counter() - start)
+    return steps / (CLOCK[0]() - start)
 
 
 class _InMemory:
@@ -176,10 +177,15 @@ def main() -> None:
     # against the other load and make every figure several times slower and noisier (12 vs 156 steps/s
     # for the plain loop once measured side by side).
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads for every loop")
+    # On a shared VM a whole loop (15-30 s for the big nets) can run 10-15% slower than the next one; CPU
+    # time does not count the time the machine takes away. It counts every thread of the process, so it is
+    # a fair clock only for the inline loader (the default; not data.prefetch>0 or data.num_workers>0).
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="wall time or CPU time")
     parser.add_argument("overrides", nargs="*", help="extra recipe overrides for every config (e.g. data.prefetch=0)")
     args = parser.parse_args()
     names = list(CONFIGS) if args.config == "all" else [args.config]
     torch.set_num_threads(args.threads)
+    CLOCK[0] = time.process_time if args.clock == "cpu" else time.perf_counter
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
@@ -204,7 +210,7 @@ def main() -> None:
               f"{1000 / ours - 1000 / plain:>25.2f}")
     for name, *_ in rows:
         print(f"{name}: {' '.join(CONFIGS[name] + args.overrides)}")
-    print(f"threads: {torch.get_num_threads()}, torch {torch.__version__}")
+    print(f"threads: {torch.get_num_threads()}, clock: {args.clock}, torch {torch.__version__}")
     print(f"ratio: {min(ours / plain for _, plain, _, ours in rows):.3f}")
 
 
