@@ -80,3 +80,15 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path: Path, monk
 def test_last_checkpoint_holds_the_final_step_of_a_mid_epoch_stop(tmp_path: Path, train_recipe) -> None:
     run = train_recipe("vae/tiny", tmp_path / "mid", "trainer.max_steps=30", "trainer.max_epochs=null")
     assert read_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 30  # 22 steps per epoch
+
+
+def test_train_scalars_are_logged_on_logging_steps_only(tmp_path: Path, train_recipe) -> None:
+    """`train/*` is computed into the log only where the loggers write (plus the first and last step):
+    each `self.log` costs as much as a small network's forward pass."""
+    run = train_recipe("quickstart", tmp_path / "q", "trainer.max_steps=23", "trainer.max_epochs=null",
+                       "trainer.log_every_n_steps=10", "trainer.check_val_every_n_epoch=1000",
+                       "trainer.resume=never", "logging.wandb=false")
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if "train/loss" in r]
+    assert steps == [9, 19]  # Lightning writes at steps 10 and 20 (numbered from 0 in the file)
+    assert all("data/skipped_samples" in r for r in rows if "train/loss" in r)

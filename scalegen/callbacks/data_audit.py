@@ -17,7 +17,8 @@ class DataAudit(L.Callback):
         self.record_keys = record_keys
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        if "skipped" in batch:
+        logs = getattr(pl_module, "logs_this_step", None)
+        if "skipped" in batch and (logs is None or logs()):  # a running total: the logged steps suffice
             pl_module.log("data/skipped_samples", torch.as_tensor(batch["skipped"], dtype=torch.float32).max(),
                           reduce_fx="max", sync_dist=False, batch_size=1)
         if self.record_keys and "key" in batch:

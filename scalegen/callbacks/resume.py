@@ -163,9 +163,10 @@ class Preemption(Checkpoint):
 
     def _agreed(self, trainer: L.Trainer) -> bool:
         """Whether any rank got the signal; every rank calls this at the same step."""
+        if trainer.world_size == 1:
+            return self.received  # nothing to agree on: no tensor, no reduction, on every step
         flag = torch.tensor(1.0 if self.received else 0.0, device=trainer.strategy.root_device)
-        if trainer.world_size > 1:
-            flag = trainer.strategy.reduce(flag, reduce_op="max")
+        flag = trainer.strategy.reduce(flag, reduce_op="max")
         return bool(flag.item() > 0)
 
     def on_train_batch_end(

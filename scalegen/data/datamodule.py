@@ -8,8 +8,10 @@ in every checkpoint, so a resumed run continues from the next unseen batch.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import lightning as L
@@ -18,7 +20,8 @@ from torch.utils.data import DataLoader
 
 from scalegen.config.schema import DataConfig
 from scalegen.data.manifest import MANIFEST, DataError, Manifest, read_manifest
-from scalegen.data.pipeline import ShardStream, StreamOptions
+from scalegen.data.pipeline import ShardStream, StreamOptions, hash_seed
+from scalegen.data.prefetch import prefetch
 from scalegen.data.shards import expand_urls, join_url, shard_name, url_exists
 from scalegen.data.transforms import resized_shape
 from scalegen.families.base import DataSpec
@@ -42,11 +45,13 @@ class ShardLoader:
     when a Trainer is attached, because Lightning fetches one batch ahead of the one it trains on).
     """
 
-    def __init__(self, stream: ShardStream, num_workers: int, pin_memory: bool = False) -> None:
+    def __init__(self, stream: ShardStream, num_workers: int, pin_memory: bool = False, prefetch: int = 0) -> None:
         self.stream, self.num_workers, self.pin_memory = stream, num_workers, pin_memory
+        self.prefetch = prefetch  # without workers: batches decoded ahead in a background thread (0 = inline)
         self.epoch, self.consumed, self.skipped = 0, 0, 0
         self.count_on_yield = True
         self._started = False
+        self._dataloader: DataLoader | None = None  # with workers: created at the first pass, then reused
 
     def __len__(self) -> int:
         return len(self.stream)
@@ -56,15 +61,7 @@ class ShardLoader:
             self.epoch, self.consumed = self.epoch + 1, 0  # a new pass, or the saved epoch was finished
         self._started = True
         self.stream.epoch, self.stream.start = self.epoch, self.consumed
-        loader = DataLoader(
-            self.stream,
-            batch_size=None,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=False,
-            multiprocessing_context=_mp_context(self.num_workers),
-        )
-        for batch in loader:
+        for batch in self._batches():
             # Workers report the bad samples skipped since their previous batch; the batch carries this
             # rank's running total (what `data/skipped_samples` logs).
             self.skipped += int(batch["skipped"])
@@ -72,6 +69,34 @@ class ShardLoader:
             if self.count_on_yield:
                 self.consumed += 1
             yield batch
+
+    def _batches(self) -> Iterator[dict[str, Any]]:
+        """This pass's batches: from worker processes, a background thread, or decoded inline."""
+        if self.num_workers > 0:
+            if self._dataloader is None:
+                # Persistent workers: a short epoch (the digits have 22 batches) would otherwise pay for
+                # starting its worker processes again every time. Each pass, every worker re-plans from the
+                # (epoch, start) the main process has just written into shared memory.
+                context = _mp_context(self.num_workers)
+                self.stream.share_position(multiprocessing.get_context(context))
+                self._dataloader = DataLoader(
+                    self.stream,
+                    batch_size=None,
+                    num_workers=self.num_workers,
+                    pin_memory=self.pin_memory,
+                    persistent_workers=True,
+                    multiprocessing_context=context,
+                    # Its own generator: without one, creating the iterator draws the workers' base seed
+                    # from the global torch generator, a draw a run resumed at an epoch end cannot mirror.
+                    generator=torch.Generator().manual_seed(hash_seed(self.stream.opts.seed, self.stream.rank)),
+                )
+            return iter(self._dataloader)
+        # Without workers a DataLoader would only add a per-batch conversion pass (and that seed draw).
+        pin = _pin if self.pin_memory else None
+        if self.prefetch > 0:
+            return prefetch(self.stream, self.prefetch, transform=pin)
+        batches = iter(self.stream)
+        return batches if pin is None else map(pin, batches)
 
     def state_dict(self) -> dict[str, Any]:
         s = self.stream
@@ -109,6 +134,10 @@ class ShardLoader:
             )
             self.consumed = 0
         self._started = False
+
+
+def _pin(batch: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def _mp_context(num_workers: int) -> str | None:
@@ -195,6 +224,15 @@ class ShardDataModule(L.LightningDataModule):
         if trainer is not None and trainer.training and "train" in self._loaders:
             self._loaders["train"].consumed += 1
         return batch
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        # Our batches are flat dicts of tensors and lists (keys): move the tensors and leave the rest, instead
+        # of Lightning's generic walk, which visits every one of the batch's key strings on every step.
+        if not isinstance(batch, dict):
+            return super().transfer_batch_to_device(batch, device, dataloader_idx)
+        non_blocking = torch.device(device).type not in ("cpu", "mps")  # as Lightning's own transfer
+        return {k: v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
+                for k, v in batch.items()}
 
     def state_dict(self) -> dict[str, Any]:
         """The training pipeline's position; Lightning stores it in every checkpoint."""
@@ -306,6 +344,7 @@ class ShardDataModule(L.LightningDataModule):
             ShardStream(urls, counts, opts, rank=rank, world=world),
             c.num_workers,
             pin_memory=torch.cuda.is_available(),
+            prefetch=c.prefetch,
         )
         if train:
             loader.count_on_yield = self._trainer is None

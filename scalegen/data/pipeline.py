@@ -6,14 +6,14 @@ ones and the position in the epoch is simply "how many batches this rank has rec
 
 Batches: `x` (uint8 [B, C, H, W] images, float32 [B, 1, T] audio, or int64 [B, 1, T] mu-law codes),
 `y` (int64 [B], -1 when unlabelled), `key` (list of str), numeric fields from the sample's json
-(e.g. `speaker` for FSDD) as tensors, and `skipped` (int64 scalar: bad samples this worker skipped
-since its previous batch; `ShardLoader` turns it into the rank's running total).
+(e.g. `speaker` for FSDD) as tensors, and `skipped` (an int: bad samples this worker skipped since its
+previous batch; `ShardLoader` turns it into the rank's running total, an int64 scalar tensor; a plain int
+here is one tensor fewer for a worker to send through shared memory).
 """
 
 from __future__ import annotations
 
 import random
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -27,6 +27,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from scalegen.data import transforms as T
 from scalegen.data.decode import decode_png_batch, decode_sample
 from scalegen.data.manifest import DataError
+from scalegen.data.prefetch import warn
 from scalegen.data.shards import iter_shard
 from scalegen.data.split import Slice, batches_before, plan_worker, worker_batch_range
 
@@ -65,7 +66,7 @@ class _Skips:
     def bad(self, message: str, n: int = 1) -> None:
         if self.policy == "raise":
             raise DataError(f"{message} (data.on_bad_sample=raise; set it to warn to skip bad data)")
-        warnings.warn(f"skipping {n} sample(s): {message}", BadSampleWarning, stacklevel=2)
+        warn(f"skipping {n} sample(s): {message}", BadSampleWarning)  # deferred to the consumer in a prefetch thread
         self.total += n
 
     def delta(self) -> int:
@@ -84,7 +85,30 @@ class ShardStream(IterableDataset):
             raise ValueError("one count per shard URL")
         self.urls, self.counts, self.opts = list(urls), list(counts), opts
         self.rank, self.world = rank, world
-        self.epoch, self.start = 0, 0
+        self._position: Any = [0, 0]  # (epoch, start); shared memory once `share_position` is called
+
+    @property
+    def epoch(self) -> int:
+        return int(self._position[0])
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self._position[0] = value
+
+    @property
+    def start(self) -> int:
+        return int(self._position[1])
+
+    @start.setter
+    def start(self, value: int) -> None:
+        self._position[1] = value
+
+    def share_position(self, context: Any) -> None:
+        """Keep (epoch, start) in shared memory, so that persistent DataLoader workers (which hold a copy
+        of this object made when they started) read the pass the main process sets before each epoch."""
+        shared = context.RawArray("q", 2)
+        shared[0], shared[1] = self._position[0], self._position[1]
+        self._position = shared
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -296,7 +320,7 @@ def decode_batches(
 def collate(stream: Iterable[list[dict[str, Any]] | dict[str, Any]], skips: _Skips) -> Iterator[dict[str, Any]]:
     for samples in stream:
         if isinstance(samples, dict):  # decoded as a whole batch already
-            yield {**samples, "skipped": torch.tensor(skips.delta(), dtype=torch.int64)}
+            yield {**samples, "skipped": skips.delta()}
             continue
         shapes = {tuple(s["x"].shape) for s in samples}
         if len(shapes) > 1:
@@ -319,7 +343,7 @@ def collate(stream: Iterable[list[dict[str, Any]] | dict[str, Any]], skips: _Ski
                 batch[k] = torch.tensor(values, dtype=torch.float32)
             else:
                 batch[k] = values
-        batch["skipped"] = torch.tensor(skips.delta(), dtype=torch.int64)
+        batch["skipped"] = skips.delta()
         yield batch
 
 

@@ -138,32 +138,35 @@ class TarError(ValueError):
 def read_tar(stream: IO[bytes], chunk: int = 1 << 20) -> Iterator[tuple[str, bytes]]:
     """(name, data) of every regular file in an uncompressed tar stream (ustar, pax and GNU long names).
 
-    Reads the stream in large chunks and slices members out of them (few Python calls per member).
-    Headers without the ustar magic must pass the header checksum; a stream that ends inside a header
-    or a member, or a header whose fields do not parse, raises `TarError`.
+    Reads the stream in large chunks and slices members out of them (few Python calls per member: the
+    common case, a whole member already buffered, touches no helper). Headers without the ustar magic
+    must pass the header checksum; a stream that ends inside a header or a member, or a header whose
+    fields do not parse, raises `TarError`.
     """
     buf, pos, eof = b"", 0, False
 
-    def ensure(n: int) -> bool:
-        """At least n bytes from pos in buf, unless the stream ends first."""
+    def refill(n: int) -> None:
+        """Read until at least n bytes from pos are buffered, or the stream ends."""
         nonlocal buf, pos, eof
         while len(buf) - pos < n and not eof:
             more = stream.read(max(chunk, n))
             eof = not more
             buf, pos = buf[pos:] + more, 0
-        return len(buf) - pos >= n
 
     long_name: str | None = None
     while True:
-        if not ensure(512):
-            if len(buf) - pos == 0:
-                return  # a writer that omitted the end-of-archive blocks
-            raise TarError(f"truncated tar header ({len(buf) - pos} of 512 bytes)")
+        if len(buf) - pos < 512:
+            refill(512)
+            if len(buf) - pos < 512:
+                if len(buf) - pos == 0:
+                    return  # a writer that omitted the end-of-archive blocks
+                raise TarError(f"truncated tar header ({len(buf) - pos} of 512 bytes)")
         header = buf[pos : pos + 512]
-        if header == _ZERO_BLOCK:
-            return  # end of archive
+        ustar = header[257:262] == b"ustar"
         try:
-            if header[257:262] != b"ustar":  # old-style header: only the checksum vouches for it
+            if not ustar:  # old-style header: only the checksum vouches for it
+                if header == _ZERO_BLOCK:
+                    return  # end of archive
                 stored = int(header[148:156].split(b"\0", 1)[0].strip(), 8)
                 # The checksum is the byte sum with the checksum field counted as 8 spaces (8 * 32).
                 if stored != sum(header) - sum(header[148:156]) + 256:
@@ -177,22 +180,24 @@ def read_tar(stream: IO[bytes], chunk: int = 1 << 20) -> Iterator[tuple[str, byt
         except ValueError as err:
             raise TarError(f"corrupt tar header: {err}") from None
         padded = size + (-size % 512)
-        if not ensure(512 + padded) and len(buf) - pos < 512 + size:
-            raise TarError(f"truncated tar member ({len(buf) - pos - 512} of {size} bytes)")
+        if len(buf) - pos < 512 + padded:
+            refill(512 + padded)
+            if len(buf) - pos < 512 + size:
+                raise TarError(f"truncated tar member ({len(buf) - pos - 512} of {size} bytes)")
         data = buf[pos + 512 : pos + 512 + size]
         pos += 512 + padded
-        kind = header[156:157]
-        if kind in (b"0", b"\0", b"7"):
+        kind = header[156]
+        if kind in (48, 0, 55):  # b"0", b"\0", b"7": a regular file
             if long_name is not None:
                 name, long_name = long_name, None
             else:
                 name = header[:100].split(b"\0", 1)[0].decode()
-                prefix = header[345:500].split(b"\0", 1)[0].decode() if header[257:262] == b"ustar" else ""
-                name = f"{prefix}/{name}" if prefix else name
+                if ustar and header[345]:
+                    name = header[345:500].split(b"\0", 1)[0].decode() + "/" + name
             yield name, data
-        elif kind == b"L":  # GNU long name of the next member
+        elif kind == 76:  # b"L": GNU long name of the next member
             long_name = data.split(b"\0", 1)[0].decode()
-        elif kind == b"x":  # pax extended header of the next member
+        elif kind == 120:  # b"x": pax extended header of the next member
             for record in data.decode("utf-8").splitlines():
                 _, _, keyvalue = record.partition(" ")
                 if keyvalue.startswith("path="):

@@ -195,8 +195,9 @@ class GAN(GenerativeModel):
             self.untoggle_optimizer(opt_g)
             self.log("train/g_loss", g_total, prog_bar=True, batch_size=n)
 
-        self.log("train/loss", logs["d_loss"], prog_bar=True, batch_size=n)  # the discriminator's loss
-        self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=n)
+        if self.logs_this_step():
+            self.log("train/loss", logs["d_loss"], prog_bar=True, batch_size=n)  # the discriminator's loss
+            self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=n)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["gan_counters"] = {"micro_batches": self._micro_batches, "d_updates": self._d_updates}

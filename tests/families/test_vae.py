@@ -118,3 +118,27 @@ def test_iwae_training_objective_runs_and_is_a_bound() -> None:
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
     with torch.no_grad():
         assert model.nll(x, k=8).mean() <= model.nll(x, k=1).mean() + 1.0
+
+
+def test_training_step_logs_only_on_the_first_logging_and_last_steps() -> None:
+    """`GenerativeModel.training_step` calls `self.log` only where it is read (see `logs_this_step`)."""
+    import lightning as L
+
+    torch.manual_seed(0)
+    model = VAE(VAEConfig(hidden=[16], latent_dim=2), OptimConfig(lr=1e-3), DataSpec(shape=(1, 8, 8)))
+    logged: list[int] = []
+    log = model.log
+
+    def spy(name, *args, **kwargs):
+        if name == "train/loss":
+            logged.append(model.global_step)
+        return log(name, *args, **kwargs)
+
+    model.log = spy
+    x = torch.randint(0, 256, (8 * 25, 1, 8, 8), dtype=torch.uint8)
+    batches = [{"x": b, "y": torch.zeros(len(b), dtype=torch.int64)} for b in x.split(8)]
+    trainer = L.Trainer(max_steps=25, log_every_n_steps=10, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(model, torch.utils.data.DataLoader(batches, batch_size=None))
+    assert logged == [0, 9, 19, 24]  # first step, every 10th (as Lightning's loggers write), last
+    assert "train/loss" in trainer.callback_metrics
