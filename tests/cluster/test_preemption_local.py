@@ -3,7 +3,6 @@ exits with code 3; the same command resumes and ends bitwise equal to an uninter
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -13,30 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from preempt_helpers import exact_resume_overrides, frozen, logged_step, signal_pending
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 44  # two whole epochs: the last checkpoint is written at an epoch end
 
 
 def args(runs: Path, name: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "scalegen",
-        "train",
-        "quickstart",
-        f"trainer.max_steps={STEPS}",
-        "trainer.max_epochs=null",
-        "trainer.log_every_n_steps=1",
-        "trainer.deterministic=true",
-        "trainer.progress_bar=false",
-        "ema.enabled=true",
-        "ema.decay=0.9",
-        "logging.wandb=false",
-        "model.hidden=[64]",
-        f"run.dir={runs}",
-        f"run.name={name}",
-    ]
+    return [sys.executable, "-m", "scalegen", "train", *exact_resume_overrides(runs, name, STEPS),
+            "logging.wandb=false", "model.hidden=[64]"]
 
 
 @pytest.mark.slow
@@ -51,15 +35,14 @@ def test_signal_checkpoints_and_the_same_command_resumes_exactly(tmp_path):
     proc = subprocess.Popen(
         args(runs, "preempted"), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    metrics = runs / "preempted" / "metrics.jsonl"
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        if metrics.exists() and any(
-            json.loads(line).get("step", -1) >= 3 for line in metrics.read_text().splitlines()
-        ):
-            proc.send_signal(signal.SIGUSR1)
-            break
-        time.sleep(0.2)
+    while time.monotonic() < deadline and proc.poll() is None and logged_step(runs / "preempted") < 3:
+        time.sleep(0.05)
+    with frozen([proc.pid]):  # the run would otherwise finish its ~1 s of training before the signal lands
+        assert logged_step(runs / "preempted") < STEPS - 1
+        proc.send_signal(signal.SIGUSR1)
+        while not signal_pending(proc.pid, signal.SIGUSR1):
+            time.sleep(0.01)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 3, err[-3000:]
     marker = (runs / "preempted" / ".preempted").read_text()

@@ -8,8 +8,6 @@ data position bitwise equal to an uninterrupted run's, logging to the same W&B r
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import re
 import shutil
@@ -21,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from preempt_helpers import exact_resume_overrides, frozen, logged_step, signal_pending
 
 REPO = Path(__file__).resolve().parents[2]
 PROFILE = Path(__file__).resolve().parent / "ci-profile.yaml"
@@ -83,21 +82,6 @@ def training_task_pids(job: str) -> list[int]:
     return [int(row[0]) for row in rows if len(row) >= 3 and row[2] not in ("batch", "extern")]
 
 
-def signal_pending(pid: int, signum: int) -> bool:
-    """Whether `signum` waits, undelivered, in a (stopped) process: /proc's pending-signal masks."""
-    status = Path(f"/proc/{pid}/status").read_text()
-    masks = re.findall(r"^(?:ShdPnd|SigPnd):\s*([0-9a-f]+)$", status, re.M)
-    return any(int(mask, 16) >> (signum - 1) & 1 for mask in masks)
-
-
-def logged_step(run_dir: Path) -> int:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return -1
-    steps = [json.loads(line).get("step", -1) for line in path.read_text().splitlines() if line.strip()]
-    return max(steps, default=-1)
-
-
 @pytest.fixture
 def ci_profile(tmp_path: Path) -> Path:
     path = tmp_path / "profile.yaml"
@@ -105,26 +89,11 @@ def ci_profile(tmp_path: Path) -> Path:
     return path
 
 
-def recipe_args(name: str, runs: Path) -> list[str]:
-    return [
-        "quickstart",
-        f"trainer.max_steps={STEPS}",
-        "trainer.max_epochs=null",
-        "trainer.log_every_n_steps=1",
-        "trainer.deterministic=true",
-        "trainer.progress_bar=false",
-        "ema.enabled=true",
-        "ema.decay=0.9",
-        f"run.dir={runs}",
-        f"run.name={name}",
-    ]
-
-
 def test_dry_run_prints_the_script_and_submits_nothing(ci_profile, tmp_path):
     out = scalegen(
         "slurm",
         "submit",
-        *recipe_args("dry", tmp_path),
+        *exact_resume_overrides(tmp_path, "dry", STEPS),
         "--nodes",
         "4",
         "--gpus-per-node",
@@ -174,7 +143,7 @@ def test_bad_requests_fail_before_the_queue(ci_profile, tmp_path):
     r = scalegen(
         "slurm",
         "submit",
-        *recipe_args("bad", tmp_path),
+        *exact_resume_overrides(tmp_path, "bad", STEPS),
         "trainer.global_batch_size=100",
         "--nodes",
         "2",
@@ -189,7 +158,7 @@ def test_bad_requests_fail_before_the_queue(ci_profile, tmp_path):
     r = scalegen(
         "slurm",
         "submit",
-        *recipe_args("bad", tmp_path),
+        *exact_resume_overrides(tmp_path, "bad", STEPS),
         "--nodes",
         "1",
         "--gpus-per-node",
@@ -203,7 +172,7 @@ def test_bad_requests_fail_before_the_queue(ci_profile, tmp_path):
     r = scalegen(
         "slurm",
         "submit",
-        *recipe_args("bad", tmp_path),
+        *exact_resume_overrides(tmp_path, "bad", STEPS),
         "trainer.nope=1",
         "--nodes",
         "1",
@@ -243,7 +212,7 @@ def test_preempted_job_requeues_resumes_and_matches_an_uninterrupted_run(ci_prof
         out = scalegen(
             "slurm",
             "submit",
-            *recipe_args(name, runs),
+            *exact_resume_overrides(runs, name, STEPS),
             "--nodes",
             "1",
             "--gpus-per-node",
@@ -261,16 +230,12 @@ def test_preempted_job_requeues_resumes_and_matches_an_uninterrupted_run(ci_prof
     pre_dir, ref_dir = runs / "preempted", runs / "reference"
     assert len(list((pre_dir / "slurm").glob("submit-*.sbatch"))) == 1  # the script is kept in the run folder
 
-    # Mid-run: the operator's (or the time limit's) signal to the batch shell. The whole run takes about a
-    # second of training, less than the signal's path through the batch shell and srun on a fast machine,
-    # so the training tasks are frozen (SIGSTOP) first and thawed once the forwarded USR1 is pending in
-    # each of them: the signal then lands mid-run on every machine, by the same path as on a cluster.
+    # Mid-run: the operator's (or the time limit's) signal to the batch shell, which forwards it through srun
+    # to the training tasks; they are frozen until it is pending in each (see preempt_helpers).
     wait_for(lambda: logged_step(pre_dir) >= PREEMPT_AFTER, 600, "the job to train a few steps", poll=0.05)
     tasks = training_task_pids(preempted)
     assert len(tasks) >= 2, tasks
-    for pid in tasks:
-        os.kill(pid, signal.SIGSTOP)
-    try:
+    with frozen(tasks):
         frozen_at = logged_step(pre_dir)
         assert frozen_at < STEPS - 1, f"the run reached step {frozen_at} before it was frozen"
         subprocess.run(["scancel", "--signal=USR1", "--batch", preempted], check=True)
@@ -281,10 +246,6 @@ def test_preempted_job_requeues_resumes_and_matches_an_uninterrupted_run(ci_prof
             poll=0.1,
             diagnose=lambda: slurm_logs(pre_dir),
         )
-    finally:
-        for pid in tasks:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGCONT)
     wait_for(
         lambda: job_field(preempted, "Restarts") == "1",
         300,
