@@ -113,13 +113,15 @@ class GenerativeModel(L.LightningModule):
         if connector is None:
             return True
         step = int(trainer.global_step)
-        first = self.__dict__.setdefault("_first_logged_step", {}).setdefault(id(trainer), step)
-        if step == first or 0 < trainer.max_steps <= step + 1:
+        if step == getattr(self, "_first_train_step", step) or 0 < trainer.max_steps <= step + 1:
             return True
         try:
             return bool(connector.should_update_logs)
         except Exception:  # a Lightning without this (private) property: log every step, as before
             return True
+
+    def on_train_start(self) -> None:
+        self._first_train_step = self.trainer.global_step  # where this fit starts (after a resume too)
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         loss, logs = self.loss(batch)
