@@ -14,6 +14,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from image_data import Images
 from scipy.stats import norm
 from torch.utils.data import DataLoader
 
@@ -296,17 +297,6 @@ def test_pixel_grid_round_trip() -> None:
         assert torch.equal(unit_to_images(unit, levels), stored)
 
 
-class _Images(torch.utils.data.Dataset):
-    def __init__(self, x: torch.Tensor) -> None:
-        self.x = x
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"x": self.x[i], "y": torch.tensor(i % 10)}
-
-
 def _digits(n: int) -> torch.Tensor:
     """The first n scikit-learn digits as the data pipeline stores them (uint8, round(v * 255 / 16))."""
     from sklearn.datasets import load_digits
@@ -334,8 +324,8 @@ def test_family_trains_with_lightning_and_reports_a_bound() -> None:
     with torch.no_grad():
         before = torch.stack([model.loss(batch)[0] for _ in range(4)]).mean()
     trainer = _trainer(40)
-    trainer.fit(model, DataLoader(_Images(images), batch_size=32, shuffle=True),
-                DataLoader(_Images(images), batch_size=64))
+    labelled = Images(images, torch.arange(len(images)) % 10)
+    trainer.fit(model, DataLoader(labelled, batch_size=32, shuffle=True), DataLoader(labelled, batch_size=64))
     bpd = trainer.callback_metrics["val/bpd"].item()
     assert math.isfinite(bpd) and 0 < bpd < 100
     with torch.no_grad():
@@ -352,6 +342,7 @@ def test_family_runs_in_bf16_mixed_precision_with_v_prediction() -> None:
     model = Diffusion(_tiny_cfg(prediction="v", schedule="cosine", nll_timesteps=2), OptimConfig(lr=1e-3),
                       DataSpec(shape=(1, 8, 8)))
     trainer = _trainer(3, "bf16-mixed")
-    trainer.fit(model, DataLoader(_Images(images), batch_size=16), DataLoader(_Images(images[:8]), 8))
+    labelled = Images(images, torch.arange(len(images)) % 10)
+    trainer.fit(model, DataLoader(labelled, batch_size=16), DataLoader(torch.utils.data.Subset(labelled, range(8)), 8))
     assert math.isfinite(trainer.callback_metrics["train/loss"].item())
     assert math.isfinite(trainer.callback_metrics["val/bpd"].item())

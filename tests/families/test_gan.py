@@ -14,6 +14,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from image_data import Images
 from torch.utils.data import DataLoader
 
 from scalegen.config.schema import OptimConfig
@@ -117,17 +118,6 @@ def test_dcgan_networks_fit_the_image_size(channels: int, size: int, stages: int
 # ---- manual optimization ---------------------------------------------------------------------------
 
 
-class _Images(torch.utils.data.Dataset):
-    def __init__(self, x: torch.Tensor) -> None:
-        self.x = x
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"x": self.x[i], "y": torch.tensor(-1)}
-
-
 def _digits() -> tuple[torch.Tensor, torch.Tensor]:
     """scikit-learn's digits as the data pipeline stores them: uint8 round(v * 255 / 16), and labels."""
     from sklearn.datasets import load_digits
@@ -147,7 +137,7 @@ def _fit(model: GAN, images: torch.Tensor, steps: int, batch_size: int, precisio
     trainer = L.Trainer(max_steps=steps, precision=precision, accelerator="cpu", logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0, num_sanity_val_steps=0)
-    trainer.fit(model, DataLoader(_Images(images), batch_size=batch_size, shuffle=False))
+    trainer.fit(model, DataLoader(Images(images), batch_size=batch_size, shuffle=False))
     return trainer
 
 
@@ -259,6 +249,6 @@ def test_short_run_on_digits_lowers_domain_fid() -> None:
     initial = fid()
     trainer = L.Trainer(max_steps=200, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
-    trainer.fit(model, DataLoader(_Images(train), batch_size=64, shuffle=True, drop_last=True))
+    trainer.fit(model, DataLoader(Images(train), batch_size=64, shuffle=True, drop_last=True))
     final = fid()
     assert final < 0.5 * initial, (initial, final)
