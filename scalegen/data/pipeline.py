@@ -17,7 +17,6 @@ import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
-from itertools import islice
 from typing import Any
 
 import numpy as np
@@ -28,7 +27,7 @@ from scalegen.data import transforms as T
 from scalegen.data.decode import decode_png_batch, decode_sample
 from scalegen.data.manifest import DataError
 from scalegen.data.prefetch import warn
-from scalegen.data.shards import iter_shard
+from scalegen.data.shards import iter_shard_chunks
 from scalegen.data.split import Slice, batches_before, plan_worker, worker_batch_range
 
 Raw = dict[str, Any]
@@ -224,19 +223,24 @@ class ShardStream(IterableDataset):
 
 
 # ---- stages ----------------------------------------------------------------------------------------
-def read_slices(urls: Sequence[str], slices: Iterable[Slice], skips: _Skips) -> Iterator[Raw]:
+# Stages up to `group` pass lists of raw samples (one generator step per list, not per sample).
+def read_slices(urls: Sequence[str], slices: Iterable[Slice], skips: _Skips) -> Iterator[list[Raw]]:
     """The samples of each slice; a shard that is missing, truncated or corrupt is skipped (and counted)."""
     for sl in slices:
         url, got, last_key = urls[sl.shard], 0, None
         want = sl.stop - sl.start
         try:
-            for i, sample in enumerate(iter_shard(url)):
-                if i >= sl.stop:
+            seen = 0  # samples of the shard read so far
+            for chunk in iter_shard_chunks(url):
+                part = chunk[max(sl.start - seen, 0) : sl.stop - seen]
+                seen += len(chunk)
+                if part:
+                    for sample in part:
+                        sample["__url__"] = url
+                    got, last_key = got + len(part), part[-1]["__key__"]
+                    yield part
+                if seen >= sl.stop:
                     break
-                if i >= sl.start:
-                    got, last_key = got + 1, sample["__key__"]
-                    sample["__url__"] = url
-                    yield sample
         except Exception as err:  # tarfile, gzip, OS and pipe errors all mean "this shard is bad here"
             where = f"after key {last_key}" if last_key else f"at sample {sl.start}"
             skips.bad(f"shard {url} unreadable {where}: {type(err).__name__}: {err}", want - got)
@@ -245,28 +249,41 @@ def read_slices(urls: Sequence[str], slices: Iterable[Slice], skips: _Skips) -> 
             skips.bad(f"shard {url} ended after key {last_key}: {got} of {want} planned samples", want - got)
 
 
-def shuffle(stream: Iterable[Raw], buffer: int, rng: random.Random) -> Iterator[Raw]:
-    """A shuffle buffer: a permutation of the stream (nothing dropped or repeated); buffer <= 1 is a no-op."""
+def shuffle(chunks: Iterable[list[Raw]], buffer: int, rng: random.Random) -> Iterator[list[Raw]]:
+    """A shuffle buffer: a permutation of the stream (nothing dropped or repeated); buffer <= 1 is a no-op.
+    Each sample arriving in a full buffer swaps with a random held one, which leaves."""
     if buffer <= 1:
-        yield from stream
+        yield from chunks
         return
     held: list[Raw] = []
-    for item in stream:
-        if len(held) < buffer:
-            held.append(item)
-            continue
-        i = rng.randrange(buffer)
-        held[i], item = item, held[i]
-        yield item
+    randbelow = getattr(rng, "_randbelow", rng.randrange)  # randrange(n) without its argument checks: same draws
+    for chunk in chunks:
+        out = []
+        for item in chunk:
+            if len(held) < buffer:
+                held.append(item)
+                continue
+            i = randbelow(buffer)
+            held[i], item = item, held[i]
+            out.append(item)
+        if out:
+            yield out
     rng.shuffle(held)
-    yield from held
+    yield held
 
 
-def group(stream: Iterable[Raw], sizes: Iterable[int], first: int) -> Iterator[tuple[int, list[Raw]]]:
+def group(chunks: Iterable[list[Raw]], sizes: Iterable[int], first: int) -> Iterator[tuple[int, list[Raw]]]:
     """Exactly one group per planned size, numbered from `first`; short (even empty) if the stream ran dry."""
-    it = iter(stream)
+    it = iter(chunks)
+    pending: list[Raw] = []
     for j, size in enumerate(sizes):
-        yield first + j, list(islice(it, size))
+        while len(pending) < size:
+            more = next(it, None)
+            if more is None:
+                break
+            pending.extend(more)
+        yield first + j, pending[:size]
+        del pending[:size]
 
 
 def drop(stream: Iterable[Any], n: int) -> Iterator[Any]:

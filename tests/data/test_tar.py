@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import io
+import random
 import tarfile
 
 import pytest
 
-from scalegen.data.shards import TarError, group_members, read_tar, tar_bytes
+from scalegen.data import shards
+from scalegen.data.shards import TarError, group_member_runs, group_members, read_tar, tar_bytes
 
 
 def _archive(fmt: int, names: list[str], sizes: list[int]) -> bytes:
@@ -52,3 +54,63 @@ def test_truncation_and_corruption_raise() -> None:
     bad[512 * 2 + 124 : 512 * 2 + 136] = b"not a number"  # the size field of the second member
     with pytest.raises(TarError, match="corrupt tar header"):
         list(read_tar(io.BytesIO(bytes(bad))))
+
+
+@pytest.mark.parametrize("chunk", [1536, 4096, 1 << 20])
+def test_members_that_look_like_headers_do_not_fool_the_vectorized_scan(chunk: int) -> None:
+    """A member holding a tar archive has blocks with the ustar magic inside its data; the reader must
+    still return exactly what tarfile returns, for any chunk boundary."""
+    inner = tar_bytes([{"__key__": f"in{i}", "cls": b"7", "png": bytes(range(200)) * 3} for i in range(3)])
+    samples = [
+        {"__key__": "a", "cls": b"1", "tar": inner},
+        {"__key__": "b", "cls": b"2", "png": bytes(1000)},
+        {"__key__": "c", "tar": inner[:1024] + bytes(100)},  # a header block, then an unrelated tail
+        {"__key__": "d", "cls": b"4"},
+    ]
+    data = tar_bytes(samples)
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        expected = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers() if m.isfile()]
+    assert len(expected) == 6
+    assert list(read_tar(io.BytesIO(data), chunk=chunk)) == expected
+
+
+shards_uniform = shards._uniform_samples
+
+
+def _reference_grouping(members: list[tuple[str, bytes]]) -> list[dict]:
+    """WebDataset's rule written plainly: the key is the path up to the first dot of the file name."""
+    samples: list[dict] = []
+    for name, data in members:
+        folder, _, base = name.rpartition("/")
+        if "." not in base or base.startswith("__"):
+            continue
+        key = (folder + "/" if folder else "") + base.split(".", 1)[0]
+        if not samples or samples[-1]["__key__"] != key:
+            samples.append({"__key__": key})
+        samples[-1][base.split(".", 1)[1].lower()] = data
+    return samples
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_grouping_runs_equals_the_plain_rule_however_the_runs_are_cut(seed: int, monkeypatch) -> None:
+    """Uniform stretches (built in one comprehension) and irregular members (one by one), cut into runs at
+    random places, group exactly as the plain rule does."""
+    rng = random.Random(seed)
+    members: list[tuple[str, bytes]] = []
+    for i in range(300):
+        if i % 50 < 45:
+            exts = ["cls", "png"]  # the common layout, in long stretches
+        else:
+            exts = rng.choice([["png"], ["cls", "png", "json"], ["seg.png", "PNG"], ["wav"]])
+        folder = "d.ir/" if rng.random() < 0.05 else ""
+        members += [(f"{folder}k{i:04d}.{e}", bytes([i % 256, j])) for j, e in enumerate(exts)]
+        if rng.random() < 0.02:
+            members.append(("__meta__.json", b"{}"))
+    cuts = sorted(rng.sample(range(1, len(members)), 12))
+    runs = [members[a:b] for a, b in zip([0, *cuts], [*cuts, len(members)])]
+    uniform = []
+    monkeypatch.setattr(shards, "_uniform_samples", lambda *a: uniform.append(shards_uniform(*a)) or uniform[-1])
+    got = [s for chunk in group_member_runs(runs) for s in chunk]
+    assert got == _reference_grouping(members)
+    assert sum(used for _, used in uniform) > 0  # the fast path took part
+    assert [s for s in group_members(members)] == got

@@ -1,0 +1,77 @@
+"""PNG encoding and the fast batch decoder against PIL, an independent PNG implementation."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from scalegen.data.decode import decode_image, decode_png_batch, encode_png
+
+
+def _pil(data: bytes) -> np.ndarray:
+    arr = np.array(Image.open(io.BytesIO(data)))
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def _idat(data: bytes) -> bytes:
+    n = struct.unpack(">I", data[33:37])[0]
+    assert data[37:41] == b"IDAT"
+    return data[41 : 41 + n]
+
+
+def test_incompressible_pixels_are_stored_and_smooth_ones_deflated() -> None:
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    smooth = np.repeat(np.arange(28, dtype=np.uint8)[None, :] * 9, 28, axis=0)
+    for arr, stored in ((noise, True), (smooth, False)):
+        png = encode_png(arr)
+        assert np.array_equal(_pil(png), arr.reshape(*arr.shape[:2], -1))  # a standard PNG
+        raw_bytes = arr.shape[0] * (1 + arr[0].size)
+        # A stored zlib stream is the 2-byte header, 5 bytes per block of <= 65535 bytes, the data and Adler-32.
+        assert (len(_idat(png)) == raw_bytes + 2 + 5 + 4) is stored
+        if not stored:
+            assert len(_idat(png)) < 0.75 * raw_bytes
+        assert zlib.decompress(_idat(png))[:: 1 + arr[0].size] == bytes(arr.shape[0])  # unfiltered rows
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_batch_decode_equals_pil_image_by_image(channels: int) -> None:
+    rng = np.random.default_rng(channels)
+    shape = (12, 10) if channels == 1 else (12, 10, 3)
+    arrs = [rng.integers(0, 256 if i % 2 else 4, shape, dtype=np.uint8) for i in range(9)]  # stored and deflated
+    pngs = [encode_png(a) for a in arrs]
+    # Another writer's chunk layout (a tEXt chunk, the pixels split over two IDAT chunks) takes the general walk.
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    idat = _idat(pngs[0])
+    pngs[0] = pngs[0][:33] + chunk(b"tEXt", b"Comment\0hi") + chunk(b"IDAT", idat[:5]) + chunk(b"IDAT", idat[5:]) \
+        + chunk(b"IEND", b"")
+    batch = decode_png_batch(pngs, channels)
+    assert batch is not None and batch.shape == (9, 12, 10, channels)
+    for png, got in zip(pngs, batch):
+        assert np.array_equal(got, _pil(png))
+        assert np.array_equal(decode_image(png, channels).permute(1, 2, 0).numpy(), got)
+
+
+def test_batch_decode_declines_what_it_cannot_do_fast() -> None:
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (8, 8), dtype=np.uint8)
+    plain = encode_png(a)
+    filtered = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(filtered, format="PNG")  # PIL filters rows
+    other_size = encode_png(rng.integers(0, 256, (8, 9), dtype=np.uint8))
+    corrupt = plain[:60] + bytes([plain[60] ^ 0xFF]) + plain[61:]  # a pixel of the stored data
+    assert decode_png_batch([plain, plain], 1) is not None
+    assert decode_png_batch([plain, plain], 3) is None  # another channel count
+    assert decode_png_batch([plain, other_size], 1) is None
+    assert decode_png_batch([filtered.getvalue()], 3) is None or np.array_equal(
+        decode_png_batch([filtered.getvalue()], 3)[0], _pil(filtered.getvalue())
+    )
+    assert decode_png_batch([plain, corrupt], 1) is None  # zlib's checksum: the caller decodes one by one
+    assert decode_png_batch([], 1) is None
