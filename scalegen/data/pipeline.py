@@ -251,23 +251,25 @@ def read_slices(urls: Sequence[str], slices: Iterable[Slice], skips: _Skips) -> 
 
 def shuffle(chunks: Iterable[list[Raw]], buffer: int, rng: random.Random) -> Iterator[list[Raw]]:
     """A shuffle buffer: a permutation of the stream (nothing dropped or repeated); buffer <= 1 is a no-op.
-    Each sample arriving in a full buffer swaps with a random held one, which leaves."""
+    Each sample arriving in a full buffer swaps with a uniformly drawn held one, which leaves. The slots
+    are drawn a chunk at a time (numpy, seeded from `rng`): the per-sample work is one swap."""
     if buffer <= 1:
         yield from chunks
         return
+    draws = np.random.default_rng(rng.getrandbits(64))
     held: list[Raw] = []
-    randbelow = getattr(rng, "_randbelow", rng.randrange)  # randrange(n) without its argument checks: same draws
     for chunk in chunks:
-        out = []
-        for item in chunk:
-            if len(held) < buffer:
-                held.append(item)
+        room = buffer - len(held)
+        if room > 0:
+            held.extend(chunk[:room])
+            chunk = chunk[room:]
+            if not chunk:
                 continue
-            i = randbelow(buffer)
-            held[i], item = item, held[i]
-            out.append(item)
-        if out:
-            yield out
+        out = []
+        for item, i in zip(chunk, draws.integers(0, buffer, len(chunk)).tolist()):
+            out.append(held[i])
+            held[i] = item
+        yield out
     rng.shuffle(held)
     yield held
 
