@@ -48,8 +48,10 @@ class GenerativeModel(L.LightningModule):
 
     def __init__(self, cfg: ModelConfig, optim: OptimConfig, data: DataSpec) -> None:
         super().__init__()
-        self.cfg = cfg
-        self.optim_cfg = optim
+        # Plain dataclasses, not OmegaConf nodes: a family reads its settings in every step, and each
+        # DictConfig attribute read costs ~10 us of validation (~0.3 ms a step for a VAE).
+        self.cfg = _plain(cfg)
+        self.optim_cfg = _plain(optim)
         self.data_spec = data
 
     # ---- the shared API; families implement what applies ------------------------------------
@@ -135,9 +137,17 @@ class GenerativeModel(L.LightningModule):
             self.log("val/bpd", nats_to_bpd(nll.mean(), self.data_spec.dims), sync_dist=True, batch_size=n)
 
     def configure_optimizers(self) -> Any:
+        return self.build_optimizer(self.parameters(), self.total_steps())
+
+    def build_optimizer(self, params: Any, total_steps: int, lr: float | None = None) -> dict[str, Any]:
+        """The recipe's optimizer and LR schedule for `params`; every family builds its optimizers here."""
         from scalegen.runtime.optim import build_optimizer
 
-        return build_optimizer(self.parameters(), self.optim_cfg, self.total_steps())
+        # The fused CPU kernel, except where Lightning refuses it: clipping gradients under mixed precision.
+        trainer = getattr(self, "_trainer", None)
+        clips = trainer is not None and bool(trainer.gradient_clip_val or getattr(self, "gradient_clip_val", None))
+        fuse = not (clips and "mixed" in str(trainer.precision))
+        return build_optimizer(params, self.optim_cfg, total_steps, lr=lr, fuse_on_cpu=fuse)
 
     def total_steps(self) -> int:
         """Optimizer steps the run will take (for LR schedules); 0 when unknown."""
@@ -150,3 +160,10 @@ class GenerativeModel(L.LightningModule):
             return int(trainer.estimated_stepping_batches)
         except Exception:
             return 0
+
+
+def _plain(section: Any) -> Any:
+    """The config section as its schema's dataclass (OmegaConf structured configs), unchanged otherwise."""
+    from omegaconf import DictConfig, OmegaConf
+
+    return OmegaConf.to_object(section) if isinstance(section, DictConfig) else section

@@ -92,13 +92,11 @@ class GAN(GenerativeModel):
         self.gradient_clip_val = gradient_clip_val
 
     def configure_optimizers(self) -> Any:
-        from scalegen.runtime.optim import build_optimizer
-
         total, k = self.total_steps(), self.cfg.d_steps
         d_total, g_total = (total * k) // (k + 1), total // (k + 1)
         return [
-            build_optimizer(self.discriminator.parameters(), self.optim_cfg, d_total, lr=self.cfg.lr_d),
-            build_optimizer(self.generator.parameters(), self.optim_cfg, g_total, lr=self.cfg.lr_g),
+            self.build_optimizer(self.discriminator.parameters(), d_total, lr=self.cfg.lr_d),
+            self.build_optimizer(self.generator.parameters(), g_total, lr=self.cfg.lr_g),
         ]
 
     def setup(self, stage: str) -> None:
