@@ -170,16 +170,31 @@ def read_tar_runs(stream: IO[bytes], chunk: int = 1 << 20) -> Iterator[list[tupl
             buf, pos = buf[pos:] + more, 0
 
     long_name: str | None = None
+    window = 256  # blocks the next vectorized scan looks at: doubles while runs fill it
+    one_by_one, backoff = 0, 4  # after a short run, members to parse one by one before scanning again
     while True:
-        if long_name is None:
-            names, starts, sizes, end = _scan_run(buf, pos)
-            if not names and len(buf) - pos < chunk // 2 and not eof:
+        if long_name is None and one_by_one <= 0:
+            found = _scan_run(buf, pos, window)
+            if found is None and len(buf) - pos < chunk // 2 and not eof:
                 # The scan takes every whole member, so what is left to carry into the new buffer is short.
                 refill(chunk)
-                names, starts, sizes, end = _scan_run(buf, pos)
-            if names:
-                yield list(zip(names, [buf[a : a + n] for a, n in zip(starts, sizes)]))
+                found = _scan_run(buf, pos, window)
+            if found is not None:
+                names, starts, sizes, pax, end = found
+                if pax is None:
+                    yield list(zip(names, [buf[a : a + n] for a, n in zip(starts, sizes)]))
+                else:
+                    yield _apply_pax(names, [buf[a : a + n] for a, n in zip(starts, sizes)], pax)
+                window = min(2 * window, 1 << 16) if end - pos > 256 * window else 256
                 pos = end
+                if len(names) >= 8:
+                    backoff = 4
+                    continue
+            # Nothing or little to scan here (another member type, a member larger than the buffer): parse
+            # the next members one by one, for longer each time, so a shard that never has long runs does
+            # not pay for a vectorized scan per member.
+            one_by_one, backoff = backoff, min(2 * backoff, 1024)
+            if found is not None:
                 continue
         if len(buf) - pos < 512:
             refill(512)
@@ -188,6 +203,7 @@ def read_tar_runs(stream: IO[bytes], chunk: int = 1 << 20) -> Iterator[list[tupl
                     return  # a writer that omitted the end-of-archive blocks
                 raise TarError(f"truncated tar header ({len(buf) - pos} of 512 bytes)")
         header = buf[pos : pos + 512]
+        one_by_one -= 1
         ustar = header[257:262] == b"ustar"
         try:
             if not ustar:  # old-style header: only the checksum vouches for it
@@ -224,28 +240,31 @@ def read_tar_runs(stream: IO[bytes], chunk: int = 1 << 20) -> Iterator[list[tupl
         elif kind == 76:  # b"L": GNU long name of the next member
             long_name = data.split(b"\0", 1)[0].decode()
         elif kind == 120:  # b"x": pax extended header of the next member
-            for record in data.decode("utf-8").splitlines():
-                _, _, keyvalue = record.partition(" ")
-                if keyvalue.startswith("path="):
-                    long_name = keyvalue[len("path=") :]
+            long_name = _pax_path(data)
         # other kinds (directories, links, global pax headers) carry no sample data
 
 
 _OCTAL_PLACES = 8 ** np.arange(10, -1, -1, dtype=np.int64)
 
 
-def _scan_run(buf: bytes, pos: int) -> tuple[list[str], list[int], list[int], int]:
-    """The longest run of members starting at `pos` that are plain ustar regular files (11-digit octal
-    size, no name prefix) lying wholly inside `buf`: (names, data offsets, sizes, end of the run).
+Run = tuple[list[str], list[int], list[int], list[bool] | None, int]  # names, offsets, sizes, pax flags, end
+
+
+def _scan_run(buf: bytes, pos: int, window: int) -> Run | None:
+    """The longest run of members starting at `pos`, within `window` blocks, that are ustar regular files
+    (11-digit octal size, no name prefix) or pax headers for them, lying wholly inside `buf`:
+    (names, data offsets, sizes, which are pax headers (None if none), end of the run); None if empty.
 
     Every 512-byte block with the ustar magic is a candidate header; the candidates form the run as long as
     each one starts exactly where the previous member's data ends. A data block that merely looks like a
-    header breaks that chain, so it can shorten a run but never enter it. Empty when the member at `pos`
-    is anything else; the caller's member-by-member parser then takes it.
+    header breaks that chain, so it can shorten a run but never enter it. The caller's member-by-member
+    parser takes whatever is not in a run.
     """
-    nblocks = (len(buf) - pos) // 512
+    if buf[pos + 257 : pos + 262] != b"ustar" or buf[pos + 156 : pos + 157] not in (b"0", b"\0", b"x"):
+        return None  # cheap check first: the scan below costs ~20 us of numpy calls whatever it finds
+    nblocks = min((len(buf) - pos) // 512, window)
     if nblocks < 2:
-        return [], [], [], pos
+        return None
     blocks = np.frombuffer(buf, np.uint8, count=nblocks * 512, offset=pos).reshape(nblocks, 512)
     cand = np.flatnonzero(blocks[:, 257] == 117)  # b"u", the first byte of the ustar magic
     heads = blocks[cand]
@@ -253,12 +272,13 @@ def _scan_run(buf: bytes, pos: int) -> tuple[list[str], list[int], list[int], in
     if not magic.all():  # b"star" too
         cand, heads = cand[magic], heads[magic]
     if len(cand) == 0 or cand[0] != 0:
-        return [], [], [], pos
+        return None
     digits = heads[:, 124:135] - np.uint8(48)  # the size: 11 octal digits (wrapping below "0" makes them > 7)
+    pax = heads[:, 156] == 120  # b"x": a pax header, whose records apply to the next member
     plain = (
         (digits <= 7).all(1)
         & ((heads[:, 135] == 0) | (heads[:, 135] == 32))  # then NUL or space
-        & ((heads[:, 156] == 48) | (heads[:, 156] == 0))  # regular files only
+        & ((heads[:, 156] == 48) | (heads[:, 156] == 0) | pax)  # regular files (and their pax headers)
         & (heads[:, 345] == 0)  # no ustar name prefix
     )
     sizes = digits.astype(np.int64) @ _OCTAL_PLACES
@@ -269,11 +289,35 @@ def _scan_run(buf: bytes, pos: int) -> tuple[list[str], list[int], list[int], in
     # A member with a broken link to its successor is still whole: the run includes it if it is plain and
     # inside the buffer (only its successor is in doubt).
     n = len(cand) if len(bad) == 0 else int(bad[0]) + bool(plain[bad[0]] and following[bad[0]] <= nblocks)
+    while n > 0 and pax[n - 1]:
+        n -= 1  # a pax header goes with its member, in the same run
     if n == 0:
-        return [], [], [], pos
+        return None
     names = [b.decode() for b in np.ascontiguousarray(heads[:n, :100]).view("S100").ravel().tolist()]
     starts = (pos + 512 * (cand[:n] + 1)).tolist()
-    return names, starts, sizes[:n].tolist(), pos + 512 * int(following[n - 1])
+    flags = pax[:n].tolist() if pax[:n].any() else None
+    return names, starts, sizes[:n].tolist(), flags, pos + 512 * int(following[n - 1])
+
+
+def _apply_pax(names: list[str], datas: list[bytes], pax: list[bool]) -> list[tuple[str, bytes]]:
+    """The members of a run with pax headers: each header's `path` record renames the member after it (what
+    `tarfile` writes for long or non-ASCII names, and for every member when mtimes are fractional)."""
+    out, path = [], None
+    for name, data, is_pax in zip(names, datas, pax):
+        if is_pax:
+            path = _pax_path(data)
+            continue
+        out.append((path if path is not None else name, data))
+        path = None
+    return out
+
+
+def _pax_path(data: bytes) -> str | None:
+    for record in data.decode("utf-8").splitlines():
+        _, _, keyvalue = record.partition(" ")
+        if keyvalue.startswith("path="):
+            return keyvalue[len("path=") :]
+    return None
 
 
 _ZERO_BLOCK = bytes(512)

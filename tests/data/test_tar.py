@@ -75,6 +75,7 @@ def test_members_that_look_like_headers_do_not_fool_the_vectorized_scan(chunk: i
 
 
 shards_uniform = shards._uniform_samples
+shards_scan = shards._scan_run
 
 
 def _reference_grouping(members: list[tuple[str, bytes]]) -> list[dict]:
@@ -114,3 +115,31 @@ def test_grouping_runs_equals_the_plain_rule_however_the_runs_are_cut(seed: int,
     assert got == _reference_grouping(members)
     assert sum(used for _, used in uniform) > 0  # the fast path took part
     assert [s for s in group_members(members)] == got
+
+
+@pytest.mark.parametrize("mtime", [0, 1.5])
+def test_pax_shards_and_short_runs_keep_the_scan_cheap(mtime: float, monkeypatch) -> None:
+    """`tarfile` writes a pax header before every member when mtimes are fractional (WebDataset's TarWriter
+    by default): those shards read in long runs like plain ones. A shard whose runs stay short (a GNU
+    long name every other member) falls back to member-by-member reading instead of a scan per member."""
+    def archive(names: list[str]) -> bytes:
+        buf = io.BytesIO()
+        fmt = tarfile.GNU_FORMAT if mtime == 0 else tarfile.PAX_FORMAT
+        with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+            for i, name in enumerate(names):
+                info = tarfile.TarInfo(name)
+                info.size, info.mtime = 3, mtime
+                tar.addfile(info, io.BytesIO(b"%03d" % (i % 1000)))
+        return buf.getvalue()
+
+    long = "n" * 120
+    names = [f"k{i:05d}.cls" for i in range(2000)] if mtime else [
+        f"{long if i % 2 else ''}k{i:05d}.cls" for i in range(2000)
+    ]
+    data = archive(names)
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        expected = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers() if m.isfile()]
+    calls = []
+    monkeypatch.setattr(shards, "_scan_run", lambda *a: calls.append(1) or shards_scan(*a))
+    assert list(read_tar(io.BytesIO(data), chunk=1 << 16)) == expected
+    assert len(calls) <= 3 * (len(data) >> 16) + 3  # a few scans per buffer of 64 KiB, not one per member
