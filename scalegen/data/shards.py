@@ -170,22 +170,20 @@ def read_tar_runs(stream: IO[bytes], chunk: int = 1 << 20) -> Iterator[list[tupl
             buf, pos = buf[pos:] + more, 0
 
     long_name: str | None = None
-    window = 256  # blocks the next vectorized scan looks at: doubles while runs fill it
     one_by_one, backoff = 0, 4  # after a short run, members to parse one by one before scanning again
     while True:
         if long_name is None and one_by_one <= 0:
-            found = _scan_run(buf, pos, window)
+            found = _scan_run(buf, pos)
             if found is None and len(buf) - pos < chunk // 2 and not eof:
                 # The scan takes every whole member, so what is left to carry into the new buffer is short.
                 refill(chunk)
-                found = _scan_run(buf, pos, window)
+                found = _scan_run(buf, pos)
             if found is not None:
                 names, starts, sizes, pax, end = found
                 if pax is None:
                     yield list(zip(names, [buf[a : a + n] for a, n in zip(starts, sizes)]))
                 else:
                     yield _apply_pax(names, [buf[a : a + n] for a, n in zip(starts, sizes)], pax)
-                window = min(2 * window, 1 << 16) if end - pos > 256 * window else 256
                 pos = end
                 if len(names) >= 8:
                     backoff = 4
@@ -250,8 +248,8 @@ _OCTAL_PLACES = 8 ** np.arange(10, -1, -1, dtype=np.int64)
 Run = tuple[list[str], list[int], list[int], list[bool] | None, int]  # names, offsets, sizes, pax flags, end
 
 
-def _scan_run(buf: bytes, pos: int, window: int) -> Run | None:
-    """The longest run of members starting at `pos`, within `window` blocks, that are ustar regular files
+def _scan_run(buf: bytes, pos: int) -> Run | None:
+    """The longest run of members starting at `pos` that are ustar regular files
     (11-digit octal size, no name prefix) or pax headers for them, lying wholly inside `buf`:
     (names, data offsets, sizes, which are pax headers (None if none), end of the run); None if empty.
 
@@ -262,7 +260,7 @@ def _scan_run(buf: bytes, pos: int, window: int) -> Run | None:
     """
     if buf[pos + 257 : pos + 262] != b"ustar" or buf[pos + 156 : pos + 157] not in (b"0", b"\0", b"x"):
         return None  # cheap check first: the scan below costs ~20 us of numpy calls whatever it finds
-    nblocks = min((len(buf) - pos) // 512, window)
+    nblocks = (len(buf) - pos) // 512
     if nblocks < 2:
         return None
     blocks = np.frombuffer(buf, np.uint8, count=nblocks * 512, offset=pos).reshape(nblocks, 512)
