@@ -45,21 +45,15 @@ def decode_png_batch(datas: list[bytes], channels: int | None) -> np.ndarray | N
     ch = 1 if color == 0 else 3
     if depth != 8 or interlace or color not in (0, 2) or (channels is not None and ch != channels):
         return None
-    # Images of the first one's size whose first 41 bytes match its own (one IDAT chunk of the same length):
-    # stored pixels make every image of a shape alike, and then three comparisons check each.
-    first = datas[0]
-    same = first[:41] if first[37:41] == b"IDAT" and int.from_bytes(first[33:37], "big") == len(first) - 57 else None
     chunks = []
     try:
         for data in datas:
-            if same is not None and len(data) == len(first) and data.startswith(same) and data.endswith(_IEND_CHUNK):
-                chunks.append(zlib.decompress(data[41:-16]))
-                continue
             if not data.startswith(head):
                 return None
-            n = int.from_bytes(data[33:37], "big")
-            if data[37:41] == b"IDAT" and len(data) == 57 + n and data.endswith(_IEND_CHUNK):
-                chunks.append(zlib.decompress(data[41 : 41 + n]))
+            # One IDAT chunk filling the space between IHDR and IEND: its length field says so.
+            if (len(data) >= 57 and data[33:41] == (len(data) - 57).to_bytes(4, "big") + b"IDAT"
+                    and data.endswith(_IEND_CHUNK)):
+                chunks.append(zlib.decompress(data[41:-16]))
                 continue
             idat = _idat_chunks(data)
             if idat is None:

@@ -180,10 +180,8 @@ def read_tar_runs(stream: IO[bytes], chunk: int = 1 << 20) -> Iterator[list[tupl
                 found = _scan_run(buf, pos)
             if found is not None:
                 names, starts, sizes, pax, end = found
-                if pax is None:
-                    yield list(zip(names, [buf[a : a + n] for a, n in zip(starts, sizes)]))
-                else:
-                    yield _apply_pax(names, [buf[a : a + n] for a, n in zip(starts, sizes)], pax)
+                datas = [buf[a : a + n] for a, n in zip(starts, sizes)]
+                yield list(zip(names, datas)) if pax is None else _apply_pax(names, datas, pax)
                 pos = end
                 if len(names) >= 8:
                     backoff = 4
@@ -238,7 +236,7 @@ def read_tar_runs(stream: IO[bytes], chunk: int = 1 << 20) -> Iterator[list[tupl
         elif kind == 76:  # b"L": GNU long name of the next member
             long_name = data.split(b"\0", 1)[0].decode()
         elif kind == 120:  # b"x": pax extended header of the next member
-            long_name = _pax_path(data)
+            long_name = _pax_path(data) or long_name
         # other kinds (directories, links, global pax headers) carry no sample data
 
 
@@ -335,13 +333,8 @@ def group_member_runs(runs: Iterable[list[tuple[str, bytes]]]) -> Iterator[list[
     for run in runs:
         done: list[Sample] = []
         start = 0
-        # Members continuing the open sample: its key, a dot, and an extension without a slash (with a
-        # slash, the dot belonged to a folder name).
-        while prefix is not None and start < len(run):
-            name = run[start][0]
-            if not (name.startswith(prefix) and "/" not in name[len(prefix) :]):
-                break
-            _add_member(sample, name[len(prefix) :], run[start])
+        while start < len(run) and _continues(prefix, run[start][0]):  # the open sample's last members
+            _add_member(sample, run[start][0][len(prefix) :], run[start])
             start += 1
         samples, used = _uniform_samples(run, start)
         if samples:
@@ -353,7 +346,7 @@ def group_member_runs(runs: Iterable[list[tuple[str, bytes]]]) -> Iterator[list[
             prefix = key + "."
             start += used
         for name, data in run[start:]:
-            if prefix is not None and name.startswith(prefix) and "/" not in name[len(prefix) :]:
+            if _continues(prefix, name):
                 _add_member(sample, name[len(prefix) :], (name, data))
                 continue
             slash = name.rfind("/") + 1
@@ -369,6 +362,12 @@ def group_member_runs(runs: Iterable[list[tuple[str, bytes]]]) -> Iterator[list[
             yield done
     if key is not None:
         yield [sample]
+
+
+def _continues(prefix: str | None, name: str) -> bool:
+    """Whether `name` is another member of the open sample: its key, a dot, and an extension without a
+    slash (with a slash, the dot belonged to a folder name)."""
+    return prefix is not None and name.startswith(prefix) and "/" not in name[len(prefix) :]
 
 
 def _add_member(sample: Sample, ext: str, member: tuple[str, bytes]) -> None:

@@ -45,6 +45,8 @@ class GenerativeModel(L.LightningModule):
     family_name: str = ""  # set by @register_family
     # What `nll` returns: "exact", "elbo", "iwae", "vlb" (variational bound). Reports label numbers with it.
     nll_kind: str = "exact"
+    # Gradient clipping a family that optimizes manually does itself (`configure_manual_optimization`).
+    gradient_clip_val: float | None = None
 
     def __init__(self, cfg: ModelConfig, optim: OptimConfig, data: DataSpec) -> None:
         super().__init__()
@@ -145,7 +147,7 @@ class GenerativeModel(L.LightningModule):
 
         # The fused CPU kernel, except where Lightning refuses it: clipping gradients under mixed precision.
         trainer = getattr(self, "_trainer", None)
-        clips = trainer is not None and bool(trainer.gradient_clip_val or getattr(self, "gradient_clip_val", None))
+        clips = trainer is not None and bool(trainer.gradient_clip_val or self.gradient_clip_val)
         fuse = not (clips and "mixed" in str(trainer.precision))
         return build_optimizer(params, self.optim_cfg, total_steps, lr=lr, fuse_on_cpu=fuse)
 

@@ -78,7 +78,6 @@ class GAN(GenerativeModel):
                                    cfg.min_resolution)
         self.discriminator = Discriminator(channels, height, cfg.d_channels, cfg.d_norm, cfg.min_resolution)
         self.accumulate_grad_batches = 1
-        self.gradient_clip_val: float | None = None
         self._micro_batches = 0  # discriminator micro-batches seen (checkpointed)
         self._d_updates = 0  # discriminator optimizer steps taken (checkpointed)
 

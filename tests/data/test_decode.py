@@ -74,4 +74,5 @@ def test_batch_decode_declines_what_it_cannot_do_fast() -> None:
         decode_png_batch([filtered.getvalue()], 3)[0], _pil(filtered.getvalue())
     )
     assert decode_png_batch([plain, corrupt], 1) is None  # zlib's checksum: the caller decodes one by one
+    assert decode_png_batch([plain, plain[:40]], 1) is None  # truncated inside the IDAT chunk's header
     assert decode_png_batch([], 1) is None
