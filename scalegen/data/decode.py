@@ -7,11 +7,17 @@ import json
 import struct
 import wave
 import zlib
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
+
+try:  # zlib-ng reads the same streams: inflates ~1.8x and checksums ~5x faster than the standard zlib
+    from zlib_ng import zlib_ng as inflater
+except ImportError:  # a platform without its wheel
+    inflater = zlib
 
 IMAGE_EXTS = ("png", "jpg", "jpeg")
 AUDIO_EXTS = ("wav",)
@@ -28,14 +34,15 @@ def decode_image(data: bytes, channels: int | None) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 
 
-def decode_png_batch(datas: list[bytes], channels: int | None) -> np.ndarray | None:
+def decode_png_batch(datas: Sequence[bytes], channels: int | None) -> np.ndarray | None:
     """uint8 [B, H, W, C] for plain PNGs (see `_decode_plain_png`) that all share one shape and have
-    `channels` channels; None when any does not (the caller then decodes one by one). One reshape
-    for the whole batch instead of per-image array handling: the common case for built-in datasets.
+    `channels` channels; None when any does not (the caller then decodes one by one).
 
-    Same-shape PNGs from one writer start with the same 33 bytes (signature and IHDR chunk, CRC
-    included), and `encode_png` then writes one IDAT chunk and IEND: that layout is checked with a few
-    byte comparisons per image; any other chunk layout goes through the general chunk walk."""
+    Built for the common case of built-in datasets, where per-image Python is most of the cost: same-shape
+    PNGs from one writer start with the same 33 bytes (signature and IHDR chunk, CRC included), and
+    `encode_png` then writes one IDAT chunk and IEND. That layout, and whether the pixels are one stored
+    (uncompressed) zlib block, are checked with array operations over the whole batch; per image there is
+    then a slice and a checksum (stored) or an inflate. Other chunk layouts go through a chunk walk."""
     if not datas:
         return None
     head = datas[0][:33]
@@ -45,50 +52,81 @@ def decode_png_batch(datas: list[bytes], channels: int | None) -> np.ndarray | N
     ch = 1 if color == 0 else 3
     if depth != 8 or interlace or color not in (0, 2) or (channels is not None and ch != channels):
         return None
-    chunks = []
-    try:
-        for data in datas:
-            if not data.startswith(head):
-                return None
-            # One IDAT chunk filling the space between IHDR and IEND: its length field says so.
-            if (len(data) >= 57 and data[33:41] == (len(data) - 57).to_bytes(4, "big") + b"IDAT"
-                    and data.endswith(_IEND_CHUNK)):
-                chunks.append(zlib.decompress(data[41:-16]))
-                continue
-            idat = _idat_chunks(data)
-            if idat is None:
-                return None
-            chunks.append(zlib.decompress(idat))
-    except zlib.error:
+    size = h * (1 + w * ch)  # bytes of pixel data: a filter byte and the pixels of each row
+    n = len(datas)
+    lengths = np.fromiter(map(len, datas), np.int64, n)
+    if lengths.min() < _MIN_PNG:
         return None
-    flat = np.frombuffer(b"".join(chunks), np.uint8)
-    if flat.size != len(datas) * h * (1 + w * ch):
+    joined = b"".join(datas)
+    buf = np.frombuffer(joined, np.uint8)
+    ends = lengths.cumsum()
+    starts = ends - lengths
+    front = buf[starts[:, None] + _FRONT]  # signature, IHDR, IDAT length and type, 7 bytes of zlib stream
+    back = buf[ends[:, None] + _BACK]  # the adler-32 of the pixels, IDAT CRC, IEND chunk
+    # What each image must start with if it has one IDAT chunk (filling the space up to IEND): the first
+    # image's signature and IHDR, its own IDAT length, "IDAT". An image with another IHDR fails either way.
+    expected = np.empty((n, 41), np.uint8)
+    expected[:, :33] = np.frombuffer(head, np.uint8)
+    expected[:, 33:37] = (lengths - _MIN_PNG).astype(">u4").view(np.uint8).reshape(n, 4)
+    expected[:, 37:] = _IDAT
+    one_idat = (front[:, :41] == expected).all(1) & (back[:, 8:] == _IEND).all(1)
+    # One final stored block of exactly `size` bytes behind zlib's default header (what zlib writes at level 0).
+    stored = one_idat & (lengths == size + 11 + _MIN_PNG)
+    stored &= (front[:, 41:] == _stored_header(size)).all(1) if size <= 0xFFFF else False
+    if stored.all():  # every image at the same offsets: the pixel rows are a view of the joined bytes
+        view = memoryview(joined)
+        sums = [inflater.adler32(view[a : a + size]) for a in (starts + 48).tolist()]
+        pixels = buf.reshape(n, -1)[:, 48 : 48 + size]
+    else:
+        if (front[~one_idat, :33] != expected[0, :33]).any():
+            return None  # another shape or colour type in the batch
+        view = memoryview(joined)
+        spans = zip(datas, (starts + 41).tolist(), (ends - 16).tolist(), stored.tolist(), one_idat.tolist())
+        try:  # per image: the stored pixels (no copy: the join below is the only one), or inflated ones
+            chunks = [
+                view[a + 7 : b - 4] if is_stored else inflater.decompress(view[a:b] if simple else _idat_chunks(data))
+                for data, a, b, is_stored, simple in spans
+            ]
+        except (inflater.error, ValueError):
+            return None
+        if set(map(len, chunks)) != {size}:
+            return None
+        sums = [inflater.adler32(c) for c, s in zip(chunks, stored.tolist()) if s] if stored.any() else []
+        pixels = np.frombuffer(b"".join(chunks), np.uint8)
+    # Stored blocks carry zlib's checksum too (inflating checks it): damaged pixels are caught either way.
+    if sums and (np.array(sums, np.uint32) != back[stored, :4].copy().view(">u4").ravel()).any():
         return None
-    rows = flat.reshape(len(datas), h, 1 + w * ch)
+    rows = pixels.reshape(n, h, 1 + w * ch)
     if rows[:, :, 0].any():
         return None
-    return rows[:, :, 1:].reshape(len(datas), h, w, ch)
+    return rows[:, :, 1:].reshape(n, h, w, ch)
 
 
-_IEND_CHUNK = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+def _stored_header(size: int) -> np.ndarray:
+    """zlib's default header (78 01), a final stored block (01), its length and the length's complement."""
+    return np.frombuffer(b"\x78\x01\x01" + size.to_bytes(2, "little") + (size ^ 0xFFFF).to_bytes(2, "little"), np.uint8)
 
 
-def _idat_chunks(data: bytes) -> bytes | None:
-    """The joined IDAT data after the IHDR chunk, when the only other chunks are tEXt; else None."""
+_FRONT = np.arange(48)
+_BACK = np.arange(-20, 0)
+_IDAT = np.frombuffer(b"IDAT", np.uint8)
+_IEND = np.frombuffer(b"\x00\x00\x00\x00IEND\xaeB`\x82", np.uint8)
+_MIN_PNG = 57  # signature 8, IHDR chunk 25, IDAT chunk 12 + data, IEND chunk 12
+
+
+def _idat_chunks(data: bytes) -> bytes:
+    """The joined IDAT data after the IHDR chunk, when the only other chunks are tEXt; ValueError otherwise."""
     pos, idat = 33, []
-    try:
-        while pos + 8 <= len(data):
-            length, kind = struct.unpack(">I4s", data[pos : pos + 8])
-            if kind == b"IDAT":
-                idat.append(data[pos + 8 : pos + 8 + length])
-            elif kind == b"IEND":
-                return b"".join(idat)
-            elif kind != b"tEXt":
-                return None
-            pos += 12 + length
-    except struct.error:
-        return None
-    return None
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        if kind == b"IDAT":
+            idat.append(data[pos + 8 : pos + 8 + length])
+        elif kind == b"IEND":
+            return b"".join(idat)
+        elif kind != b"tEXt":
+            raise ValueError(f"a {kind!r} chunk")
+        pos += 12 + length
+    raise ValueError("no IEND chunk")
 
 
 def _decode_pil(data: bytes, channels: int | None) -> np.ndarray:
@@ -127,11 +165,11 @@ def _decode_plain_png(data: bytes) -> np.ndarray | None:
         if depth != 8 or interlace or color not in (0, 2):
             return None
         ch = 1 if color == 0 else 3
-        rows = np.frombuffer(zlib.decompress(b"".join(idat)), np.uint8)
+        rows = np.frombuffer(inflater.decompress(b"".join(idat)), np.uint8)
         if rows.size != h * (1 + w * ch):
             return None
         rows = rows.reshape(h, 1 + w * ch)
-    except (struct.error, zlib.error):
+    except (struct.error, inflater.error):
         return None
     if rows[:, 0].any():
         return None  # filtered rows (most PNG writers): undo the filters with PIL

@@ -13,10 +13,12 @@ here is one tensor fewer for a worker to send through shared memory).
 
 from __future__ import annotations
 
+import operator
 import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
+from itertools import repeat
 from typing import Any
 
 import numpy as np
@@ -181,18 +183,24 @@ class ShardStream(IterableDataset):
         """The whole batch at once when it is all plain same-size PNGs with labels and nothing else
         (built-in image datasets); None otherwise, and the samples are decoded one by one."""
         o = self.opts
-        if o.kind != "image" or not raws or any("png" not in r or "json" in r for r in raws):
+        if o.kind != "image" or not raws or any(map(operator.contains, raws, repeat("json"))):
             return None
-        arr = decode_png_batch([r["png"] for r in raws], o.channels)
+        try:  # one pass over the samples (they lie scattered in memory after the shuffle)
+            keys, pngs, labels = zip(*map(_KEY_PNG_CLS, raws))
+        except KeyError:  # a sample without a label (or without a PNG)
+            if None in (pngs := [r.get("png") for r in raws]):
+                return None
+            keys, labels = [r["__key__"] for r in raws], [r.get("cls") for r in raws]
+        arr = decode_png_batch(pngs, o.channels)
         if arr is None:
             return None
-        y = _labels([r.get("cls") for r in raws])
+        y = _labels(labels)
         if y is None:
             return None
         x = torch.from_numpy(np.ascontiguousarray(arr.transpose(0, 3, 1, 2)))
         if o.resize or o.center_crop or (o.train and (o.random_crop_padding > 0 or o.random_flip)):
             x = torch.stack([self._transform_image(xi, gen) for xi in x])
-        return {"x": x, "y": y, "key": [r["__key__"] for r in raws]}
+        return {"x": x, "y": y, "key": list(keys)}
 
     def _transform_image(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         o = self.opts
@@ -221,7 +229,10 @@ class ShardStream(IterableDataset):
         return s
 
 
-def _labels(fields: list[bytes | None]) -> torch.Tensor | None:
+_KEY_PNG_CLS = operator.itemgetter("__key__", "png", "cls")
+
+
+def _labels(fields: Sequence[bytes | None]) -> torch.Tensor | None:
     """int64 labels from the `cls` members (-1 where missing); None when one is not an integer."""
     try:
         if None in fields:

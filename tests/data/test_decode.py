@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from scalegen.data import decode
 from scalegen.data.decode import decode_image, decode_png_batch, encode_png
 
 
@@ -39,8 +40,18 @@ def test_incompressible_pixels_are_stored_and_smooth_ones_deflated() -> None:
         assert zlib.decompress(_idat(png))[:: 1 + arr[0].size] == bytes(arr.shape[0])  # unfiltered rows
 
 
+@pytest.fixture(params=["zlib-ng", "zlib"])
+def inflater(request, monkeypatch):
+    """Decode with zlib-ng (the default) and with the standard zlib (the fallback without its wheel)."""
+    if request.param == "zlib":
+        monkeypatch.setattr(decode, "inflater", zlib)
+    else:
+        assert decode.inflater.__name__.startswith("zlib_ng")
+    return request.param
+
+
 @pytest.mark.parametrize("channels", [1, 3])
-def test_batch_decode_equals_pil_image_by_image(channels: int) -> None:
+def test_batch_decode_equals_pil_image_by_image(channels: int, inflater: str) -> None:
     rng = np.random.default_rng(channels)
     shape = (12, 10) if channels == 1 else (12, 10, 3)
     arrs = [rng.integers(0, 256 if i % 2 else 4, shape, dtype=np.uint8) for i in range(9)]  # stored and deflated
@@ -57,9 +68,15 @@ def test_batch_decode_equals_pil_image_by_image(channels: int) -> None:
     for png, got in zip(pngs, batch):
         assert np.array_equal(got, _pil(png))
         assert np.array_equal(decode_image(png, channels).permute(1, 2, 0).numpy(), got)
+    # A batch of stored images only: the pixels are read in place from the joined bytes.
+    noise = [rng.integers(0, 256, shape, dtype=np.uint8) for _ in range(5)]
+    stored = [encode_png(a) for a in noise]
+    assert all(len(_idat(p)) == 12 * (1 + noise[0][0].size) + 11 for p in stored)
+    batch = decode_png_batch(stored, channels)
+    assert batch is not None and all(np.array_equal(got, _pil(p)) for got, p in zip(batch, stored))
 
 
-def test_batch_decode_declines_what_it_cannot_do_fast() -> None:
+def test_batch_decode_declines_what_it_cannot_do_fast(inflater: str) -> None:
     rng = np.random.default_rng(0)
     a = rng.integers(0, 256, (8, 8), dtype=np.uint8)
     plain = encode_png(a)
@@ -74,5 +91,11 @@ def test_batch_decode_declines_what_it_cannot_do_fast() -> None:
         decode_png_batch([filtered.getvalue()], 3)[0], _pil(filtered.getvalue())
     )
     assert decode_png_batch([plain, corrupt], 1) is None  # zlib's checksum: the caller decodes one by one
+    deflated = encode_png(a // 64)  # 4 levels: deflated
+    assert len(deflated) < len(plain)
+    assert decode_png_batch([deflated, plain], 1) is not None
+    assert decode_png_batch([deflated, corrupt], 1) is None  # the checksum of a stored block beside inflated ones
+    wrong_length = plain[:44] + bytes([plain[44] ^ 1]) + plain[45:]  # LEN no longer matches NLEN: not stored
+    assert decode_png_batch([plain, wrong_length], 1) is None
     assert decode_png_batch([plain, plain[:40]], 1) is None  # truncated inside the IDAT chunk's header
     assert decode_png_batch([], 1) is None
