@@ -29,35 +29,44 @@ def _dir(name: str) -> tarfile.TarInfo:
     return info
 
 
+def _read(data: bytes, chunk: int, whole: bool) -> list[tuple[str, bytes]]:
+    """Read as a stream (in chunks), or as an archive held whole in memory (a mapped local shard: `chunk`
+    is then the window each vectorized scan covers)."""
+    return list(read_tar(data if whole else io.BytesIO(data), chunk=chunk))
+
+
+@pytest.mark.parametrize("whole", [False, True])
 @pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
 @pytest.mark.parametrize("chunk", [700, 1 << 20])
-def test_reads_what_tarfile_reads(fmt: int, chunk: int) -> None:
+def test_reads_what_tarfile_reads(fmt: int, chunk: int, whole: bool) -> None:
     long = "" if fmt == tarfile.USTAR_FORMAT else "x" * 150 + "/"
     names = [f"a/{long}s1.cls", f"a/{long}s1.png", "s2.cls", "s2.wav", "deep/er/s3.json"]
     sizes = [0, 513, 1, 5000, 512]
     data = _archive(fmt, names, sizes)
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         expected = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers() if m.isfile()]
-    assert list(read_tar(io.BytesIO(data), chunk=chunk)) == expected
+    assert _read(data, chunk, whole) == expected
     samples = list(group_members(expected))
     assert [s["__key__"] for s in samples] == [f"a/{long}s1", "s2", "deep/er/s3"]
     assert set(samples[1]) == {"__key__", "cls", "wav"}
 
 
-def test_truncation_and_corruption_raise() -> None:
+@pytest.mark.parametrize("whole", [False, True])
+def test_truncation_and_corruption_raise(whole: bool) -> None:
     data = tar_bytes([{"__key__": f"k{i}", "cls": b"1", "png": bytes(900)} for i in range(4)])
     with pytest.raises(TarError, match="truncated tar member"):
-        list(read_tar(io.BytesIO(data[: 512 * 3 + 100])))  # inside the second member's data
+        _read(data[: 512 * 3 + 100], 1 << 20, whole)  # inside the second member's data
     with pytest.raises(TarError, match="truncated tar header"):
-        list(read_tar(io.BytesIO(data[: 512 * 2 + 100])))
+        _read(data[: 512 * 2 + 100], 1 << 20, whole)
     bad = bytearray(data)
     bad[512 * 2 + 124 : 512 * 2 + 136] = b"not a number"  # the size field of the second member
     with pytest.raises(TarError, match="corrupt tar header"):
-        list(read_tar(io.BytesIO(bytes(bad))))
+        _read(bytes(bad), 1 << 20, whole)
 
 
+@pytest.mark.parametrize("whole", [False, True])
 @pytest.mark.parametrize("chunk", [1536, 4096, 1 << 20])
-def test_members_that_look_like_headers_do_not_fool_the_vectorized_scan(chunk: int) -> None:
+def test_members_that_look_like_headers_do_not_fool_the_vectorized_scan(chunk: int, whole: bool) -> None:
     """A member holding a tar archive has blocks with the ustar magic inside its data; the reader must
     still return exactly what tarfile returns, for any chunk boundary."""
     inner = tar_bytes([{"__key__": f"in{i}", "cls": b"7", "png": bytes(range(200)) * 3} for i in range(3)])
@@ -71,7 +80,22 @@ def test_members_that_look_like_headers_do_not_fool_the_vectorized_scan(chunk: i
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         expected = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers() if m.isfile()]
     assert len(expected) == 6
-    assert list(read_tar(io.BytesIO(data), chunk=chunk)) == expected
+    assert _read(data, chunk, whole) == expected
+
+
+def test_local_shards_are_mapped_and_read_as_streams_are(tmp_path) -> None:
+    """A local shard is read from a memory map; its samples equal those read through a pipe (a stream)."""
+    samples = [{"__key__": f"k{i:03d}", "cls": str(i).encode(), "png": bytes([i % 256]) * (i * 37)} for i in range(300)]
+    path = tmp_path / "train-000000.tar"
+    path.write_bytes(tar_bytes(samples))
+    with open(path, "rb") as f:
+        assert shards._map_local_file(f) is not None
+    mapped = list(shards.iter_shard(str(path)))
+    assert mapped == list(shards.iter_shard(f"pipe:cat {path}")) == samples
+    assert all(isinstance(v, bytes) for s in mapped for k, v in s.items() if k != "__key__")  # copies, not views
+    (tmp_path / "empty.tar").write_bytes(b"")
+    with open(tmp_path / "empty.tar", "rb") as f:
+        assert shards._map_local_file(f) is None  # nothing to map: read as a stream (which ends at once)
 
 
 shards_uniform = shards._uniform_samples
@@ -108,7 +132,8 @@ def test_grouping_runs_equals_the_plain_rule_however_the_runs_are_cut(seed: int,
         if rng.random() < 0.02:
             members.append(("__meta__.json", b"{}"))
     cuts = sorted(rng.sample(range(1, len(members)), 12))
-    runs = [members[a:b] for a, b in zip([0, *cuts], [*cuts, len(members)])]
+    names, datas = [name for name, _ in members], [data for _, data in members]
+    runs = [(names[a:b], datas[a:b]) for a, b in zip([0, *cuts], [*cuts, len(members)])]
     uniform = []
     monkeypatch.setattr(shards, "_uniform_samples", lambda *a: uniform.append(shards_uniform(*a)) or uniform[-1])
     got = [s for chunk in group_member_runs(runs) for s in chunk]
