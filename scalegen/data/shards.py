@@ -275,10 +275,10 @@ def read_tar_runs(source: IO[bytes] | bytes | mmap.mmap, chunk: int = 1 << 20) -
 _OCTAL_PLACES = 8 ** np.arange(10, -1, -1, dtype=np.int64)
 
 
-Run = tuple[list[str], list[int], list[int], list[bool] | None, int]  # names, offsets, sizes, pax flags, end
+Scan = tuple[list[str], list[int], list[int], list[bool] | None, int]  # names, offsets, sizes, pax flags, end
 
 
-def _scan_run(buf: bytes | mmap.mmap, pos: int, window: int) -> Run | None:
+def _scan_run(buf: bytes | mmap.mmap, pos: int, window: int) -> Scan | None:
     """The longest run of members starting at `pos` that are ustar regular files
     (11-digit octal size, no name prefix) or pax headers for them, lying wholly inside `buf[pos:pos + window]`:
     (names, data offsets, sizes, which are pax headers (None if none), end of the run); None if empty.
