@@ -126,7 +126,7 @@ def iter_shard_chunks(url: str) -> Iterator[list[Sample]]:
 def _map_local_file(stream: IO[bytes]) -> mmap.mmap | None:
     """The whole file behind `stream`, mapped read-only, when it is a non-empty regular file; else None.
     Members are then sliced straight out of the page cache: one copy of every byte fewer than reading
-    into a buffer and carrying the buffer's tail into the next one (~10% of a CIFAR-10 pass)."""
+    into a buffer and carrying the buffer's tail into the next one (~0.5 of ~3 us per CIFAR-10 sample)."""
     try:
         fd = stream.fileno()
         if not stat.S_ISREG(os.fstat(fd).st_mode) or os.fstat(fd).st_size == 0:

@@ -8,10 +8,12 @@ import zlib
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from scalegen.data import decode
 from scalegen.data.decode import decode_image, decode_png_batch, encode_png
+from scalegen.data.pipeline import ShardStream, StreamOptions
 
 
 def _pil(data: bytes) -> np.ndarray:
@@ -99,3 +101,25 @@ def test_batch_decode_declines_what_it_cannot_do_fast(inflater: str) -> None:
     assert decode_png_batch([plain, wrong_length], 1) is None
     assert decode_png_batch([plain, plain[:40]], 1) is None  # truncated inside the IDAT chunk's header
     assert decode_png_batch([], 1) is None
+
+
+@pytest.mark.parametrize("labelled", ["all", "some"])
+def test_stream_decodes_a_batch_as_it_decodes_each_sample(labelled: str) -> None:
+    """The batch path of `ShardStream` (key, PNG and label read in one pass; labels parsed together, -1
+    where a sample has none) gives what decoding sample by sample gives."""
+    rng = np.random.default_rng(1)
+    raws = []
+    for i in range(6):
+        raw = {"__key__": f"k{i}", "png": encode_png(rng.integers(0, 256 if i % 2 else 4, (5, 7, 3), dtype=np.uint8))}
+        if labelled == "all" or i % 3:
+            raw["cls"] = str(i).encode()
+        raws.append(raw)
+    stream = ShardStream([], [], StreamOptions(kind="image", channels=3, sample_rate=None, batch_size=6, train=False))
+    batch = stream._decode_batch(raws, torch.Generator())
+    assert batch is not None
+    each = [stream._decode_one(raw, torch.Generator()) for raw in raws]
+    assert batch["key"] == [s["key"] for s in each] == [f"k{i}" for i in range(6)]
+    assert batch["y"].tolist() == [s["y"] for s in each]
+    assert torch.equal(batch["x"], torch.stack([s["x"] for s in each]))
+    assert (batch["y"] == -1).sum() == (0 if labelled == "all" else 2)
+    assert stream._decode_batch([*raws[:5], {**raws[5], "json": b"{}"}], torch.Generator()) is None  # declines
