@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from scalegen.config.loader import plain
 from scalegen.config.schema import OptimConfig
 
 
@@ -44,7 +45,6 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig, tota
                     lr: float | None = None, fuse_on_cpu: bool = True) -> dict[str, Any]:
     """Lightning's optimizer dict: the optimizer and a per-step LambdaLR schedule."""
     optimizer = make_optimizer(params, cfg, lr, fuse_on_cpu)
-    # A plain copy of the schedule's settings: the lambda runs every step, and OmegaConf reads are slow.
-    schedule = OptimConfig(**{k: getattr(cfg, k) for k in ("schedule", "warmup_steps", "min_lr_ratio")})
+    schedule = plain(cfg)  # the lambda runs every step
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, schedule, total_steps))
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
