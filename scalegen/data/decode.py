@@ -210,16 +210,18 @@ def encode_wav(x: np.ndarray, sample_rate: int) -> bytes:
     return buf.getvalue()
 
 
-def encode_png(arr: np.ndarray, level: int = 6, min_saving: float = 0.25) -> bytes:
+def encode_png(arr: np.ndarray, level: int = 6, min_saving: float = 0.25, min_saved_bytes: int = 1024) -> bytes:
     """A valid PNG of a uint8 [H, W] (grey) or [H, W, 3] (RGB) array, rows unfiltered so that
     `decode_image` can read it back with zlib alone; deterministic.
 
-    The pixels are deflated at `level` only when that saves at least `min_saving` of their bytes; otherwise
-    they are stored (deflate's uncompressed blocks, still a standard PNG). Inflating a 32x32 RGB image
-    deflated at level 6 costs ~17 us (zlib and zlib-ng alike) against ~0.4 us to checksum a stored one
-    (`decode_png_batch` reads stored pixels in place), and unfiltered rows of small natural or noisy
-    images (CIFAR-10) barely compress: that decode time for a few percent of disk is the wrong trade for
-    data that is read every epoch. Smooth images (MNIST: -75%) are deflated.
+    The pixels are deflated at `level` only when that saves at least `min_saving` of their bytes and at
+    least `min_saved_bytes`; otherwise they are stored (deflate's uncompressed blocks, still a standard
+    PNG), which `decode_png_batch` reads in place for ~0.1-0.4 us an image (the checksum). Inflating costs
+    ~1.5 us for a 28x28 MNIST digit and ~17 us for a 32x32 RGB image (zlib-ng; zlib is slower), on every
+    read of every epoch. Unfiltered rows of small natural or noisy images (CIFAR-10) barely compress; and a
+    small image saves little disk even when it does, since a shard pads each member to 512-byte blocks (MNIST:
+    2,560 bytes a sample stored, 2,048 deflated: -20% of disk for a quarter of the loader's time).
+    Larger smooth images (saving over 1 KiB each) are deflated.
     """
     arr = np.ascontiguousarray(arr, dtype=np.uint8)
     h, w = arr.shape[:2]
@@ -228,7 +230,7 @@ def encode_png(arr: np.ndarray, level: int = 6, min_saving: float = 0.25) -> byt
         raise ValueError(f"encode_png takes grey or RGB images, got {ch} channels")
     raw = np.concatenate([np.zeros((h, 1), np.uint8), arr.reshape(h, w * ch)], axis=1).tobytes()
     pixels = zlib.compress(raw, level)
-    if len(pixels) > (1 - min_saving) * len(raw):
+    if len(pixels) > min((1 - min_saving) * len(raw), len(raw) - min_saved_bytes):
         pixels = zlib.compress(raw, 0)
 
     def chunk(kind: bytes, body: bytes) -> bytes:

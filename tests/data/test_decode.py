@@ -27,12 +27,14 @@ def _idat(data: bytes) -> bytes:
     return data[41 : 41 + n]
 
 
-def test_incompressible_pixels_are_stored_and_smooth_ones_deflated() -> None:
+def test_pixels_are_deflated_only_when_that_saves_a_quarter_and_a_kib() -> None:
     rng = np.random.default_rng(0)
-    noise = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
-    smooth = np.repeat(np.arange(28, dtype=np.uint8)[None, :] * 9, 28, axis=0)
-    for arr, stored in ((noise, True), (smooth, False)):
-        png = encode_png(arr)
+    noise = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)  # incompressible
+    digit = np.repeat(np.arange(28, dtype=np.uint8)[None, :] * 9, 28, axis=0)  # MNIST-sized: saves < 1 KiB
+    smooth = np.repeat(np.arange(64, dtype=np.uint8)[None, :] * 4, 64, axis=0)
+    cases = [(noise, {}, True), (digit, {}, True), (digit, {"min_saved_bytes": 0}, False), (smooth, {}, False)]
+    for arr, options, stored in cases:
+        png = encode_png(arr, **options)
         assert np.array_equal(_pil(png), arr.reshape(*arr.shape[:2], -1))  # a standard PNG
         raw_bytes = arr.shape[0] * (1 + arr[0].size)
         # A stored zlib stream is the 2-byte header, 5 bytes per block of <= 65535 bytes, the data and Adler-32.
@@ -57,7 +59,8 @@ def test_batch_decode_equals_pil_image_by_image(channels: int, inflater: str) ->
     rng = np.random.default_rng(channels)
     shape = (12, 10) if channels == 1 else (12, 10, 3)
     arrs = [rng.integers(0, 256 if i % 2 else 4, shape, dtype=np.uint8) for i in range(9)]  # stored and deflated
-    pngs = [encode_png(a) for a in arrs]
+    pngs = [encode_png(a, min_saved_bytes=0) for a in arrs]
+    assert len({len(p) for p in pngs}) > 1  # some deflated
     # Another writer's chunk layout (a tEXt chunk, the pixels split over two IDAT chunks) takes the general walk.
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
@@ -93,7 +96,7 @@ def test_batch_decode_declines_what_it_cannot_do_fast(inflater: str) -> None:
         decode_png_batch([filtered.getvalue()], 3)[0], _pil(filtered.getvalue())
     )
     assert decode_png_batch([plain, corrupt], 1) is None  # zlib's checksum: the caller decodes one by one
-    deflated = encode_png(a // 64)  # 4 levels: deflated
+    deflated = encode_png(a // 64, min_saved_bytes=0)  # 4 levels: deflated
     assert len(deflated) < len(plain)
     assert decode_png_batch([deflated, plain], 1) is not None
     assert decode_png_batch([deflated, corrupt], 1) is None  # the checksum of a stored block beside inflated ones
@@ -104,22 +107,32 @@ def test_batch_decode_declines_what_it_cannot_do_fast(inflater: str) -> None:
 
 
 @pytest.mark.parametrize("labelled", ["all", "some"])
-def test_stream_decodes_a_batch_as_it_decodes_each_sample(labelled: str) -> None:
+@pytest.mark.parametrize("augment", [False, True])
+def test_stream_decodes_a_batch_as_it_decodes_each_sample(labelled: str, augment: bool) -> None:
     """The batch path of `ShardStream` (key, PNG and label read in one pass; labels parsed together, -1
-    where a sample has none) gives what decoding sample by sample gives."""
+    where a sample has none; channels moved first through int16; random transforms drawn image by image)
+    gives what decoding sample by sample gives."""
     rng = np.random.default_rng(1)
     raws = []
     for i in range(6):
-        raw = {"__key__": f"k{i}", "png": encode_png(rng.integers(0, 256 if i % 2 else 4, (5, 7, 3), dtype=np.uint8))}
+        pixels = rng.integers(0, 256 if i % 2 else 4, (5, 7, 3), dtype=np.uint8)
+        raw = {"__key__": f"k{i}", "png": encode_png(pixels, min_saved_bytes=0)}  # stored and deflated
         if labelled == "all" or i % 3:
             raw["cls"] = str(i).encode()
         raws.append(raw)
-    stream = ShardStream([], [], StreamOptions(kind="image", channels=3, sample_rate=None, batch_size=6, train=False))
-    batch = stream._decode_batch(raws, torch.Generator())
+    opts = StreamOptions(kind="image", channels=3, sample_rate=None, batch_size=6, train=augment)
+    if augment:
+        opts.random_flip, opts.random_crop_padding = True, 2
+    stream = ShardStream([], [], opts)
+    batch = stream._decode_batch(raws, torch.Generator().manual_seed(3))
     assert batch is not None
-    each = [stream._decode_one(raw, torch.Generator()) for raw in raws]
+    gen = torch.Generator().manual_seed(3)
+    each = [stream._decode_one(raw, gen) for raw in raws]
     assert batch["key"] == [s["key"] for s in each] == [f"k{i}" for i in range(6)]
     assert batch["y"].tolist() == [s["y"] for s in each]
+    assert batch["x"].dtype == torch.uint8 and batch["x"].is_contiguous() and batch["x"].shape == (6, 3, 5, 7)
     assert torch.equal(batch["x"], torch.stack([s["x"] for s in each]))
+    if augment:  # the draws did change the images
+        assert not torch.equal(batch["x"], torch.stack([decode_image(raw["png"], 3) for raw in raws]))
     assert (batch["y"] == -1).sum() == (0 if labelled == "all" else 2)
     assert stream._decode_batch([*raws[:5], {**raws[5], "json": b"{}"}], torch.Generator()) is None  # declines
