@@ -54,6 +54,45 @@ def decode_png_batch(datas: Sequence[bytes], channels: int | None) -> np.ndarray
         return None
     size = h * (1 + w * ch)  # bytes of pixel data: a filter byte and the pixels of each row
     n = len(datas)
+    # All stored (what `encode_png` writes for small or noisy images): every PNG has the stored length.
+    all_stored = size <= 0xFFFF and list(map(len, datas)).count(size + _STORED_EXTRA) == n
+    pixels = _stored_pixels(datas, head, size) if all_stored else None
+    if pixels is None:
+        pixels = _any_pixels(datas, head, size)
+        if pixels is None:
+            return None
+    rows = pixels.reshape(n, h, 1 + w * ch)
+    if rows[:, :, 0].any():
+        return None
+    return rows[:, :, 1:].reshape(n, h, w, ch)
+
+
+def _stored_pixels(datas: Sequence[bytes], head: bytes, size: int) -> np.ndarray | None:
+    """[B, size] pixel rows (filter bytes included) when every PNG is the first one's signature and IHDR,
+    one IDAT chunk holding one stored zlib block of `size` bytes, and IEND, its checksum right; else None.
+    The images then lie at the same offsets of their joined bytes: the rows are a view, checked with a
+    handful of array operations for the whole batch and a checksum per image."""
+    n, length = len(datas), size + _STORED_EXTRA
+    joined = b"".join(datas)
+    images = np.frombuffer(joined, np.uint8).reshape(n, length)
+    front = np.frombuffer(head + (length - _MIN_PNG).to_bytes(4, "big") + b"IDAT", np.uint8)
+    if not ((images[:, :41] == front).all() and (images[:, 41:48] == _stored_header(size)).all()):
+        return None
+    if not (images[:, -12:] == _IEND).all():
+        return None
+    view = memoryview(joined)
+    pixel_spans = map(slice, range(48, n * length, length), range(48 + size, n * length, length))
+    sums = np.fromiter(map(inflater.adler32, map(view.__getitem__, pixel_spans)), np.uint32, n)
+    if (sums != images[:, -20:-16].copy().view(">u4").ravel()).any():
+        return None  # a damaged image: the caller decodes one by one, and skips it
+    return images[:, 48 : 48 + size]
+
+
+def _any_pixels(datas: Sequence[bytes], head: bytes, size: int) -> np.ndarray | None:
+    """[B, size] pixel rows of same-shape PNGs, some deflated or laid out otherwise; None when one cannot
+    be read this way. The layout (one IDAT chunk filling the space up to IEND) and stored blocks are still
+    found with array operations; per image there is then a slice and a checksum, an inflate, or a chunk walk."""
+    n = len(datas)
     lengths = np.fromiter(map(len, datas), np.int64, n)
     if lengths.min() < _MIN_PNG:
         return None
@@ -70,35 +109,28 @@ def decode_png_batch(datas: Sequence[bytes], channels: int | None) -> np.ndarray
     expected[:, 33:37] = (lengths - _MIN_PNG).astype(">u4").view(np.uint8).reshape(n, 4)
     expected[:, 37:] = _IDAT
     one_idat = (front[:, :41] == expected).all(1) & (back[:, 8:] == _IEND).all(1)
+    if (front[~one_idat, :33] != expected[0, :33]).any():
+        return None  # another shape or colour type in the batch
     # One final stored block of exactly `size` bytes behind zlib's default header (what zlib writes at level 0).
-    stored = one_idat & (lengths == size + 11 + _MIN_PNG)
+    stored = one_idat & (lengths == size + _STORED_EXTRA)
     stored &= (front[:, 41:] == _stored_header(size)).all(1) if size <= 0xFFFF else False
     view = memoryview(joined)
-    if stored.all():  # every image at the same offsets: the pixel rows are a view of the joined bytes
-        sums = [inflater.adler32(view[a : a + size]) for a in (starts + 48).tolist()]
-        pixels = buf.reshape(n, -1)[:, 48 : 48 + size]
-    else:
-        if (front[~one_idat, :33] != expected[0, :33]).any():
-            return None  # another shape or colour type in the batch
-        spans = zip(datas, (starts + 41).tolist(), (ends - 16).tolist(), stored.tolist(), one_idat.tolist())
-        try:  # per image: the stored pixels (no copy: the join below is the only one), or inflated ones
-            chunks = [
-                view[a + 7 : b - 4] if is_stored else inflater.decompress(view[a:b] if simple else _idat_chunks(data))
-                for data, a, b, is_stored, simple in spans
-            ]
-        except (inflater.error, ValueError):
-            return None
-        if set(map(len, chunks)) != {size}:
-            return None
-        sums = [inflater.adler32(c) for c, s in zip(chunks, stored.tolist()) if s] if stored.any() else []
-        pixels = np.frombuffer(b"".join(chunks), np.uint8)
+    spans = zip(datas, (starts + 41).tolist(), (ends - 16).tolist(), stored.tolist(), one_idat.tolist())
+    try:  # per image: the stored pixels (no copy: the join below is the only one), or inflated ones
+        chunks = [
+            view[a + 7 : b - 4] if is_stored else inflater.decompress(view[a:b] if simple else _idat_chunks(data))
+            for data, a, b, is_stored, simple in spans
+        ]
+    except (inflater.error, ValueError):
+        return None
+    if set(map(len, chunks)) != {size}:
+        return None
     # Stored blocks carry zlib's checksum too (inflating checks it): damaged pixels are caught either way.
-    if sums and (np.array(sums, np.uint32) != back[stored, :4].copy().view(">u4").ravel()).any():
-        return None
-    rows = pixels.reshape(n, h, 1 + w * ch)
-    if rows[:, :, 0].any():
-        return None
-    return rows[:, :, 1:].reshape(n, h, w, ch)
+    if stored.any():
+        sums = [inflater.adler32(c) for c, s in zip(chunks, stored.tolist()) if s]
+        if (np.array(sums, np.uint32) != back[stored, :4].copy().view(">u4").ravel()).any():
+            return None
+    return np.frombuffer(b"".join(chunks), np.uint8)
 
 
 def _stored_header(size: int) -> np.ndarray:
@@ -111,6 +143,7 @@ _BACK = np.arange(-20, 0)
 _IDAT = np.frombuffer(b"IDAT", np.uint8)
 _IEND = np.frombuffer(b"\x00\x00\x00\x00IEND\xaeB`\x82", np.uint8)
 _MIN_PNG = 57  # signature 8, IHDR chunk 25, IDAT chunk 12 + data, IEND chunk 12
+_STORED_EXTRA = _MIN_PNG + 11  # a PNG of one stored zlib block: pixels, zlib header 2, block header 5, adler-32 4
 
 
 def _idat_chunks(data: bytes) -> bytes:
