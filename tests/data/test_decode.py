@@ -104,6 +104,13 @@ def test_batch_decode_declines_what_it_cannot_do_fast(inflater: str) -> None:
     assert decode_png_batch([plain, wrong_length], 1) is None
     assert decode_png_batch([plain, plain[:40]], 1) is None  # truncated inside the IDAT chunk's header
     assert decode_png_batch([], 1) is None
+    # Stored PNGs of one length that still differ: another shape with as many pixel bytes (2x5 and 3x3 grey:
+    # 12 bytes with the filter bytes), a damaged IEND chunk.
+    two_by_five, three_by_three = encode_png(a[:2, :5]), encode_png(a[:3, :3])
+    assert len(two_by_five) == len(three_by_three)
+    assert decode_png_batch([two_by_five, three_by_three], 1) is None
+    assert decode_png_batch([plain, plain[:-5] + b"X" + plain[-4:]], 1) is None
+    assert decode_png_batch([plain, plain], 1).shape == (2, 8, 8, 1)
 
 
 @pytest.mark.parametrize("labelled", ["all", "some"])
