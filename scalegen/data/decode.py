@@ -41,8 +41,9 @@ def decode_png_batch(datas: Sequence[bytes], channels: int | None) -> np.ndarray
     Built for the common case of built-in datasets, where per-image Python is most of the cost: same-shape
     PNGs from one writer start with the same 33 bytes (signature and IHDR chunk, CRC included), and
     `encode_png` then writes one IDAT chunk and IEND. That layout, and whether the pixels are one stored
-    (uncompressed) zlib block, are checked with array operations over the whole batch; per image there is
-    then a slice and a checksum (stored) or an inflate. Other chunk layouts go through a chunk walk."""
+    (uncompressed) zlib block, are checked with array operations over the whole batch: as one array when
+    every image is stored at the same length (`_stored_pixels`), else image by image (`_any_pixels`: a
+    slice and a checksum, an inflate, or a chunk walk for other layouts)."""
     if not datas:
         return None
     head = datas[0][:33]
@@ -76,9 +77,8 @@ def _stored_pixels(datas: Sequence[bytes], head: bytes, size: int) -> np.ndarray
     joined = b"".join(datas)
     images = np.frombuffer(joined, np.uint8).reshape(n, length)
     front = np.frombuffer(head + (length - _MIN_PNG).to_bytes(4, "big") + b"IDAT", np.uint8)
-    if not ((images[:, :41] == front).all() and (images[:, 41:48] == _stored_header(size)).all()):
-        return None
-    if not (images[:, -12:] == _IEND).all():
+    layout = (images[:, :41] == front).all() and (images[:, 41:48] == _stored_header(size)).all()
+    if not (layout and (images[:, -12:] == _IEND).all()):
         return None
     view = memoryview(joined)
     pixel_spans = map(slice, range(48, n * length, length), range(48 + size, n * length, length))

@@ -81,6 +81,20 @@ def test_batch_decode_equals_pil_image_by_image(channels: int, inflater: str) ->
     assert batch is not None and all(np.array_equal(got, _pil(p)) for got, p in zip(batch, stored))
 
 
+def test_a_batch_stored_at_one_length_is_read_as_one_array(monkeypatch) -> None:
+    """Stored images of one length never reach the image-by-image path; anything else does."""
+    rng = np.random.default_rng(2)
+    stored = [encode_png(rng.integers(0, 256, (6, 7, 3), dtype=np.uint8)) for _ in range(4)]
+    general = decode._any_pixels
+    calls = []
+    monkeypatch.setattr(decode, "_any_pixels", lambda *a: calls.append(1) or general(*a))
+    batch = decode_png_batch(stored, 3)
+    assert batch is not None and not calls
+    assert all(np.array_equal(got, _pil(p)) for got, p in zip(batch, stored))
+    deflated = encode_png(np.zeros((6, 7, 3), np.uint8), min_saved_bytes=0)
+    assert decode_png_batch([*stored, deflated], 3) is not None and calls == [1]
+
+
 def test_batch_decode_declines_what_it_cannot_do_fast(inflater: str) -> None:
     rng = np.random.default_rng(0)
     a = rng.integers(0, 256, (8, 8), dtype=np.uint8)
