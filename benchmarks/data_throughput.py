@@ -1,13 +1,16 @@
 """Samples/s of the shard pipeline against iterating the same arrays from memory, in the same run.
 
-For each dataset (digits, MNIST, CIFAR-10) and worker count (0, 1, 2) it times one pass of
-`ShardDataModule.train_dataloader()` (read tar shards, shuffle buffer, decode PNG, collate) and one
-pass of a plain map-style PyTorch `DataLoader` over the already-decoded uint8 tensors (shuffled,
-same batch size and workers, persistent workers like the shard loader's), over the same number of
-samples. It prints a table and, last,
-`ratio: X`: the worst time-per-sample of shards over memory in the table (target: < 2).
+For each dataset (digits, MNIST, CIFAR-10) and worker count (0, 1, 2) it times the shard loader
+(`ShardDataModule.train_dataloader()`: read tar shards, shuffle buffer, decode PNG, collate) and a
+plain map-style PyTorch `DataLoader` over the already-decoded uint8 tensors (shuffled, same batch size
+and workers, persistent workers like the shard loader's), in alternating slices of `--slice` samples
+until each has taken `--samples` (new passes started as needed). The VM this was written on runs at
+two speeds that alternate every few seconds, and the slow one slows Python-bound code more than
+copying memory; slices of a few tens of milliseconds put both loaders under the same conditions,
+where rounds of whole passes compared one loader's quiet seconds with the other's slow ones. It prints
+a table and, last, `ratio: X`: the worst time-per-sample of shards over memory in the table (target: < 2).
 
-    PYTHONPATH=. python benchmarks/data_throughput.py [--samples 20000] [--repeats 3] [--batch-size 128]
+    PYTHONPATH=. python benchmarks/data_throughput.py [--samples 40000] [--slice 2560] [--batch-size 128]
 
 MNIST is prepared from `--mnist-source` (default: ../shared/datasets/mnist or $SCALEGEN_SHARED/mnist).
 CIFAR-10 is prepared from `--cifar10-source` (a cifar-10-python.tar.gz or its folder) when given;
@@ -22,6 +25,7 @@ import pickle
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -47,15 +51,43 @@ class InMemory(Dataset):
         return {"x": self.x[i], "y": self.y[i]}
 
 
-def _time(loader_factory, samples: int) -> float:
-    """Samples/s over `samples` samples, starting fresh passes (new iterators) as needed."""
-    seen, start = 0, time.perf_counter()
-    while seen < samples:
-        for batch in loader_factory():
-            seen += len(batch["x"])
-            if seen >= samples:
-                break
-    return seen / (time.perf_counter() - start)
+class _Clock:
+    """One loader's running totals: samples taken and seconds spent taking them."""
+
+    def __init__(self, loader: Iterable[dict]) -> None:
+        self.loader, self.batches, self.samples, self.seconds = loader, None, 0, 0.0
+
+    def take(self, n: int) -> None:
+        """Take at least `n` samples, starting a new pass (a new iterator) whenever one ends."""
+        got, start = 0, time.perf_counter()
+        while got < n:
+            if self.batches is None:
+                self.batches = iter(self.loader)
+            batch = next(self.batches, None)
+            if batch is None:
+                self.batches = None
+                continue
+            got += len(batch["x"])
+        self.seconds += time.perf_counter() - start
+        self.samples += got
+
+    def per_second(self) -> float:
+        return self.samples / self.seconds
+
+
+def _interleaved(shards: Iterable[dict], memory: Iterable[dict], samples: int, slice_size: int) -> tuple[float, float]:
+    """Samples/s of each loader, timed in alternating slices (which goes first alternates too), after one
+    untimed slice each (worker start-up, first pass)."""
+    clocks = _Clock(shards), _Clock(memory)
+    for clock in clocks:
+        clock.take(slice_size)
+        clock.samples, clock.seconds = 0, 0.0
+    order = list(clocks)
+    while min(c.samples for c in clocks) < samples:
+        for clock in order:
+            clock.take(slice_size)
+        order.reverse()
+    return clocks[0].per_second(), clocks[1].per_second()
 
 
 def _arrays(root: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,8 +130,8 @@ def main() -> int:
     parser.add_argument("--datasets", default="digits,mnist,cifar10")
     parser.add_argument("--workers", default="0,1,2")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--samples", type=int, default=20000, help="samples timed per measurement")
-    parser.add_argument("--repeats", type=int, default=3, help="measurements of each loader; the best is kept")
+    parser.add_argument("--samples", type=int, default=40000, help="samples timed per loader")
+    parser.add_argument("--slice", type=int, default=2560, help="samples a loader takes before the other's turn")
     parser.add_argument("--root", type=Path, default=Path(tempfile.gettempdir()) / "scalegen-bench")
     candidates = [REPO.parent / "shared" / "datasets", REPO.parents[1] / "shared" / "datasets"]
     shared = Path(
@@ -112,7 +144,7 @@ def main() -> int:
     rows = []
     print(
         f"torch {torch.__version__}, {os.cpu_count()} CPUs, batch {args.batch_size}, "
-        f"{args.samples} samples per measurement",
+        f"{args.samples} samples per loader in slices of {args.slice}",
         flush=True,
     )
     for name in args.datasets.split(","):
@@ -138,11 +170,7 @@ def main() -> int:
             baseline = DataLoader(
                 memory, batch_size=args.batch_size, shuffle=True, num_workers=workers, persistent_workers=workers > 0
             )
-            # Alternating rounds, best of each: the machine is shared, and a first pass pays for warm-up.
-            shards_sps = memory_sps = 0.0
-            for _ in range(args.repeats):
-                shards_sps = max(shards_sps, _time(lambda loader=loader: loader, args.samples))
-                memory_sps = max(memory_sps, _time(lambda baseline=baseline: baseline, args.samples))
+            shards_sps, memory_sps = _interleaved(loader, baseline, args.samples, args.slice)
             rows.append((name, workers, shards_sps, memory_sps, memory_sps / shards_sps))
             print(
                 f"  {name:<20} workers={workers}  shards {shards_sps:>9.0f}/s  memory {memory_sps:>9.0f}/s",
