@@ -75,7 +75,7 @@ def test_families_hold_their_sections_as_plain_dataclasses() -> None:
 
     from omegaconf import DictConfig
 
-    from scalegen.families.base import DataSpec
+    from scalegen.dataspec import DataSpec
     from scalegen.registry import get_family
 
     cfg = load_config("quickstart", ["model.beta=0.5", "optim.lr=0.01"])

@@ -17,6 +17,16 @@ def choice(default: str, *others: str) -> Any:
     return field(default=default, metadata={"choices": (default, *others)})
 
 
+def ranged(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
+           lt: float | None = None, default_factory: Any = None) -> Any:
+    """A numeric field with its valid range beside its definition (checked when a recipe is loaded;
+    None always passes for an Optional field). `ranged(64, ge=1)`, `ranged(0.999, ge=0, le=1)`."""
+    bounds = {name: v for name, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
+    if default_factory is not None:
+        return field(default_factory=default_factory, metadata={"range": bounds})
+    return field(default=default, metadata={"range": bounds})
+
+
 @dataclass
 class ModelConfig:
     family: str = "???"  # registered family name; `scalegen recipes` and the error for a wrong one list them

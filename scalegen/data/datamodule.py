@@ -24,7 +24,7 @@ from scalegen.data.pipeline import ShardStream, StreamOptions, hash_seed
 from scalegen.data.prefetch import prefetch
 from scalegen.data.shards import expand_urls, join_url, shard_name, url_exists
 from scalegen.data.transforms import resized_shape
-from scalegen.families.base import DataSpec
+from scalegen.dataspec import DataSpec
 
 
 def expand_root(root: str) -> str:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from scalegen.families.base import DataSpec
+from scalegen.dataspec import DataSpec
 
 Loader = Callable[[str, "int | None"], "tuple[Tensor, Tensor]"]
 

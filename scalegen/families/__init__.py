@@ -3,7 +3,8 @@
 import importlib
 import pkgutil
 
-from scalegen.families.base import DataSpec, GenerativeModel
+from scalegen.dataspec import DataSpec
+from scalegen.families.base import GenerativeModel
 
 for _info in pkgutil.iter_modules(__path__):
     if _info.name != "base":

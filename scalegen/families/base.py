@@ -8,8 +8,6 @@ optimizers with manual optimization).
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
@@ -18,22 +16,7 @@ from torch import Tensor
 
 from scalegen.config.loader import plain
 from scalegen.config.schema import ModelConfig, OptimConfig
-
-
-@dataclass
-class DataSpec:
-    """What a family needs to know about its data; read from the shards' manifest.json."""
-
-    kind: str = "image"  # image | audio
-    shape: tuple[int, ...] = (1, 8, 8)  # one example: (C, H, W) images, (1, T) audio
-    num_classes: int = 10
-    class_names: list[str] = field(default_factory=list)
-    levels: int = 256  # quantization levels of the stored data (uint8 images: 256; mu-law audio: its levels)
-    sample_rate: int | None = None  # audio only
-
-    @property
-    def dims(self) -> int:
-        return math.prod(self.shape)
+from scalegen.dataspec import DataSpec
 
 
 class GenerativeModel(L.LightningModule):

@@ -14,23 +14,12 @@ import torch
 from torch import Tensor
 
 from scalegen.config.schema import ModelConfig, OptimConfig, choice
-from scalegen.families.base import DataSpec, GenerativeModel
+from scalegen.dataspec import DataSpec, images_to_unit, unit_to_images
+from scalegen.families.base import GenerativeModel
 from scalegen.nets.unet import UNet
 from scalegen.objectives.diffusion import NoiseSchedule, diffusion_loss, q_sample, vlb
 from scalegen.registry import register_family
 from scalegen.samplers.diffusion import ddim_sample, ddpm_sample
-
-
-def images_to_unit(x: Tensor, levels: int = 256) -> Tensor:
-    """uint8 images (0..255) holding `levels` grey levels -> float32 on the `levels`-point grid in [-1, 1]."""
-    k = torch.round(x.float() * (levels - 1) / 255.0)  # level index 0..levels-1
-    return k * (2.0 / (levels - 1)) - 1.0
-
-
-def unit_to_images(x: Tensor, levels: int = 256) -> Tensor:
-    """Floats in [-1, 1] -> uint8 images, quantized to the nearest of `levels` grey levels."""
-    k = torch.round((x.float().clamp(-1, 1) + 1) * (levels - 1) / 2)
-    return torch.round(k * 255.0 / (levels - 1)).to(torch.uint8)
 
 
 @dataclass

@@ -14,8 +14,9 @@ import torch
 from torch import Tensor
 
 from scalegen.config.schema import ModelConfig, OptimConfig, choice
+from scalegen.dataspec import DataSpec
 from scalegen.errors import UserError
-from scalegen.families.base import DataSpec, GenerativeModel
+from scalegen.families.base import GenerativeModel
 from scalegen.nets.flows import MultiScaleFlow, glow, realnvp
 from scalegen.objectives.flow import LEVELS, flow_nll, quantize
 from scalegen.registry import register_family

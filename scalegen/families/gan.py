@@ -36,8 +36,8 @@ import torch
 from torch import Tensor
 
 from scalegen.config.schema import ModelConfig, OptimConfig, choice
-from scalegen.families.base import DataSpec, GenerativeModel
-from scalegen.families.diffusion import images_to_unit, unit_to_images
+from scalegen.dataspec import DataSpec, images_to_unit, unit_to_images
+from scalegen.families.base import GenerativeModel
 from scalegen.nets.dcgan import Discriminator, Generator
 from scalegen.objectives.gan import discriminator_loss, generator_loss, gradient_penalty, r1_penalty
 from scalegen.registry import register_family

@@ -14,8 +14,9 @@ import torch
 from torch import Tensor
 
 from scalegen.config.schema import ModelConfig, OptimConfig, choice
+from scalegen.dataspec import DataSpec
 from scalegen.errors import UserError
-from scalegen.families.base import DataSpec, GenerativeModel
+from scalegen.families.base import GenerativeModel
 from scalegen.nets.pixelcnn import GatedPixelCNN, PixelCNN
 from scalegen.objectives.autoregressive import autoregressive_nll, binarize
 from scalegen.registry import register_family

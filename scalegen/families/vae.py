@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from scalegen.config.schema import ModelConfig, OptimConfig, choice
+from scalegen.dataspec import DataSpec
 from scalegen.errors import ConfigError
-from scalegen.families.base import DataSpec, GenerativeModel
+from scalegen.families.base import GenerativeModel
 from scalegen.nets.conv import ConvDecoder, ConvEncoder
 from scalegen.nets.mlp import MLP
 from scalegen.objectives.elbo import (

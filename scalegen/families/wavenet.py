@@ -17,8 +17,9 @@ from torch import Tensor
 
 from scalegen.config.schema import ModelConfig, OptimConfig, choice
 from scalegen.data.transforms import mu_law_decode, mu_law_encode
+from scalegen.dataspec import DataSpec
 from scalegen.errors import UserError
-from scalegen.families.base import DataSpec, GenerativeModel
+from scalegen.families.base import GenerativeModel
 from scalegen.nets.wavenet import WaveNet
 from scalegen.objectives.autoregressive import categorical_nll
 from scalegen.registry import register_family

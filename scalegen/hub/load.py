@@ -173,7 +173,7 @@ def load_release_model(source: str | Path, use_ema: bool = True) -> tuple[Any, A
     from omegaconf import OmegaConf
 
     from scalegen.config.loader import config_from_container
-    from scalegen.families.base import DataSpec
+    from scalegen.dataspec import DataSpec
     from scalegen.registry import get_family
 
     folder = fetch_release(source)

@@ -106,7 +106,7 @@ def load_model(path: str | Path, use_ema: bool = True) -> tuple[Any, DictConfig]
 
     With use_ema and EMA weights in the checkpoint, the averaged weights are loaded."""
     from scalegen.config.loader import config_from_container
-    from scalegen.families.base import DataSpec
+    from scalegen.dataspec import DataSpec
     from scalegen.registry import get_family
 
     ckpt = read_checkpoint(path)

@@ -14,7 +14,7 @@ import torch
 from omegaconf import OmegaConf
 
 from scalegen.config.schema import Config, DataConfig
-from scalegen.families.base import DataSpec
+from scalegen.dataspec import DataSpec
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]

@@ -12,7 +12,8 @@ import torch
 from torch import Tensor, nn
 
 from scalegen.config.schema import ModelConfig, OptimConfig
-from scalegen.families.base import DataSpec, GenerativeModel
+from scalegen.dataspec import DataSpec
+from scalegen.families.base import GenerativeModel
 
 
 @dataclass

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from scalegen.config.schema import OptimConfig
-from scalegen.families.base import DataSpec
+from scalegen.dataspec import DataSpec
 from scalegen.families.gan import GAN, GANConfig
 
 

@@ -19,8 +19,8 @@ from scipy.stats import norm
 from torch.utils.data import DataLoader
 
 from scalegen.config.schema import OptimConfig
-from scalegen.families.base import DataSpec
-from scalegen.families.diffusion import Diffusion, DiffusionConfig, images_to_unit, unit_to_images
+from scalegen.dataspec import DataSpec, images_to_unit, unit_to_images
+from scalegen.families.diffusion import Diffusion, DiffusionConfig
 from scalegen.nets.unet import UNet
 from scalegen.objectives.diffusion import (
     NoiseSchedule,

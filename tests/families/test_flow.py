@@ -12,7 +12,7 @@ from sklearn.datasets import load_digits, make_moons
 from torch.autograd.functional import jacobian
 
 from scalegen.config.schema import OptimConfig
-from scalegen.families.base import DataSpec
+from scalegen.dataspec import DataSpec
 from scalegen.families.flow import FlowConfig, FlowModel
 from scalegen.nets.flows import (
     ActNorm,

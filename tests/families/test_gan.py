@@ -18,7 +18,7 @@ from image_data import Images
 from torch.utils.data import DataLoader
 
 from scalegen.config.schema import OptimConfig
-from scalegen.families.base import DataSpec
+from scalegen.dataspec import DataSpec
 from scalegen.families.gan import GAN, GANConfig
 from scalegen.nets.dcgan import Discriminator, Generator, num_stages
 from scalegen.objectives.gan import discriminator_loss, generator_loss, gradient_penalty, r1_penalty

@@ -10,7 +10,7 @@ from sklearn.datasets import load_digits
 from torch.autograd.functional import jacobian
 
 from scalegen.config.schema import OptimConfig
-from scalegen.families.base import DataSpec
+from scalegen.dataspec import DataSpec
 from scalegen.families.pixelcnn import PixelCNNConfig, PixelCNNModel
 from scalegen.nets.pixelcnn import GatedPixelCNN, PixelCNN
 from scalegen.objectives.autoregressive import binarize

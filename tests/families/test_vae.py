@@ -11,7 +11,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 
 from scalegen.config.schema import OptimConfig
-from scalegen.families.base import DataSpec
+from scalegen.dataspec import DataSpec
 from scalegen.families.vae import VAE, VAEConfig, _static_uniform
 from scalegen.objectives.elbo import discretized_log_prob, gaussian_kl, log_normal
 from scalegen.runtime import load_model

@@ -15,7 +15,7 @@ from torch.autograd.functional import jacobian
 
 from scalegen.config.schema import OptimConfig
 from scalegen.data.transforms import mu_law_encode
-from scalegen.families.base import DataSpec
+from scalegen.dataspec import DataSpec
 from scalegen.families.wavenet import WaveNetConfig, WaveNetModel
 from scalegen.nets.wavenet import WaveNet
 
