@@ -34,6 +34,21 @@ def ranged(default: Any = None, *, ge: Bound = None, gt: Bound = None, le: Bound
     return field(default=default, metadata={"range": bounds})
 
 
+def describe_range(bounds: dict[str, Any]) -> str:
+    """`{"ge": 0, "lt": 1}` -> "in [0, 1)", `{"gt": 0}` -> "> 0", `{}` -> "finite": a `ranged` field's range."""
+    lo = next(((op, v) for op, v in bounds.items() if op in ("ge", "gt")), None)
+    hi = next(((op, v) for op, v in bounds.items() if op in ("le", "lt")), None)
+    if lo and hi:
+        return f"in {'[' if lo[0] == 'ge' else '('}{lo[1]}, {hi[1]}{']' if hi[0] == 'le' else ')'}"
+    if lo or hi:
+        op, v = lo or hi  # type: ignore[misc]
+        return f"{_SYMBOLS[op]} {v}"
+    return "finite"
+
+
+_SYMBOLS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+
+
 @dataclass
 class ModelConfig:
     family: str = "???"  # registered family name; `scalegen recipes` and the error for a wrong one list them
@@ -106,7 +121,7 @@ class TrainerConfig:
     requeue_signal: str = choice("SIGUSR1", "SIGUSR2")  # SLURM: checkpoint + requeue on this signal
     val_check_interval: int | None = ranged(None, ge=1)  # validate every N training batches (None = each epoch)
     check_val_every_n_epoch: int | None = ranged(1, ge=1)  # validate every N epochs (unused with val_check_interval)
-    limit_val_batches: float | None = ranged(None, ge=0, le=1)  # fraction of the val split (0 = no validation)
+    limit_val_batches: float | None = ranged(None, ge=0)  # <= 1: fraction of the val split; whole > 1: batches
     num_sanity_val_steps: int = ranged(0, ge=-1)  # validation batches run before training (-1 = all)
     log_every_n_steps: int = ranged(10, ge=0)  # write training scalars every N steps (0 = never)
     seed: int = ranged(0, ge=0, le=2**32 - 1)  # global seed (lightning.seed_everything: a uint32)

@@ -44,7 +44,7 @@ class DiffusionConfig(ModelConfig):
     class_conditional: bool = False  # add a label embedding (y = -1 or none = unconditional)
     # Sampling.
     sampler: str = choice("ddpm", "ddim")  # ancestral (Ho et al. Alg. 2) or DDIM (Song et al. 2021 eq. 12)
-    sample_steps: int = ranged(50, ge=1, le="timesteps")  # DDIM steps (ignored by ddpm, which always takes T)
+    sample_steps: int = ranged(50, ge=1, le="timesteps")  # DDIM steps, at most T (ignored by ddpm, which takes all T)
     ddim_eta: float = ranged(0.0, ge=0, le=1)  # DDIM stochasticity: 0 = deterministic, 1 = DDPM-like (eq. 16)
     clip_denoised: bool = True  # clip x0-hat to [-1, 1] at every sampling step
     # Likelihood.
