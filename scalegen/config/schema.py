@@ -148,8 +148,8 @@ class CheckpointConfig:
     save_last: bool = True  # checkpoints/last.ckpt, what trainer.resume=auto continues from
     save_top_k: int = ranged(1, ge=-1)  # best checkpoints kept by `monitor` (-1 = all, 0 = none)
     # Set at most one of the two below; with neither, checkpoints are taken at the end of every epoch.
-    every_n_train_steps: int | None = ranged(None, ge=0)  # checkpoint every N optimizer steps (0 = never)
-    every_n_epochs: int | None = ranged(None, ge=0)  # checkpoint every N epochs (0 = never)
+    every_n_train_steps: int | None = ranged(None, ge=0)  # checkpoint every N optimizer steps (not with every_n_epochs)
+    every_n_epochs: int | None = ranged(None, ge=0)  # checkpoint every N epochs (both null: every epoch; 0 = never)
 
 
 @dataclass
