@@ -213,8 +213,8 @@ def _check_combinations(final: dict, source_of: Callable[[str], str]) -> None:
 
     ck, trainer, data, optim = final["checkpoint"], final["trainer"], final["data"], final["optim"]
     if (ck["every_n_train_steps"] or 0) >= 1 and (ck["every_n_epochs"] or 0) >= 1:
-        raise ConfigError(f"{said('checkpoint.every_n_train_steps')} and {said('checkpoint.every_n_epochs')}: "
-                          "cannot both be set (Lightning checkpoints on one schedule): set one of them to null")
+        raise ConfigError(f"{said('checkpoint.every_n_train_steps')} and {said('checkpoint.every_n_epochs')} "
+                          "cannot both be set (Lightning checkpoints on one schedule); set one of them to null")
     if trainer["max_steps"] == -1 and trainer["max_epochs"] is None:
         raise ConfigError(f"{said('trainer.max_steps')} and {said('trainer.max_epochs')} leave the run without a "
                           "length: set trainer.max_steps=N or trainer.max_epochs=N (-1 = until stopped)")
