@@ -15,6 +15,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import pytest
 from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -232,6 +233,40 @@ def test_every_recipe_loads_and_lightning_accepts_its_checkpoint_schedule(recipe
     ck = load_config(recipe).checkpoint
     ModelCheckpoint(monitor=ck.monitor, mode=ck.mode, save_top_k=ck.save_top_k, save_last=ck.save_last,
                     every_n_train_steps=ck.every_n_train_steps, every_n_epochs=ck.every_n_epochs)
+
+
+@pytest.mark.parametrize("key, outside, boundary", [
+    ("trainer.max_steps", -2, -1),
+    ("trainer.max_epochs", -2, -1),
+    ("trainer.limit_val_batches", -0.5, 0.0),
+    ("trainer.limit_val_batches", 2.5, 3.0),
+    ("trainer.num_nodes", 0, 1),
+    ("trainer.devices", 0, 1),
+    ("checkpoint.save_top_k", -2, -1),
+    ("checkpoint.every_n_train_steps", -1, 0),
+    ("checkpoint.every_n_epochs", -1, 0),
+])
+def test_ranges_agree_with_lightning_where_it_checks(key: str, outside: float, boundary: float) -> None:
+    """Where Lightning itself validates a setting when the Trainer or ModelCheckpoint is built, it refuses
+    what the loader refuses and accepts the boundary the loader accepts (an independent check of the range)."""
+    section, name = key.split(".")
+
+    def lightning_accepts(value: float) -> bool:
+        try:
+            if section == "checkpoint":
+                ModelCheckpoint(**{name: value})
+            else:
+                L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                          enable_model_summary=False, **{name: value})
+        except Exception:  # Lightning's MisconfigurationException, ValueError or TypeError
+            return False
+        return True
+
+    with pytest.raises(ConfigError, match=f"^{key}="):
+        load_config("quickstart", [f"{key}={outside}"])
+    assert not lightning_accepts(outside)
+    load_config("quickstart", [f"{key}={boundary}"])
+    assert lightning_accepts(boundary)
 
 
 # ---- family constructors ------------------------------------------------------------------------------------
