@@ -48,6 +48,9 @@ class DataConfig:
     resampled: bool = False  # infinite stream of shards sampled with replacement, for step-counted runs
     seed: int | None = None  # shard order, shuffle and augmentation seed; None = trainer.seed
     on_bad_sample: str = choice("warn", "raise")  # skip corrupt shards/samples with a warning, or fail
+    # Partly labelled training data (docs/data.md): y = -1 for all but N examples per class.
+    labels_per_class: int | None = ranged(None, ge=1)  # keep the labels of exactly N training examples per class
+    label_seed: int = ranged(0, ge=0)  # which examples keep their labels (the same on every rank and resume)
     # Image transforms, applied to training batches only.
     random_flip: bool = False  # horizontal flip with probability 1/2
     random_crop_padding: int = 0  # pad by this many pixels (reflect) and crop back at random

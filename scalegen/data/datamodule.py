@@ -19,10 +19,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from scalegen.config.schema import DataConfig
+from scalegen.data.labels import LabelledSet, choose_labelled, mask_labels
 from scalegen.data.manifest import MANIFEST, DataError, Manifest, read_manifest
 from scalegen.data.pipeline import ShardStream, StreamOptions, hash_seed
 from scalegen.data.prefetch import prefetch
-from scalegen.data.shards import expand_urls, join_url, shard_name, url_exists
+from scalegen.data.shards import expand_urls, iter_shard, join_url, shard_name, url_exists
 from scalegen.data.transforms import resized_shape
 from scalegen.dataspec import DataSpec
 
@@ -32,9 +33,11 @@ def expand_root(root: str) -> str:
     return root if "://" in root else os.path.expanduser(os.path.expandvars(root))
 
 
-def build_datamodule(cfg: DataConfig) -> ShardDataModule:
-    """The DataModule for a recipe's `data` section (prepares a built-in dataset on first use)."""
-    return ShardDataModule(cfg)
+def build_datamodule(cfg: DataConfig, labelled_stream: bool = False) -> ShardDataModule:
+    """The DataModule for a recipe's `data` section (prepares a built-in dataset on first use).
+    `labelled_stream`: the family's class attribute of that name (training batches then also carry
+    `x_labelled`, `y_labelled`, `key_labelled`; see scalegen/data/labels.py)."""
+    return ShardDataModule(cfg, labelled_stream=labelled_stream)
 
 
 class ShardLoader:
@@ -50,6 +53,8 @@ class ShardLoader:
         self.prefetch = prefetch  # without workers: batches decoded ahead in a background thread (0 = inline)
         self.epoch, self.consumed, self.skipped = 0, 0, 0
         self.count_on_yield = True
+        self.labelled: dict[str, int] | None = None  # data.labels_per_class: the keys that keep their label
+        self.labelled_set: LabelledSet | None = None  # the labelled stream's examples, when asked for
         self._started = False
         self._dataloader: DataLoader | None = None  # with workers: created at the first pass, then reused
 
@@ -61,11 +66,19 @@ class ShardLoader:
             self.epoch, self.consumed = self.epoch + 1, 0  # a new pass, or the saved epoch was finished
         self._started = True
         self.stream.epoch, self.stream.start = self.epoch, self.consumed
+        # The labelled stream's position: this rank's training batches over all epochs (a resampled stream
+        # has no epoch length, and its passes are apart by more batches than any run takes).
+        step = self.epoch * (1 << 40 if self.stream.opts.resampled else len(self)) + self.consumed
         for batch in self._batches():
             # Workers report the bad samples skipped since their previous batch; the batch carries this
             # rank's running total (what `data/skipped_samples` logs).
             self.skipped += int(batch["skipped"])
             batch["skipped"] = torch.tensor(self.skipped, dtype=torch.int64)
+            if self.labelled is not None:
+                batch["y"] = mask_labels(batch["y"], batch["key"], self.labelled)
+            if self.labelled_set is not None:
+                batch.update(self.labelled_set.batch(step))
+            step += 1
             if self.count_on_yield:
                 self.consumed += 1
             yield batch
@@ -148,9 +161,15 @@ def _mp_context(num_workers: int) -> str | None:
 class ShardDataModule(L.LightningDataModule):
     """Shards -> batches for train / val / test, split exactly once across nodes, ranks and workers."""
 
-    def __init__(self, cfg: DataConfig) -> None:
+    def __init__(self, cfg: DataConfig, labelled_stream: bool = False) -> None:
         super().__init__()
         self.cfg = cfg
+        self.labelled_stream = labelled_stream
+        if labelled_stream and cfg.labels_per_class is None:
+            raise DataError(
+                "this model family trains on a labelled stream beside the main one: set data.labels_per_class "
+                "(labelled examples kept per class)"
+            )
         self.root = expand_root(cfg.root)
         self._manifest: Manifest | None = None
         self._loaders: dict[str, ShardLoader] = {}
@@ -348,12 +367,53 @@ class ShardDataModule(L.LightningDataModule):
         )
         if train:
             loader.count_on_yield = self._trainer is None
+            if c.labels_per_class is not None:
+                self._add_labels(loader, urls, opts)
             if self._pending_state and "train" in self._pending_state:
                 loader.load_state_dict(self._pending_state["train"])
         self._loaders[split] = loader
         return loader
 
+    def _add_labels(self, loader: ShardLoader, urls: list[str], opts: StreamOptions) -> None:
+        """Mask all labels but those of `data.labels_per_class` examples per class (and, for a labelled
+        stream, decode those examples into memory). Reads every training shard's labels, on every rank."""
+        c, m = self.cfg, self.manifest
+        if not m.num_classes:
+            raise DataError(f"data.labels_per_class is set but {self.root} has no classes (unlabelled data)")
+        pairs = [(s["__key__"], int(s["cls"]) if "cls" in s else -1) for s in _readable_samples(urls)]
+        loader.labelled = choose_labelled(pairs, c.labels_per_class, c.label_seed, m.num_classes)
+        if not self.labelled_stream:
+            return
+        # Decoded with the evaluation transforms (resize, centre crop; no random ones).
+        decoder = ShardStream(urls, [0] * len(urls), StreamOptions(**{**vars(opts), "train": False}))
+        gen = torch.Generator().manual_seed(0)
+        found = []
+        for raw in _readable_samples(urls):
+            if raw["__key__"] in loader.labelled:
+                try:
+                    found.append(decoder.decode_one(raw, gen))
+                except Exception:  # noqa: BLE001  undecodable: the training loader names and counts it
+                    continue
+        found.sort(key=lambda s: s["key"])
+        loader.labelled_set = LabelledSet(
+            torch.stack([s["x"] for s in found]),
+            torch.tensor([loader.labelled[s["key"]] for s in found], dtype=torch.int64),
+            [s["key"] for s in found],
+            batch_size=c.batch_size,
+            seed=(c.label_seed, opts.seed, loader.stream.rank),
+        )
+
     def _seed(self) -> int:
         if self.cfg.seed is not None:
             return int(self.cfg.seed)
         return int(os.environ.get("PL_GLOBAL_SEED", 0))  # set by lightning.seed_everything(trainer.seed)
+
+
+def _readable_samples(urls: list[str]) -> Iterator[dict[str, Any]]:
+    """The raw samples of the shards that can be read (a shard stops at its first unreadable byte; the
+    training loader names and counts what is lost)."""
+    for url in urls:
+        try:
+            yield from iter_shard(url)
+        except Exception:  # noqa: BLE001  tar, OS and pipe errors all mean "the rest of this shard is lost"
+            continue

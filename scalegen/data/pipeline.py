@@ -151,7 +151,7 @@ class ShardStream(IterableDataset):
             partial(drop, n=to_drop),  # resume mid-epoch: batches already consumed, dropped undecoded
             partial(
                 decode_batches,
-                decode_one=self._decode_one,
+                decode_one=self.decode_one,
                 decode_batch=self._decode_batch,
                 skips=skips,
                 seed=aug_seed,
@@ -214,7 +214,7 @@ class ShardStream(IterableDataset):
             x = T.random_flip(x, gen)
         return x
 
-    def _decode_one(self, raw: Raw, gen: torch.Generator) -> dict[str, Any]:
+    def decode_one(self, raw: Raw, gen: torch.Generator) -> dict[str, Any]:
         o = self.opts
         s = decode_sample(raw, o.kind, o.channels, o.sample_rate)
         x = s["x"]
