@@ -43,7 +43,7 @@ class DataConfig:
     source: str | None = None  # local copy in the upstream format to prepare from (no download)
     batch_size: int = 64  # per device, per step (at most; see docs/data.md); see trainer.global_batch_size
     num_workers: int = 0  # DataLoader worker processes per rank
-    prefetch: int = 0  # num_workers=0: batches a background thread decodes ahead (0: decode in the training loop)
+    cache_bytes: int = ranged(4 << 30, ge=0)  # decode a split once into memory when a rank's share fits (0 = stream)
     shuffle_buffer: int = 1000  # samples in each worker's shuffle buffer (0: shard order is still shuffled)
     resampled: bool = False  # infinite stream of shards sampled with replacement, for step-counted runs
     seed: int | None = None  # shard order, shuffle and augmentation seed; None = trainer.seed

@@ -8,6 +8,7 @@ in every checkpoint, so a resumed run continues from the next unseen batch.
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import os
 import warnings
@@ -21,8 +22,7 @@ from torch.utils.data import DataLoader
 from scalegen.config.schema import DataConfig
 from scalegen.data.labels import LabelledSet, choose_labelled, mask_labels
 from scalegen.data.manifest import MANIFEST, DataError, Manifest, read_manifest
-from scalegen.data.pipeline import ShardStream, StreamOptions, hash_seed
-from scalegen.data.prefetch import prefetch
+from scalegen.data.pipeline import DecodedSplit, ShardStream, StreamOptions, hash_seed
 from scalegen.data.shards import expand_urls, iter_shard, join_url, shard_name, url_exists
 from scalegen.data.transforms import resized_shape
 from scalegen.dataspec import DataSpec
@@ -41,17 +41,22 @@ def build_datamodule(cfg: DataConfig, labelled_stream: bool = False) -> ShardDat
 
 
 class ShardLoader:
-    """Batches of one split for this rank: a DataLoader over a `ShardStream`, plus its position.
+    """Batches of one split for this rank, and its position (the one place the data position is kept).
 
+    When `cache_bytes` holds the rank's decoded share (`sample_bytes` each; None = not cacheable) it is
+    decoded once (`DecodedSplit`) and every pass batches from memory; otherwise each pass streams a
+    `ShardStream`, through persistent DataLoader workers when `num_workers > 0`.
     Iterating starts a new pass: the next epoch, or, after `load_state_dict`, the rest of the saved one.
     `consumed` counts the batches handed out in the current pass (the DataModule counts them instead
     when a Trainer is attached, because Lightning fetches one batch ahead of the one it trains on).
     """
 
-    def __init__(self, stream: ShardStream, num_workers: int, pin_memory: bool = False, prefetch: int = 0) -> None:
+    def __init__(self, stream: ShardStream, num_workers: int, pin_memory: bool = False, cache_bytes: int = 0,
+                 sample_bytes: int | None = None) -> None:
         self.stream, self.num_workers, self.pin_memory = stream, num_workers, pin_memory
-        self.prefetch = prefetch  # without workers: batches decoded ahead in a background thread (0 = inline)
-        self.epoch, self.consumed, self.skipped = 0, 0, 0
+        self.cache_bytes, self.sample_bytes = cache_bytes, sample_bytes
+        self.decoded: DecodedSplit | None = None
+        self.epoch, self.consumed, self.skipped, self.replaced = 0, 0, 0, 0
         self.count_on_yield = True
         self.labelled: dict[str, int] | None = None  # data.labels_per_class: the keys that keep their label
         self.labelled_set: LabelledSet | None = None  # the labelled stream's examples, when asked for
@@ -73,7 +78,9 @@ class ShardLoader:
             # Workers report the bad samples skipped since their previous batch; the batch carries this
             # rank's running total (what `data/skipped_samples` logs).
             self.skipped += int(batch["skipped"])
+            self.replaced += int(batch["replaced"])
             batch["skipped"] = torch.tensor(self.skipped, dtype=torch.int64)
+            batch["replaced"] = torch.tensor(self.replaced, dtype=torch.int64)
             if self.labelled is not None:
                 batch["y"] = mask_labels(batch["y"], batch["key"], self.labelled)
             if self.labelled_set is not None:
@@ -83,8 +90,22 @@ class ShardLoader:
                 self.consumed += 1
             yield batch
 
+    @property
+    def cached(self) -> bool:
+        """Whether this rank's decoded share fits the budget (then it is decoded once and kept in memory)."""
+        s = self.stream
+        if s.opts.resampled or self.sample_bytes is None:
+            return False
+        share = -(-sum(s.counts) // s.world)
+        return share * self.sample_bytes <= self.cache_bytes
+
     def _batches(self) -> Iterator[dict[str, Any]]:
-        """This pass's batches: from worker processes, a background thread, or decoded inline."""
+        """This pass's batches: from memory, from worker processes, or decoded inline."""
+        if self.cached:
+            if self.decoded is None or self.decoded.stream is not self.stream:
+                self.decoded = DecodedSplit(self.stream)
+            batches = self.decoded.batches(self.epoch, self.consumed)
+            return map(_pin, batches) if self.pin_memory else batches
         if self.num_workers > 0:
             if self._dataloader is None:
                 # Persistent workers: a short epoch (the digits have 22 batches) would otherwise pay for
@@ -105,11 +126,8 @@ class ShardLoader:
                 )
             return iter(self._dataloader)
         # Without workers a DataLoader would only add a per-batch conversion pass (and that seed draw).
-        pin = _pin if self.pin_memory else None
-        if self.prefetch > 0:
-            return prefetch(self.stream, self.prefetch, transform=pin)
         batches = iter(self.stream)
-        return batches if pin is None else map(pin, batches)
+        return map(_pin, batches) if self.pin_memory else batches
 
     def state_dict(self) -> dict[str, Any]:
         s = self.stream
@@ -122,6 +140,7 @@ class ShardLoader:
             "batch_size": s.opts.batch_size,
             "seed": s.opts.seed,
             "skipped": self.skipped,
+            "replaced": self.replaced,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -133,6 +152,7 @@ class ShardLoader:
             s.opts.seed,
         )
         self.epoch, self.skipped = int(state["epoch"]), int(state.get("skipped", 0))
+        self.replaced = int(state.get("replaced", 0))
         if same:
             self.consumed = int(state["consumed"])
         else:
@@ -269,6 +289,11 @@ class ShardDataModule(L.LightningDataModule):
         """Bad samples skipped so far by this rank's loaders (also per batch in `batch["skipped"]`)."""
         return sum(loader.skipped for loader in self._loaders.values())
 
+    @property
+    def replacement_samples(self) -> int:
+        """Good samples that stood in for missing ones so far (also per batch in `batch["replaced"]`)."""
+        return sum(loader.replaced for loader in self._loaders.values())
+
     # ---- internals -------------------------------------------------------------------------------
     @property
     def _trainer(self) -> Any:
@@ -358,12 +383,17 @@ class ShardDataModule(L.LightningDataModule):
             center_crop=c.center_crop,
             clip_samples=c.clip_samples if m.kind == "audio" else 0,
             mu_law=c.mu_law if m.kind == "audio" else 0,
+            checked="crc32" in m.fields,
         )
+        spec = self.spec
+        # Decoded images are uint8 of the spec's shape; audio clips vary in length until cropped: not cached.
+        sample_bytes = math.prod(spec.shape) if spec.kind == "image" else None
         loader = ShardLoader(
             ShardStream(urls, counts, opts, rank=rank, world=world),
             c.num_workers,
             pin_memory=torch.cuda.is_available(),
-            prefetch=c.prefetch,
+            cache_bytes=c.cache_bytes,
+            sample_bytes=sample_bytes,
         )
         if train:
             loader.count_on_yield = self._trainer is None
@@ -410,10 +440,9 @@ class ShardDataModule(L.LightningDataModule):
 
 
 def _readable_samples(urls: list[str]) -> Iterator[dict[str, Any]]:
-    """The raw samples of the shards that can be read (a shard stops at its first unreadable byte; the
-    training loader names and counts what is lost)."""
+    """The raw samples of the shards that can be read (the training loader names and counts what is lost)."""
     for url in urls:
         try:
-            yield from iter_shard(url)
-        except Exception:  # noqa: BLE001  tar, OS and pipe errors all mean "the rest of this shard is lost"
+            yield from iter_shard(url, on_damage=lambda message: None)  # the loader warns about damage
+        except Exception:  # noqa: BLE001  OS and pipe errors all mean "the rest of this shard is lost"
             continue
