@@ -130,7 +130,7 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> Path:
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
-    datamodule = build_datamodule(cfg.data)
+    datamodule = build_datamodule(cfg.data, getattr(get_family(cfg.model.family).module, "labelled_stream", False))
     spec = datamodule.spec
     model = get_family(cfg.model.family).module(cfg.model, scaled_optim(cfg), spec)
     if cfg.finetune.init_from:  # start from a release's weights (a resumed run then loads its checkpoint)
