@@ -64,6 +64,7 @@ class FlowModel(GenerativeModel):
         return flow_nll(self.net.log_prob, x, LEVELS)
 
     def on_train_batch_start(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
         self.initialize_actnorm(batch["x"])
 
     def initialize_actnorm(self, x: Tensor) -> None:
