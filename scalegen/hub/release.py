@@ -27,6 +27,7 @@ from omegaconf import OmegaConf
 import scalegen
 from scalegen.checkpoints import read_checkpoint, resolve_checkpoint
 from scalegen.errors import UserError
+from scalegen.hub.card import model_card
 from scalegen.hub.checksums import SUMS, write_sums
 
 FORMAT = 1
@@ -96,7 +97,6 @@ def make_release(
         "files": sorted(files),
     }
     (out / "release.json").write_text(json.dumps(info, indent=2) + "\n")
-    from scalegen.hub.card import model_card
 
     (out / "README.md").write_text(model_card(config, spec, info, metrics))
     write_sums(out, files)
