@@ -95,6 +95,9 @@ def make_release(
         "ema_weights": EMA_WEIGHTS if has_ema else None,
         "licence": licence,
         "files": sorted(files),
+        # A second stage: its first stage's weights are in the weights files (`stage1.*`); this names the
+        # first-stage checkpoint the config points at and its sha256, checked when the release is loaded.
+        "stage1": ckpt.get("stage1"),
     }
     (out / "release.json").write_text(json.dumps(info, indent=2) + "\n")
 

@@ -28,6 +28,7 @@ from scalegen.cli.main import main
 from scalegen.config.schema import OptimConfig
 from scalegen.dataspec import DataSpec
 from scalegen.errors import UserError
+from scalegen.hub import load_release_model, make_release
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "cluster"))
@@ -173,12 +174,21 @@ def test_second_stage_is_evaluated_from_its_own_checkpoint(tmp_path: Path, env: 
     # accuracy up to one example's flip from float rounding.
     assert abs(prior["linear_probe"]["value"] - vae["linear_probe"]["value"]) <= 1.0 / prior["linear_probe"]["test"]
 
+    # A release of the second stage carries the first stage's weights and references its checkpoint by sha256.
+    release = make_release(runs / "prior", tmp_path / "release")
+    assert json.loads((release / "release.json").read_text())["stage1"] == ckpt["stage1"]
+    from_release, _ = load_release_model(release)
+    torch.testing.assert_close(from_release.encode(torch.zeros(2, 1, 8, 8, dtype=torch.uint8)),
+                               load_model(runs / "prior")[0].encode(torch.zeros(2, 1, 8, 8, dtype=torch.uint8)))
+
     # A changed first stage is refused when the second stage is loaded.
     tampered = dict(first)
     tampered["state_dict"] = {k: v + 1 if v.is_floating_point() else v for k, v in first["state_dict"].items()}
     torch.save(tampered, stage1_ckpt)
     with pytest.raises(UserError, match="first stage .* had sha256"):
         load_model(runs / "prior")
+    with pytest.raises(UserError, match="first stage .* had sha256"):
+        load_release_model(release)
 
 
 # ---- (c) partly labelled data ------------------------------------------------------------------------
