@@ -8,6 +8,14 @@ import os
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+
+from scalegen.checkpoints import checkpoint_sha256, load_model, resolve_checkpoint
+from scalegen.config.loader import apply_overrides
+from scalegen.eval.data import EvalData
+from scalegen.eval.dist import rank_world
+from scalegen.eval.runner import evaluate, parse_metrics
 
 HELP = "evaluate a checkpoint: bits/dim, FID/KID/IS, linear and semi-supervised probes, with a report"
 
@@ -32,7 +40,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _init_distributed() -> None:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1); work is then split across ranks."""
-    import torch.distributed as dist
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -56,13 +63,7 @@ def _resume_wandb(cfg, run_dir: Path | None):
 
 
 def run(args: argparse.Namespace) -> int:
-    from omegaconf import OmegaConf
 
-    from scalegen.config.loader import apply_overrides
-    from scalegen.eval.data import EvalData
-    from scalegen.eval.dist import rank_world
-    from scalegen.eval.runner import evaluate, parse_metrics
-    from scalegen.runtime.checkpoint import checkpoint_sha256, load_model, resolve_checkpoint
 
     _init_distributed()
     ckpt = resolve_checkpoint(args.checkpoint)

@@ -20,6 +20,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 from scalegen.config.schema import Config, describe_range
 from scalegen.errors import ConfigError, did_you_mean
+from scalegen.registry import get_family
 
 RECIPES_DIR = Path(os.environ.get("SCALEGEN_RECIPES", Path(__file__).resolve().parents[2] / "recipes"))
 
@@ -238,8 +239,6 @@ def _check_combinations(final: dict, source_of: Callable[[str], str]) -> None:
 
 def _schema_object(family: Any) -> Config:
     """`Config()` with `model` set to the family's schema dataclass."""
-    from scalegen.registry import get_family  # the registry imports the families, which import config
-
     return Config(model=get_family(family).config())
 
 
@@ -309,3 +308,8 @@ def config_from_container(data: dict) -> DictConfig:
     """Rebuild a typed config from a saved (resolved) plain dict, e.g. a checkpoint's."""
     cfg = schema_for(data["model"]["family"])
     return _merge(cfg, OmegaConf.create(data), "saved config")
+
+
+def run_dir_of(cfg: DictConfig) -> Path:
+    """The run folder of a config: `run.dir / run.name`."""
+    return Path(os.path.expanduser(cfg.run.dir)) / cfg.run.name
