@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from scalegen.config.schema import ModelConfig, OptimConfig
+from scalegen.config.schema import ModelConfig, OptimConfig, ranged
 from scalegen.dataspec import DataSpec
 from scalegen.families.base import GenerativeModel
 from scalegen.registry import register_family
@@ -48,7 +48,7 @@ class Factorized(GenerativeModel):
 @dataclass
 class BufferedConfig(ModelConfig):
     family: str = "test_buffered"
-    buffer_size: int = 12  # examples each rank keeps
+    buffer_size: int = ranged(12, ge=1)  # examples each rank keeps
 
 
 @register_family("test_buffered", BufferedConfig, "test only: a per-rank replay buffer in the loss")
