@@ -21,6 +21,7 @@ def sample_bernoulli(logits: Tensor) -> Tensor:
 
 
 def bernoulli_log_q(z: Tensor, logits: Tensor) -> Tensor:
+    z, logits = torch.broadcast_tensors(z, logits)
     return -F.binary_cross_entropy_with_logits(logits, z, reduction="none").sum(-1)
 
 
