@@ -160,6 +160,12 @@ class EvalConfig:
     seed: int = 0  # sampling and probe seed (rank r samples with seed + 7919 r)
     # Bits/dim.
     iwae_k: int = 1000  # IWAE-k bound when the family's nll accepts k (VAEs); 1 = the ELBO only
+    # Inference gaps (metric inference_gap, scalegen.eval.gaps); log p(x) is IWAE-iwae_k.
+    gap_examples: int = ranged(100, ge=1)  # the first N examples of `split`
+    gap_steps: int = ranged(100, ge=1)  # Adam steps on each example's posterior parameters
+    gap_lr: float = ranged(1e-2, gt=0)  # their learning rate
+    gap_opt_samples: int = ranged(8, ge=1)  # latent samples per step's ELBO gradient
+    gap_samples: int = ranged(100, ge=1)  # latent samples for each reported ELBO
     # FID, KID, Inception Score.
     num_samples: int = 1000  # generated samples for FID/KID/IS (50000 for reporting)
     reference_split: str = "train"  # split the generated samples are compared with

@@ -132,6 +132,11 @@ class VAE(GenerativeModel):
         if self.prior is not None:
             nn.init.zeros_(self.prior.weight)
 
+    @property
+    def reparameterized_posterior(self) -> bool:
+        """Whether log_weights is differentiable in posterior_params (scalegen.eval.gaps): Gaussian latents."""
+        return self.cfg.latent == "gaussian"
+
     # ---- pieces ---------------------------------------------------------------------------------
     def _onehot(self, y: Tensor | None, n: int) -> Tensor | None:
         if not self.cfg.conditional:
