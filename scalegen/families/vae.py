@@ -114,6 +114,12 @@ class VAE(GenerativeModel):
         else:
             self.encoder = ConvEncoder(c, h, cfg.hidden, enc_out, extra_dim=cond)
             self.decoder = ConvDecoder(z_dim + cond, out_per_pixel * c, h, cfg.hidden)
+        if gaussian and enc_out > 2 * d:  # the extra posterior outputs start at 0: L diagonal, IAF context 0
+            head = self.encoder.net[-1] if cfg.net == "mlp" else self.encoder.head
+            if cfg.posterior in ("full", "iaf"):
+                with torch.no_grad():
+                    head.weight[2 * d:].zero_()
+                    head.bias[2 * d:].zero_()
         # IAF: one MADE per step, shared by all examples; the encoder's h makes each step depend on x.
         self.flows = nn.ModuleList(
             [MADE(d, cfg.flow_hidden, cfg.flow_hidden) for _ in range(cfg.flow_steps if cfg.posterior == "iaf" else 0)]
@@ -270,6 +276,11 @@ class VAE(GenerativeModel):
             recon = -self._log_px_z(target, self._decode(z, y1h))
             pmu, plogvar = self._prior(y1h, len(inp))
             kl = gaussian_kl(mu, logvar, pmu, plogvar)
+        elif self.cfg.posterior == "full" and self.enc2 is None:
+            params = self._encoder_out(inp, y1h)
+            z, _ = posteriors.sample("full", params, 1, self.cfg.latent_dim)
+            recon = -self._log_px_z(target, self._decode(z[0], y1h))
+            kl = posteriors.full_gaussian_kl(params, *self._prior(y1h, len(inp)))
         else:  # flows and a second layer have no closed-form KL: its one-sample Monte-Carlo estimate
             z, log_pz, log_q = self._latents(self._encoder_out(inp, y1h), y1h, 1)
             recon = -self._log_px_z(target, self._decode(z[0], y1h))

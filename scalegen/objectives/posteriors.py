@@ -44,6 +44,18 @@ def scale_tril(logvar: Tensor, offdiag: Tensor) -> Tensor:
     return L.index_put((torch.arange(len(L), device=L.device)[:, None], rows, cols), offdiag, accumulate=True)
 
 
+def full_gaussian_kl(params: Tensor, prior_mu: Tensor | float = 0.0, prior_logvar: Tensor | float = 0.0) -> Tensor:
+    """KL( N(mu, L L^T) || N(prior_mu, diag e^prior_logvar) ) per example, closed form, for "full" params:
+    (tr(S^-1 Sigma) + (mu - m)^T S^-1 (mu - m) - D + log det S - log det Sigma) / 2, S the prior's covariance."""
+    d = (math.isqrt(8 * params.shape[-1] + 9) - 3) // 2  # params has 2D + D(D-1)/2 entries
+    mu, logvar, off = params[:, :d], params[:, d:2 * d], params[:, 2 * d:]
+    L = scale_tril(logvar, off)
+    prior_logvar = torch.as_tensor(prior_logvar, dtype=mu.dtype, device=mu.device).expand_as(mu)
+    inv_var = (-prior_logvar).exp()
+    trace = ((L ** 2).sum(-1) * inv_var).sum(-1)  # diag(Sigma)_i = sum_j L_ij^2
+    return 0.5 * (trace + ((mu - prior_mu) ** 2 * inv_var).sum(-1) - d + prior_logvar.sum(-1) - logvar.sum(-1))
+
+
 def planar_step(z: Tensor, u: Tensor, w: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     """f(z) = z + u' tanh(w.z + b) and log |det df/dz| = log(1 + (1 - tanh^2) w.u'), where
     u' = u + (softplus(w.u) - 1 - w.u) w / |w|^2 makes w.u' > -1 (invertible). z [..., D], u, w [..., D]."""

@@ -90,3 +90,15 @@ def test_iaf_step_is_autoregressive() -> None:
     for part in (J[:D], J[D:]):
         assert torch.all(part.triu() == 0)
     assert (J[D:].tril(-1).abs() > 0).any()  # and really depends on the earlier coordinates
+
+
+def test_full_covariance_kl_matches_torch_distributions() -> None:
+    g = torch.Generator().manual_seed(5)
+    p = _params("full", 6, 0, 0, g)
+    pmu, plogvar = torch.randn(6, D, generator=g, dtype=p.dtype), torch.randn(6, D, generator=g, dtype=p.dtype)
+    q = torch.distributions.MultivariateNormal(p[:, :D], scale_tril=posteriors.scale_tril(p[:, D:2 * D], p[:, 2 * D:]))
+    prior = torch.distributions.MultivariateNormal(pmu, covariance_matrix=torch.diag_embed(plogvar.exp()))
+    kl = torch.distributions.kl_divergence(q, prior)
+    torch.testing.assert_close(posteriors.full_gaussian_kl(p, pmu, plogvar), kl)
+    std = torch.distributions.MultivariateNormal(torch.zeros(D, dtype=p.dtype), torch.eye(D, dtype=p.dtype))
+    torch.testing.assert_close(posteriors.full_gaussian_kl(p), torch.distributions.kl_divergence(q, std))
