@@ -55,9 +55,10 @@ class VAEConfig(ModelConfig):
     # Discrete latents (scalegen.objectives.discrete): latent_dim bits, or latent_dim variables of K classes.
     latent: str = choice("gaussian", "bernoulli", "categorical")  # type of z; discrete priors are uniform
     categories: int = ranged(10, ge=2)  # categorical: classes K per latent variable
-    estimator: str = choice("nvil", "reinforce", "reinforce_ma", "gumbel", "gumbel_st")  # discrete gradient
-    # (nvil: score function with moving-average + learned baseline + variance normalization; reinforce: no
-    # control variate; reinforce_ma: moving-average baseline only; gumbel(_st): Concrete relaxation)
+    # Discrete-latent gradient estimator: nvil = score function with a moving-average and a learned baseline and
+    # variance normalization; reinforce = no control variate; reinforce_ma = moving-average baseline only;
+    # gumbel / gumbel_st = the Concrete relaxation, relaxed or straight-through.
+    estimator: str = choice("nvil", "reinforce", "reinforce_ma", "gumbel", "gumbel_st")  # discrete-latent gradient
     baseline_decay: float = ranged(0.9, ge=0, lt=1)  # nvil/reinforce_ma: moving-average decay
     baseline_hidden: int = ranged(100, ge=1)  # nvil: width of the input-dependent baseline MLP b(x)
     temperature: float = ranged(1.0, gt=0)  # gumbel: initial relaxation temperature tau
