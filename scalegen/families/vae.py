@@ -336,8 +336,9 @@ class VAE(GenerativeModel):
                                     for gi, p in zip(g, params)]))
         return torch.stack(grads).var(0).sum().detach()
 
-    def nll(self, x: Tensor, y: Tensor | None = None, k: int = 1, chunk: int = 100) -> Tensor:
-        """Negative ELBO (k=1) or negative IWAE-k bound (k>1) of the discrete data, nats per example."""
+    def nll(self, x: Tensor, y: Tensor | None = None, k: int | None = None, chunk: int = 100) -> Tensor:
+        """Negative ELBO (k=1 or None) or negative IWAE-k bound (k>1) of the discrete data, nats per example."""
+        k = k or 1
         if k == 1:
             return -self.log_weights(x, y, 1)[0]
         parts = [self.log_weights(x, y, min(chunk, k - i)) for i in range(0, k, chunk)]
