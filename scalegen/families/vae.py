@@ -64,7 +64,7 @@ class VAEConfig(ModelConfig):
     temperature: float = ranged(1.0, gt=0)  # gumbel: initial relaxation temperature tau
     temperature_min: float = ranged(0.5, gt=0)  # gumbel: tau = max(min, start * exp(-decay * step))
     temperature_decay: float = ranged(0.0, ge=0)  # gumbel: per-step annealing rate (Jang et al.: 1e-5..1e-4)
-    grad_var_every: int = ranged(0, ge=0)  # log the encoder's gradient variance every N training steps; 0 = never
+    grad_var_every: int = ranged(0, ge=0)  # encoder grad variance every N steps (multiple of log_every_n_steps); 0: off
     grad_var_samples: int = ranged(8, ge=2)  # latent draws per gradient-variance measurement
 
 
@@ -253,7 +253,8 @@ class VAE(GenerativeModel):
         inp, target = self._targets(x, self.training)
         loss, logs = self._objective(inp, target, y, update=self.training)
         every = self.cfg.grad_var_every
-        if self.training and every and self.global_step % every == 0:
+        # On the steps the loggers write ((step + 1) % log_every_n_steps == 0): make N a multiple of it.
+        if self.training and every and (self.global_step + 1) % every == 0 and self.logs_this_step():
             logs["enc_grad_var"] = self.encoder_gradient_variance(inp, target, y)
         return loss, logs
 
