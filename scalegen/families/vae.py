@@ -84,7 +84,8 @@ def _static_uniform(x: Tensor) -> Tensor:
 
 @register_family("vae", VAEConfig, "Variational autoencoder (beta, conditional, IWAE)")
 class VAE(GenerativeModel):
-    """Variational autoencoder with a Gaussian latent (Kingma & Welling 2014)."""
+    """Variational autoencoder (Kingma & Welling 2014): a Gaussian latent with a diagonal, full-covariance or
+    flow posterior and one or two stochastic layers, or a Bernoulli / categorical latent."""
 
     nll_kind = "elbo"  # nll(x, k=1) is the negative ELBO; nll(x, k>1) the IWAE-k bound
 
@@ -115,12 +116,11 @@ class VAE(GenerativeModel):
         else:
             self.encoder = ConvEncoder(c, h, cfg.hidden, enc_out, extra_dim=cond)
             self.decoder = ConvDecoder(z_dim + cond, out_per_pixel * c, h, cfg.hidden)
-        if gaussian and enc_out > 2 * d:  # the extra posterior outputs start at 0: L diagonal, IAF context 0
+        if gaussian and cfg.posterior in ("full", "iaf"):  # the extra outputs start at 0: L diagonal, context 0
             head = self.encoder.net[-1] if cfg.net == "mlp" else self.encoder.head
-            if cfg.posterior in ("full", "iaf"):
-                with torch.no_grad():
-                    head.weight[2 * d:].zero_()
-                    head.bias[2 * d:].zero_()
+            with torch.no_grad():
+                head.weight[2 * d:].zero_()
+                head.bias[2 * d:].zero_()
         # IAF: one MADE per step, shared by all examples; the encoder's h makes each step depend on x.
         self.flows = nn.ModuleList(
             [MADE(d, cfg.flow_hidden, cfg.flow_hidden) for _ in range(cfg.flow_steps if cfg.posterior == "iaf" else 0)]
