@@ -314,6 +314,8 @@ class VAE(GenerativeModel):
         logs = {"recon_nats": -log_px.mean().detach(), "kl_nats": (log_q - log_prior).mean().detach()}
         baseline = self.baseline(inp).squeeze(-1) if self.baseline is not None else torch.zeros_like(f)
         signal = f.detach() if self.control is None else self.control(f, baseline.detach(), update=update)
+        if self.control is not None:
+            logs["signal_sd"] = self.control.var.sqrt()  # nvil divides the learning signal by max(1, this)
         surrogate = discrete.score_function_surrogate(f, log_q, signal)
         extra = -(surrogate - surrogate.detach()).mean()  # value 0, gradient: the estimator's
         if self.baseline is not None:
