@@ -99,3 +99,22 @@ def test_encoder_gradient_variance_is_lower_with_control_variates() -> None:
             m._objective(inp, target, None, update=True)
         var[est] = m.encoder_gradient_variance(inp, target).item()
     assert var["reinforce"] / var["reinforce_ma"] > 2, var
+
+
+@pytest.mark.parametrize("posterior", ["full", "planar", "iaf"])
+def test_training_loss_and_bound_agree_in_expectation(posterior: str) -> None:
+    """The training objective (closed-form KL for `full`, Monte-Carlo for flows) and nll's log-weights are
+    two estimators of the same negative ELBO: their means agree within Monte-Carlo error."""
+    torch.manual_seed(0)
+    m = VAE(VAEConfig(posterior=posterior, hidden=[32], latent_dim=4, flow_steps=2, flow_hidden=8,
+                      likelihood="bernoulli", binarize="static"), OptimConfig(), DataSpec(shape=(1, 8, 8))).eval()
+    with torch.no_grad():  # move the flows and L off their identity start
+        for p in m.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x = torch.randint(0, 256, (8, 1, 8, 8), dtype=torch.uint8)
+    inp, target = m._targets(x, train=False)
+    with torch.no_grad():
+        losses = torch.stack([m._objective(inp, target, None, update=False)[0] for _ in range(1000)])
+        bound = -m.log_weights(x, None, 1000).mean(1)  # per sample, averaged over the batch
+    se = (losses.var() / len(losses) + bound.var() / len(bound)).sqrt()
+    assert abs(losses.mean() - bound.mean()) < 4 * se, (losses.mean(), bound.mean(), se)
