@@ -42,6 +42,10 @@ def test_tiny_option_recipe_trains_and_lowers_the_bound(recipe: str, tmp_path: P
     res = evaluate(model, EvalConfig(max_examples=200, iwae_k=20, batch_size=100), _digits(cfg), tmp_path / "ev",
                    metrics="bpd", log_wandb=False)
     assert math.isfinite(res["metrics"]["bpd"]["value"]) and "IWAE-20" in res["metrics"]["bpd"]["quantity"]
+    if cfg.model.latent2_dim:  # the gaps of a two-layer model: q(z1|x)'s parameters optimized, q(z2|z1) fixed
+        ev = EvalConfig(gap_examples=20, gap_steps=20, gap_lr=3e-2, gap_samples=20, iwae_k=50, batch_size=20)
+        gap = evaluate(model, ev, _digits(cfg), None, metrics="inference_gap", log_wandb=False)["metrics"]
+        assert gap["inference_gap"]["amortization_gap"]["mean"] > -3 * gap["inference_gap"]["amortization_gap"]["sem"]
     rows = _metrics(run)
     if cfg.model.latent == "bernoulli":  # the gradient-variance diagnostic is logged
         assert any("train/enc_grad_var" in r and r["train/enc_grad_var"] > 0 for r in rows)
