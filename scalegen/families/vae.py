@@ -84,8 +84,7 @@ def _static_uniform(x: Tensor) -> Tensor:
 
 @register_family("vae", VAEConfig, "Variational autoencoder (beta, conditional, IWAE)")
 class VAE(GenerativeModel):
-    """Variational autoencoder (Kingma & Welling 2014): a Gaussian latent with a diagonal, full-covariance or
-    flow posterior and one or two stochastic layers, or a Bernoulli / categorical latent."""
+    """Variational autoencoder with a Gaussian latent (Kingma & Welling 2014)."""
 
     nll_kind = "elbo"  # nll(x, k=1) is the negative ELBO; nll(x, k>1) the IWAE-k bound
 
@@ -340,8 +339,8 @@ class VAE(GenerativeModel):
         return torch.stack(grads).var(0).sum().detach()
 
     def nll(self, x: Tensor, y: Tensor | None = None, k: int | None = None, chunk: int = 100) -> Tensor:
-        """Negative ELBO (k=1 or None) or negative IWAE-k bound (k>1) of the discrete data, nats per example."""
-        k = k or 1
+        """Negative ELBO (k=1, the default) or negative IWAE-k bound (k>1) of the discrete data, nats per example."""
+        k = 1 if k is None else k
         if k == 1:
             return -self.log_weights(x, y, 1)[0]
         parts = [self.log_weights(x, y, min(chunk, k - i)) for i in range(0, k, chunk)]
