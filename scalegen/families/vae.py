@@ -51,7 +51,7 @@ class VAEConfig(ModelConfig):
     flow_hidden: int = ranged(128, ge=1)  # iaf: MADE width and size of the context h from the encoder
     # Two stochastic layers x -> z1 -> z2 (Burda et al. 2016, section 5): z1 is latent_dim.
     latent2_dim: int = ranged(0, ge=0)  # size of the top latent z2; 0 = one stochastic layer
-    hidden2: list[int] = field(default_factory=lambda: [100, 100])  # deterministic widths z1 <-> z2
+    hidden2: list[int] = ranged(None, ge=1, default_factory=lambda: [100, 100])  # deterministic widths z1 <-> z2
     # Discrete latents (scalegen.objectives.discrete): latent_dim bits, or latent_dim variables of K classes.
     latent: str = choice("gaussian", "bernoulli", "categorical")  # type of z; discrete priors are uniform
     categories: int = ranged(10, ge=2)  # categorical: classes K per latent variable
