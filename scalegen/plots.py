@@ -72,3 +72,23 @@ def save_curves(metrics_file: str | Path, path: str | Path, keys: tuple[str, ...
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return Path(path)
+
+
+def save_bar_chart(labels: list[str], values: list[float], errors: list[float], path: str | Path, ylabel: str,
+                   title: str = "") -> Path:
+    """One bar per label with +-error bars (e.g. the inference gaps with their standard errors)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.bar(labels, values, yerr=errors, capsize=4, color=["C0", "C1", "C2", "C3"][: len(labels)])
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)

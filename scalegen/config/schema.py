@@ -186,6 +186,12 @@ class EvalConfig:
     seed: int = ranged(0, ge=0)  # sampling and probe seed (rank r samples with seed + 7919 r)
     # Bits/dim.
     iwae_k: int = ranged(1000, ge=1)  # IWAE-k bound when the family's nll accepts k (VAEs); 1 = the ELBO only
+    # Inference gaps (metric inference_gap, scalegen.eval.gaps); log p(x) is IWAE-iwae_k.
+    gap_examples: int = ranged(100, ge=1)  # the first N examples of `split`
+    gap_steps: int = ranged(100, ge=1)  # Adam steps on each example's posterior parameters
+    gap_lr: float = ranged(1e-2, gt=0)  # their learning rate
+    gap_opt_samples: int = ranged(8, ge=1)  # latent samples per step's ELBO gradient
+    gap_samples: int = ranged(100, ge=1)  # latent samples for each reported ELBO
     # FID, KID, Inception Score.
     num_samples: int = ranged(1000, ge=2)  # generated samples for FID/KID/IS (50000 for reporting; FID needs 2)
     reference_split: str = "train"  # split the generated samples are compared with

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from scalegen.plots import save_curves, save_image_grid
+from scalegen.plots import save_bar_chart, save_curves, save_image_grid
 
 ORDER = (
     "bpd",
@@ -73,6 +73,12 @@ def write_figures(
     semi = results["metrics"].get("semisup")
     if semi is not None:
         figs["probe_accuracy"] = _probe_figure(results, out / "probe_accuracy.png")
+    gap = results["metrics"].get("inference_gap")
+    if gap is not None:
+        parts = ("approximation_gap", "amortization_gap")
+        figs["inference_gap"] = save_bar_chart(
+            ["approximation", "amortization"], [gap[p]["mean"] for p in parts], [gap[p]["sem"] for p in parts],
+            out / "inference_gap.png", "nats per example", f"inference gaps ({gap['count']} examples)")
     return figs
 
 
@@ -170,6 +176,8 @@ def markdown(results: dict, figures: dict[str, Path]) -> str:
     for name in ORDER:
         if name in m and "definition" in m[name]:
             lines.append(f"- **{name}**: {m[name]['definition']}.")
+    if "inference_gap" in m:
+        lines += _gap_lines(m["inference_gap"])
     if "linear_probe" in m or "semisup" in m:
         lines += [
             "",
@@ -207,11 +215,25 @@ def markdown(results: dict, figures: dict[str, Path]) -> str:
             "reconstructions": "Reconstructions (originals above)",
             "bpd_curve": "Bits/dim over training",
             "probe_accuracy": "Probe accuracy against labels per class",
+            "inference_gap": "Inference gaps (± s.e.)",
         }
         for key, path in figures.items():
             lines += [f"### {captions.get(key, key)}", "", f"![{key}]({path.name})", ""]
     lines += ["", "The evaluation config is in metrics.json (`eval_config`).", ""]
     return "\n".join(lines)
+
+
+def _gap_lines(g: dict) -> list[str]:
+    s = g["settings"]
+    rows = [(f"log p(x) (IWAE-{s['iwae_k']}, proposal q*)", "log_px"), ("ELBO, optimized q*", "elbo_optimized"),
+            ("ELBO, amortized q", "elbo_amortized"), ("approximation gap", "approximation_gap"),
+            ("amortization gap", "amortization_gap")]
+    lines = ["", f"## Inference gaps (nats per example, {g['count']} examples of the {g.get('split')} split)", "",
+             "| quantity | mean ± s.e. |", "| --- | --- |"]
+    lines += [f"| {label} | {_fmt(g[key]['mean'], 2)} ± {_fmt(g[key]['sem'], 2)} |" for label, key in rows]
+    lines += ["", f"q* = {s['steps']} Adam steps (lr {s['lr']}, {s['opt_samples']} samples a step) on each "
+              f"example's posterior parameters from the encoder's output; each ELBO from {s['samples']} samples."]
+    return lines
 
 
 def log_to_wandb(results: dict, figures: dict[str, Path]) -> None:

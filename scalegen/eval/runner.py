@@ -26,6 +26,8 @@ from scalegen.errors import UserError, did_you_mean
 from scalegen.eval.data import EvalData
 from scalegen.eval.dist import broadcast_object, gather_rows, rank_world, shard_bounds
 from scalegen.eval.extractors import domain_extractor, inception_extractor, reference_statistics, wants_domain
+from scalegen.eval.gaps import DEFINITION as GAP_DEFINITION
+from scalegen.eval.gaps import measure_inference_gap
 from scalegen.eval.report import write_report
 from scalegen.families.base import IMPORTANCE_SAMPLED
 from scalegen.metrics.bpd import summarize_bpd
@@ -36,7 +38,7 @@ from scalegen.metrics.kid import kernel_inception_distance
 from scalegen.metrics.weights import cache_dir
 from scalegen.probes import ProbeSettings, linear_probe
 
-ALL_METRICS = ("bpd", "fid", "kid", "is", "linear_probe", "semisup")
+ALL_METRICS = ("bpd", "fid", "kid", "is", "linear_probe", "semisup", "inference_gap")
 
 DEFINITIONS = {
     "bpd": "negative log-likelihood of the discrete test data in bits per dimension: nll_nats / (D ln 2), "
@@ -56,6 +58,7 @@ DEFINITIONS = {
     "weight decay chosen on a validation part of the training split, mean (std) over seeds",
     "semisup": "test accuracy with N labelled training examples per class: the family's own classifier "
     "when it has one, else the linear-probe protocol on those labels only; mean (std) over seeds",
+    "inference_gap": GAP_DEFINITION,
 }
 
 BOUND_NAMES = {
@@ -166,6 +169,10 @@ class Evaluation:
                 self.sample_metrics()
             if {"linear_probe", "semisup"} & set(self.metrics):
                 self.probes()
+            if "inference_gap" in self.metrics:  # scalegen.eval.gaps (opt-in: per-example optimization)
+                entry, reason = measure_inference_gap(self.model, self.cfg, *self._eval_split(), self.device)
+                self.results.update({"inference_gap": entry} if entry else {})
+                self.skipped.update({"inference_gap": reason} if reason else {})
             self.figures_data()
         model.train(was_training)
         return {
