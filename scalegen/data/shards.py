@@ -144,17 +144,22 @@ def read_members(
         return len(buf) - pos >= n
 
     long_name: str | None = None
-    while refill(512) or len(buf) > pos:
+    while True:
+        if not refill(512):
+            if len(buf) != pos:  # part of a header, or a member's padding, is missing
+                on_damage(f"truncated at byte {base + len(buf) - pos} (not a multiple of 512)"
+                          if len(buf) > pos else "truncated inside the padding of its last member")
+            return  # (a writer that omitted the end-of-archive blocks ends here too)
         header = buf[pos : pos + 512]
         if header == _ZERO_BLOCK:
             return  # end of archive
-        if len(header) < 512 or not _header_ok(header):
+        if not _header_ok(header):
             bad = base + pos
             pos += 512
             while refill(512) and (buf[pos : pos + 512] == _ZERO_BLOCK or not _header_ok(buf[pos : pos + 512])):
                 pos += 512
             if len(buf) - pos < 512:
-                on_damage(f"corrupt or truncated tar header at byte {bad}, no valid header after it")
+                on_damage(f"corrupt tar header at byte {bad}, no valid header after it")
                 return
             on_damage(f"corrupt tar header at byte {bad}, reading on from the next valid one at byte {base + pos}")
             long_name = None
