@@ -9,8 +9,6 @@ from pathlib import Path
 
 import torch
 
-from scalegen.errors import UserError
-
 HELP = "evaluate a checkpoint: bits/dim, FID/KID/IS, linear and semi-supervised probes, with a report"
 
 
@@ -60,7 +58,7 @@ def _resume_wandb(cfg, run_dir: Path | None):
 def run(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
-    from scalegen.config.loader import _merge
+    from scalegen.config.loader import apply_overrides
     from scalegen.eval.data import EvalData
     from scalegen.eval.dist import rank_world
     from scalegen.eval.runner import evaluate, parse_metrics
@@ -69,10 +67,7 @@ def run(args: argparse.Namespace) -> int:
     _init_distributed()
     ckpt = resolve_checkpoint(args.checkpoint)
     model, cfg = load_model(ckpt, use_ema=not args.raw)
-    for item in args.overrides:
-        if "=" not in item:
-            raise UserError(f"override {item!r} is not key=value (for example eval.iwae_k=100)")
-        cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override {item!r}")
+    cfg = apply_overrides(cfg, args.overrides)
     if args.data:
         cfg.data.root, cfg.data.train, cfg.data.val, cfg.data.test = args.data, "", "", ""
     if args.num_samples is not None:
