@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import os
+import shutil
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +28,68 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp = temporary_path(path)
         try:
             _atomic_save(checkpoint, tmp)
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+        except OSError as err:
+            if err.errno == errno.ENOSPC:  # one line naming the space needed; the previous checkpoint is intact
+                raise DiskFullError(_disk_full_message(checkpoint, path)) from None
+            raise
         finally:
             tmp.unlink(missing_ok=True)
+
+
+class DiskFullError(UserError):
+    """A checkpoint that did not fit on its disk."""
+
+
+def temporary_path(path: Path, pid: int | None = None) -> Path:
+    """Where a checkpoint is written before the rename: beside it, named by host and process (this one
+    unless `pid`), so a later start can tell a stale one (its writer was killed) from one being written."""
+    return path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid() if pid is None else pid}")
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete the temporary checkpoints in `folder` left by processes of this host that no longer run (a
+    save killed by SIGKILL); another host's, and a live process's, are left alone. Returns those removed."""
+    removed = []
+    host = socket.gethostname()
+    for tmp in Path(folder).glob(f".*.tmp-{host}-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def _disk_full_message(checkpoint: dict[str, Any], path: Path) -> str:
+    def nbytes(obj: Any) -> int:
+        if isinstance(obj, torch.Tensor):
+            return obj.numel() * obj.element_size()
+        if isinstance(obj, dict):
+            return sum(nbytes(v) for v in obj.values())
+        if isinstance(obj, (list, tuple)):
+            return sum(nbytes(v) for v in obj)
+        return 0
+
+    free = shutil.disk_usage(path.parent).free
+    return (f"disk full: checkpoint {path} needs about {nbytes(checkpoint) / 2**20:.1f} MiB "
+            f"(its tensors) and {path.parent} has {free / 2**20:.1f} MiB free; the previous checkpoint is "
+            "intact: free space (or point the run folder elsewhere) and resume")
 
 
 class SaveConfigInCheckpoint(L.Callback):

@@ -17,7 +17,12 @@ from scalegen.config.loader import resolved
 from scalegen.distributed.deepspeed import is_zero_checkpoint
 from scalegen.errors import UserError
 from scalegen.registry import get_family
-from scalegen.runtime.checkpoint import AtomicCheckpointIO, SaveConfigInCheckpoint, newest_checkpoint
+from scalegen.runtime.checkpoint import (
+    AtomicCheckpointIO,
+    SaveConfigInCheckpoint,
+    newest_checkpoint,
+    remove_stale_temporaries,
+)
 from scalegen.runtime.metrics_file import JsonLinesLogger
 
 
@@ -124,6 +129,7 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> Path:
     extra = [*scale_out_callbacks(cfg, run_dir), *(callbacks or [])]
     trainer = build_trainer(cfg, run_dir, spec, extra_callbacks=extra,
                             manual_model=None if model.automatic_optimization else model)
+    remove_stale_temporaries(run_dir / "checkpoints")  # left by a save that was killed (this host's only)
     if trainer.is_global_zero:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved(cfg)))
     trainer.fit(model, datamodule=datamodule, ckpt_path=_resume_path(cfg, run_dir))
