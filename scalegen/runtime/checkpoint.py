@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import fnmatch
 import hashlib
 import os
 import shutil
@@ -90,6 +91,43 @@ def _disk_full_message(checkpoint: dict[str, Any], path: Path) -> str:
     return (f"disk full: checkpoint {path} needs about {nbytes(checkpoint) / 2**20:.1f} MiB "
             f"(its tensors) and {path.parent} has {free / 2**20:.1f} MiB free; the previous checkpoint is "
             "intact: free space (or point the run folder elsewhere) and resume")
+
+
+# Keys that say how to run, not what is trained: a resume may always change them.
+ALWAYS_ALLOWED = ("trainer.resume", "trainer.resume_allow_changes", "trainer.progress_bar")
+
+
+def recipe_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The dotted keys whose values differ between two resolved recipes (added and removed keys too)."""
+    def flat(d: Any, prefix: str = "") -> dict[str, Any]:
+        if not isinstance(d, dict):
+            return {prefix[:-1]: d}
+        return {k: v for key, value in d.items() for k, v in flat(value, f"{prefix}{key}.").items()}
+
+    a, b = flat(saved), flat(current)
+    return sorted(k for k in a.keys() | b.keys() if a.get(k, _MISSING) != b.get(k, _MISSING))
+
+
+_MISSING = object()
+
+
+def check_resume_recipe(ckpt: str | Path, current: dict[str, Any], allowed: list[str]) -> None:
+    """Refuse (one line) to resume `ckpt` with a recipe that differs from the one it was trained with,
+    except in keys matching `allowed` (glob patterns) or `ALWAYS_ALLOWED`. A ZeRO checkpoint folder and a
+    checkpoint without a saved recipe are not checked."""
+    if Path(ckpt).is_dir():
+        return
+    saved = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True).get("scalegen", {}).get("config")
+    if saved is None:
+        return
+    patterns = (*ALWAYS_ALLOWED, *allowed)
+    changed = [k for k in recipe_changes(saved, current) if not any(fnmatch.fnmatchcase(k, p) for p in patterns)]
+    if changed:
+        raise UserError(
+            f"cannot resume {ckpt}: the recipe changed in {', '.join(changed)}; run with the recipe it was "
+            f"trained with, or allow the change: trainer.resume_allow_changes=[{','.join(changed)}] "
+            "(or trainer.resume=never to start afresh)"
+        )
 
 
 class SaveConfigInCheckpoint(L.Callback):

@@ -20,6 +20,7 @@ from scalegen.registry import get_family
 from scalegen.runtime.checkpoint import (
     AtomicCheckpointIO,
     SaveConfigInCheckpoint,
+    check_resume_recipe,
     newest_checkpoint,
     remove_stale_temporaries,
 )
@@ -132,7 +133,10 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> Path:
     remove_stale_temporaries(run_dir / "checkpoints")  # left by a save that was killed (this host's only)
     if trainer.is_global_zero:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved(cfg)))
-    trainer.fit(model, datamodule=datamodule, ckpt_path=_resume_path(cfg, run_dir))
+    ckpt = _resume_path(cfg, run_dir)
+    if ckpt is not None:
+        check_resume_recipe(ckpt, OmegaConf.to_container(resolved(cfg)), list(cfg.trainer.resume_allow_changes))
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt)
     if cfg.checkpoint.save_last and not trainer.interrupted:
         # ModelCheckpoint writes at epoch/validation ends; a run stopped by max_steps mid-epoch would
         # otherwise leave last.ckpt without its final steps.

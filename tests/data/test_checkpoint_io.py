@@ -4,6 +4,7 @@ checkpoint intact and stops with one line saying how much space the checkpoint n
 
 from __future__ import annotations
 
+import copy
 import signal
 import subprocess
 import sys
@@ -13,8 +14,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
-from scalegen.runtime.checkpoint import AtomicCheckpointIO, DiskFullError, remove_stale_temporaries, temporary_path
+from scalegen.config.loader import load_config, resolved
+from scalegen.errors import UserError
+from scalegen.runtime.checkpoint import (
+    AtomicCheckpointIO,
+    DiskFullError,
+    check_resume_recipe,
+    recipe_changes,
+    remove_stale_temporaries,
+    temporary_path,
+)
 
 WRITER = """
 import os, sys, time
@@ -82,3 +93,23 @@ def test_disk_full_leaves_the_previous_checkpoint_and_names_the_space_needed(sma
     assert torch.load(path)["global_step"] == 1
     assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]  # no temporary left behind
     assert temporary_path(path).name.startswith(".last.ckpt.tmp-")
+
+
+def test_a_resume_with_a_changed_recipe_is_refused_naming_the_keys_unless_allowed(tmp_path: Path) -> None:
+    saved = OmegaConf.to_container(resolved(load_config("quickstart")))
+    ckpt = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"state_dict": {}, "scalegen": {"config": saved}}, ckpt)
+    same = copy.deepcopy(saved)
+    same["trainer"]["resume"] = str(ckpt)  # how to resume is not part of the recipe
+    check_resume_recipe(ckpt, same, [])
+    changed = OmegaConf.to_container(resolved(load_config("quickstart", ["optim.lr=0.5", "trainer.max_steps=99",
+                                                                          "model.latent_dim=3"])))
+    assert recipe_changes(saved, changed) == ["model.latent_dim", "optim.lr", "trainer.max_steps"]
+    with pytest.raises(UserError) as caught:
+        check_resume_recipe(ckpt, changed, ["optim.lr"])
+    assert "\n" not in str(caught.value)
+    assert "model.latent_dim, trainer.max_steps;" in str(caught.value) and "optim.lr" not in str(caught.value)
+    check_resume_recipe(ckpt, changed, ["optim.*", "trainer.max_steps", "model.latent_dim"])  # all allowed
+    extra = copy.deepcopy(saved)
+    extra["data"]["new_key"] = 1
+    assert recipe_changes(saved, extra) == ["data.new_key"]  # added keys count as changes
