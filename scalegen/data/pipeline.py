@@ -271,7 +271,9 @@ class DecodedSplit:
                 mix = torch.randperm(planned, generator=gen)
                 order, stand_in = order[mix], stand_in[mix]
         ends = torch.tensor(self.sizes).cumsum(0).tolist()
-        skipped, self.skips.skipped = self.skips.skipped, 0  # reported once, in the first batch after decoding
+        # Damage is counted once, in the run's first batch: a resumed run restored the total from its checkpoint.
+        skipped = self.skips.skipped if (epoch, start) == (0, 0) else 0
+        self.skips.skipped = 0
         for g in range(start, len(self.sizes)):
             a, b = ends[g] - self.sizes[g], ends[g]
             idx = order[a:b]
