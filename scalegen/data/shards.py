@@ -292,8 +292,3 @@ def _sha256(data: bytes) -> str:
     import hashlib
 
     return hashlib.sha256(data).hexdigest()
-
-
-def verify_shards(folder: Path, split: SplitInfo) -> list[str]:
-    """Names of shards that are missing or whose sha256 differs from the manifest."""
-    return [s.name for s in split.shards if not (folder / s.name).is_file() or sha256_file(folder / s.name) != s.sha256]
