@@ -118,7 +118,7 @@ def _header_ok(header: bytes) -> bool:
     as spaces) matches. Adler-32's low half is 1 + the byte sum mod 65521: the same test, in C."""
     field = header[148:156]
     try:
-        stored = int(field[:7].rstrip(b"\0 "), 8)  # 6 or 7 octal digits, then NUL and/or space
+        stored = int(field[:7].rstrip(b"\0"), 8)  # 6 or 7 octal digits, then NUL and/or space (int() strips spaces)
     except ValueError:
         return False
     return zlib.adler32(header) & 0xFFFF == (1 + stored - 256 + sum(field)) % 65521
@@ -145,6 +145,7 @@ def read_members(
         return len(buf) - pos >= n
 
     long_name: str | None = None
+    adler = zlib.adler32
     while True:
         if len(buf) - pos < 512 and not refill(512):
             if len(buf) != pos:  # part of a header, or a member's padding, is missing
@@ -154,7 +155,12 @@ def read_members(
         header = buf[pos : pos + 512]
         if header == _ZERO_BLOCK:
             return  # end of archive
-        if not _header_ok(header):
+        field = header[148:156]  # the checksum, inline (the per-member cost of reading): see _header_ok
+        try:
+            ok = adler(header) & 0xFFFF == (1 + int(field[:7].rstrip(b"\0"), 8) - 256 + sum(field)) % 65521
+        except ValueError:
+            ok = False
+        if not ok:
             bad = base + pos
             pos += 512
             while refill(512) and (buf[pos : pos + 512] == _ZERO_BLOCK or not _header_ok(buf[pos : pos + 512])):
