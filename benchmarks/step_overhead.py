@@ -181,7 +181,7 @@ def main() -> None:
     # time does not count the time the machine takes away. It counts every thread of the process, so it is
     # a fair clock only for the inline loader (the default; not data.num_workers>0).
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="wall time or CPU time")
-    parser.add_argument("overrides", nargs="*", help="extra recipe overrides for every config (e.g. data.batch_size=32)")
+    parser.add_argument("overrides", nargs="*", help="extra recipe overrides for every config (e.g. data.seed=1)")
     args = parser.parse_args()
     names = list(CONFIGS) if args.config == "all" else [args.config]
     torch.set_num_threads(args.threads)
