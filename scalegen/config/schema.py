@@ -130,6 +130,9 @@ class TrainerConfig:
     seed: int = ranged(0, ge=0, le=2**32 - 1)  # global seed (lightning.seed_everything: a uint32)
     deterministic: bool = False  # torch deterministic algorithms (bitwise reproducible on CPU)
     resume: str = "auto"  # auto = newest checkpoint in the run folder, never, or a checkpoint path
+    # Recipe keys (glob patterns, e.g. optim.lr, trainer.max_steps, optim.*) a resume may change; any
+    # other difference from the checkpoint's recipe is refused, naming the keys.
+    resume_allow_changes: list[str] = field(default_factory=list)
     progress_bar: bool = True  # Rich progress bar
     record_sample_keys: bool = False  # write each rank's training sample keys to {run}/sample_keys (audit sharding)
 

@@ -7,10 +7,12 @@
   `.spec` is the `DataSpec` a family is built with.
 """
 
+import scalegen.data.datasets  # noqa: F401  (registers the built-in preparers: PREPARERS is filled here)
 from scalegen.data.datamodule import ShardDataModule, ShardLoader, build_datamodule
-from scalegen.data.manifest import DataError, Manifest, read_manifest
+from scalegen.data.manifest import DataError, Manifest
 from scalegen.data.pipeline import BadSampleWarning
 from scalegen.data.prepare import prepare_dataset
+from scalegen.data.shards import read_manifest
 
 __all__ = [
     "BadSampleWarning",

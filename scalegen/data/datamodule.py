@@ -21,9 +21,10 @@ from torch.utils.data import DataLoader
 
 from scalegen.config.schema import DataConfig
 from scalegen.data.labels import LabelledSet, choose_labelled, mask_labels
-from scalegen.data.manifest import MANIFEST, DataError, Manifest, read_manifest
+from scalegen.data.manifest import MANIFEST, DataError, Manifest
 from scalegen.data.pipeline import DecodedSplit, ShardStream, StreamOptions, hash_seed
-from scalegen.data.shards import expand_urls, iter_shard, join_url, shard_name, url_exists
+from scalegen.data.prepare import PREPARERS, prepare_dataset
+from scalegen.data.shards import expand_urls, iter_shard, join_url, read_manifest, shard_name, url_exists
 from scalegen.data.transforms import resized_shape
 from scalegen.dataspec import DataSpec
 
@@ -308,12 +309,8 @@ class ShardDataModule(L.LightningDataModule):
         return 0, 1
 
     def _load_manifest(self) -> Manifest:
-        from scalegen.data.prepare import PREPARERS, prepare_dataset
-
         has_manifest = url_exists(join_url(self.root, MANIFEST))
         if not has_manifest and self.cfg.prepare and "://" not in self.root:
-            from scalegen.data import datasets  # noqa: F401  (registers the preparers)
-
             if self.cfg.dataset in PREPARERS:
                 return prepare_dataset(self.cfg.dataset, self.root, source=self.cfg.source)
         return read_manifest(self.root)

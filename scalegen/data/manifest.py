@@ -74,26 +74,6 @@ class Manifest:
         atomic_write_bytes(Path(folder) / MANIFEST, self.to_json().encode())
 
 
-def read_manifest(root: str) -> Manifest:
-    """The manifest in `root` (a local folder or an fsspec URL such as s3://bucket/digits)."""
-    from scalegen.data.shards import open_url
-
-    url = root.rstrip("/") + "/" + MANIFEST
-    try:
-        with open_url(url) as f:
-            data = json.loads(f.read())
-    except FileNotFoundError:
-        raise DataError(
-            f"no {MANIFEST} in {root}: prepare the shards first (`scalegen data prepare NAME --out {root}` "
-            f"or `scalegen data pack SRC --out {root}`), or set data.root to the folder that holds them"
-        ) from None
-    except (OSError, ValueError) as err:
-        raise DataError(f"cannot read {url}: {err}") from None
-    if data.get("format") != FORMAT:
-        raise DataError(f"{url} has format {data.get('format')!r}, not {FORMAT!r}; re-prepare the shards")
-    return Manifest.from_dict(data)
-
-
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` so that `path` is either the old file or the complete new one."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

@@ -19,6 +19,7 @@ from typing import Any
 
 from scalegen.data.manifest import MANIFEST, DataError, Manifest, ShardInfo, atomic_write_bytes, sha256_file
 from scalegen.data.shards import Sample, write_split
+from scalegen.errors import did_you_mean
 
 PROGRESS = ".progress.json"  # shards finished so far by an interrupted preparation
 
@@ -64,11 +65,7 @@ def prepare_dataset(
     Safe to call from several processes at once (a file lock serializes them) and to re-run after a
     crash (finished shards that verify are kept).
     """
-    from scalegen.data import datasets  # noqa: F401  (registers the preparers)
-
     if name not in PREPARERS:
-        from scalegen.errors import did_you_mean
-
         raise DataError(
             f"no built-in dataset {name!r}.{did_you_mean(name, PREPARERS)} "
             "For your own files use `scalegen data pack SRC --out DIR`."
