@@ -13,12 +13,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from scalegen.config.schema import ModelConfig, OptimConfig, choice
+from scalegen.config.schema import ModelConfig, OptimConfig, choice, ranged
 from scalegen.dataspec import DataSpec, images_to_unit, unit_to_images
 from scalegen.families.base import GenerativeModel
 from scalegen.nets.unet import UNet
 from scalegen.objectives.diffusion import NoiseSchedule, diffusion_loss, q_sample, vlb
 from scalegen.registry import register_family
+from scalegen.samplers.completion import complete_diffusion, paste, repeat_each
 from scalegen.samplers.diffusion import ddim_sample, ddpm_sample
 
 
@@ -46,6 +47,7 @@ class DiffusionConfig(ModelConfig):
     sample_steps: int = 50  # DDIM steps (ignored by ddpm, which always takes T)
     ddim_eta: float = 0.0  # DDIM stochasticity: 0 = deterministic, 1 = DDPM-like (eq. 16)
     clip_denoised: bool = True  # clip x0-hat to [-1, 1] at every sampling step
+    repaint_resample: int = ranged(1, ge=1)  # `complete`: RePaint's r (Lugmayr et al. 2022); 1 = replace only
     # Likelihood.
     nll_timesteps: int = 0  # terms of the bound per example: 0 = all T; k > 0 = unbiased stratified estimate
     encode_timestep: int = 0  # `encode`: pooled UNet bottleneck of x noised to this timestep index
@@ -56,6 +58,7 @@ class Diffusion(GenerativeModel):
     """DDPM / DDIM with a UNet; nll is the variational bound (Ho et al. 2020 eq. 5) in nats."""
 
     nll_kind = "vlb"
+    predictions = frozenset({"nll", "sample", "encode", "complete"})
 
     def __init__(self, cfg: DiffusionConfig, optim: OptimConfig, data: DataSpec) -> None:
         super().__init__(cfg, optim, data)
@@ -106,6 +109,26 @@ class Diffusion(GenerativeModel):
             x = ddpm_sample(self.net, self.schedule, noise, self._labels(y), variance=self.cfg.variance,
                             **common)
         return unit_to_images(x, self.data_spec.levels)
+
+    @property
+    def num_labels(self) -> int:
+        """Classes the model is conditioned on (0: unconditional)."""
+        return self.data_spec.num_classes if self.cfg.class_conditional else 0
+
+    @torch.no_grad()
+    def complete(self, x: Tensor, mask: Tensor, n: int, y: Tensor | None = None) -> Tensor:
+        """n inpaintings [B, n, C, H, W] (uint8) of x where mask (True = observed) is False: DDPM
+        ancestral sampling with the known region replaced at every step, `repaint_resample` times
+        resampled (always the full T steps, whatever `sampler` says)."""
+        x, mask = x.to(self.device), mask.to(self.device)
+        y = None if y is None else y.to(self.device)
+        m = repeat_each(mask.expand(len(x), *mask.shape[1:]), n)
+        x0 = repeat_each(images_to_unit(x, self.data_spec.levels), n)
+        out = complete_diffusion(self.net, self.schedule, x0, m, self._labels(repeat_each(y, n)),
+                                 resample=self.cfg.repaint_resample, prediction=self.cfg.prediction,
+                                 variance=self.cfg.variance, clip_denoised=self.cfg.clip_denoised)
+        images = paste(repeat_each(x, n), unit_to_images(out, self.data_spec.levels), m)
+        return images.view(len(x), n, *x.shape[1:])
 
     @torch.no_grad()
     def encode(self, x: Tensor, y: Tensor | None = None) -> Tensor:

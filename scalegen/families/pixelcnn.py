@@ -21,6 +21,7 @@ from scalegen.nets.pixelcnn import GatedPixelCNN, PixelCNN
 from scalegen.objectives.autoregressive import autoregressive_nll, binarize
 from scalegen.registry import register_family
 from scalegen.samplers.autoregressive import sample_image
+from scalegen.samplers.completion import complete_autoregressive, paste, repeat_each
 
 
 @dataclass
@@ -43,6 +44,7 @@ class PixelCNNModel(GenerativeModel):
     """PixelCNN and Gated PixelCNN over 8-bit or binarized images."""
 
     nll_kind = "exact"
+    predictions = frozenset({"nll", "sample", "complete"})
 
     def __init__(self, cfg: PixelCNNConfig, optim: OptimConfig, data: DataSpec) -> None:
         super().__init__(cfg, optim, data)
@@ -87,3 +89,25 @@ class PixelCNNModel(GenerativeModel):
         shape = tuple(int(s) for s in self.data_spec.shape)
         x = sample_image(self.net, shape, n, self._labels(y), t)  # type: ignore[arg-type]
         return x * 255 if self.cfg.output == "binary" else x
+
+    @property
+    def num_labels(self) -> int:
+        """Classes the model is conditioned on (0: unconditional)."""
+        return self.data_spec.num_classes if self.cfg.conditional else 0
+
+    @torch.no_grad()
+    def complete(self, x: Tensor, mask: Tensor, n: int, y: Tensor | None = None,
+                 temperature: float | None = None) -> Tensor:
+        """n completions [B, n, C, H, W] (uint8) of images x where mask (True = observed) is False.
+
+        Raster-order sampling given every observed value: exact p(x_missing | x_observed) when the
+        missing values follow all observed ones (e.g. the bottom half); see `scalegen.samplers.completion`."""
+        if self.cfg.conditional and y is None:
+            raise UserError("this PixelCNN is class-conditional: give the images' classes (--class)")
+        t = self.cfg.temperature if temperature is None else temperature
+        x, mask = x.to(self.device), mask.to(self.device)
+        y = None if y is None else y.to(self.device)
+        observed, m = repeat_each(self._target(x), n), repeat_each(mask.expand(len(x), *mask.shape[1:]), n)
+        out = complete_autoregressive(self.net, observed, m, self._labels(repeat_each(y, n)), t)
+        out = out * 255 if self.cfg.output == "binary" else out
+        return paste(repeat_each(x, n), out, m).view(len(x), n, *x.shape[1:])

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from scalegen.config.schema import ModelConfig, OptimConfig, choice
+from scalegen.config.schema import ModelConfig, OptimConfig, choice, ranged
 from scalegen.dataspec import DataSpec
 from scalegen.errors import ConfigError
 from scalegen.families.base import GenerativeModel
@@ -23,6 +23,7 @@ from scalegen.objectives.elbo import (
     log_normal,
 )
 from scalegen.registry import register_family
+from scalegen.samplers.completion import complete_latent, paste, repeat_each
 
 
 @dataclass
@@ -38,6 +39,7 @@ class VAEConfig(ModelConfig):
     conditional: bool = False  # condition encoder, decoder and prior on the label (Sohn et al. 2015)
     iwae_k: int = 1  # importance samples in the training objective; 1 = ELBO, >1 = IWAE (Burda et al. 2016)
     min_log_scale: float = -7.0  # floor of the decoder's per-pixel log-scale (logistic/gaussian)
+    complete_steps: int = ranged(50, ge=1)  # `complete`: encode-decode iterations (Rezende et al. 2014 sec. 6)
 
 
 def _static_uniform(x: Tensor) -> Tensor:
@@ -59,6 +61,8 @@ class VAE(GenerativeModel):
     """Variational autoencoder with a Gaussian latent (Kingma & Welling 2014)."""
 
     nll_kind = "elbo"  # nll(x, k=1) is the negative ELBO; nll(x, k>1) the IWAE-k bound
+    predictions = frozenset({"nll", "sample", "encode", "reconstruct", "decode", "complete"})
+    latent_prior = "gaussian"  # z ~ N: interpolate spherically (scalegen.eval.latents)
 
     def __init__(self, cfg: VAEConfig, optim: OptimConfig, data: DataSpec) -> None:
         super().__init__(cfg, optim, data)
@@ -196,3 +200,39 @@ class VAE(GenerativeModel):
         inp, _ = self._targets(x, train=False)
         y1h = self._onehot(y, len(x))
         return self._mean_image(self._decode(self._posterior(inp, y1h)[0], y1h))
+
+    @property
+    def num_labels(self) -> int:
+        """Classes the model is conditioned on (0: unconditional)."""
+        return self.data_spec.num_classes if self.cfg.conditional else 0
+
+    @torch.no_grad()
+    def decode(self, z: Tensor, y: Tensor | None = None) -> Tensor:
+        """Decoder means (uint8 images) of latents z [B, latent_dim], in the space `encode` maps to."""
+        return self._mean_image(self._decode(z.to(self.device), self._onehot(y, len(z))))
+
+    @torch.no_grad()
+    def complete(self, x: Tensor, mask: Tensor, n: int, y: Tensor | None = None) -> Tensor:
+        """n completions [B, n, C, H, W] (uint8) of x where mask (True = observed) is False, by
+        `complete_steps` rounds of z ~ q(z | x), x ~ p(x | z) with the observed pixels clamped
+        (Rezende et al. 2014). Bernoulli models draw binary pixels; discretized ones take the decoder
+        mean (its per-pixel noise is not drawn)."""
+        x, mask = x.to(self.device), mask.to(self.device)
+        y = None if y is None else y.to(self.device)
+        xs, m = repeat_each(x, n), repeat_each(mask.expand(len(x), *mask.shape[1:]), n)
+        y1h = self._onehot(repeat_each(y, n), len(xs))
+        observed, _ = self._targets(xs, train=False)
+
+        def encode(v: Tensor) -> Tensor:
+            mu, logvar = self._posterior(v, y1h)
+            return mu + torch.randn_like(mu) * (0.5 * logvar).exp()
+
+        def decode(z: Tensor) -> Tensor:
+            out = self._decode(z, y1h)
+            if self.cfg.likelihood == "bernoulli":
+                return torch.bernoulli(torch.sigmoid(out[:, 0]))
+            return self._mean_image(out).float() / 255
+
+        done = complete_latent(encode, decode, observed, m, self.cfg.complete_steps)
+        images = (done * 255).round().clamp(0, 255).to(torch.uint8)
+        return paste(xs, images, m).view(len(x), n, *x.shape[1:])

@@ -99,6 +99,11 @@ class WaveNetModel(GenerativeModel):
             batch = {**batch, "y": self._condition(batch)}
         super().validation_step(batch, batch_idx)
 
+    @property
+    def num_labels(self) -> int:
+        """Classes (or speakers) the model is conditioned on (0: unconditional); `scalegen sample --class`."""
+        return int(self.net.num_classes)
+
     @torch.no_grad()
     def sample(self, n: int, y: Tensor | None = None, temperature: float | None = None,
                length: int | None = None) -> Tensor:
