@@ -22,6 +22,7 @@ from torch import Tensor
 from scalegen.errors import UserError
 from scalegen.eval.data import EvalData
 from scalegen.eval.dist import broadcast_object, gather_rows, rank_world, shard_bounds
+from scalegen.eval.latents import has_latents, latent_grids
 
 ALL_METRICS = ("bpd", "fid", "kid", "is", "linear_probe", "semisup")
 
@@ -435,6 +436,9 @@ class Evaluation:
                 x,
                 self.model.reconstruct(x.to(self.device), y.to(self.device)).cpu(),
             )
+        if has_latents(self.model):  # interpolations, 2-D manifold, every label (scalegen.eval.latents)
+            x, y = self._eval_split()
+            self.artifacts["grids"] = latent_grids(self.model, x[:16].to(self.device), y[:16].to(self.device))
 
 
 def flat_summary(results: dict) -> dict[str, float]:
