@@ -1,6 +1,7 @@
 """scalegen sample CKPT --n 64 --out grid.png
 
-Also: `--class 3` / `--classes 0-9` (class-conditional families), and completion / inpainting with
+Also: `--class 3` / `--classes 0-9` (class-conditional families), `--levels` (one row per pyramid level
+of a LAPGAN's samples, coarse to fine), and completion / inpainting with
 `--complete IMAGES --mask SPEC --n K`: IMAGES is a PNG, a folder of PNGs or `test:N` (the first N
 images of the checkpoint's own test split; any split name works); SPEC is `bottom`, `right`,
 `box:x0,y0,x1,y1` (that box is missing; x1, y1 exclusive), `random:P` (each pixel missing with
@@ -37,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mask", default="bottom", metavar="SPEC",
                         help="missing pixels for --complete: bottom, right, box:x0,y0,x1,y1, random:P, or a mask "
                         "PNG (white = missing)")
+    parser.add_argument("--levels", action="store_true",
+                        help="pyramid families (lapgan): one grid row per level, coarse to fine, --n columns")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--raw", action="store_true", help="use the raw weights, not the EMA average")
 
@@ -169,6 +172,20 @@ def run_completion(args: argparse.Namespace, model: object, cfg: object) -> int:
     return 0
 
 
+def run_levels(args: argparse.Namespace, model: object) -> int:
+    """Every level of a pyramid family's samples, each enlarged to the full size (nearest neighbour)."""
+    from scalegen.plots import save_image_grid
+
+    if "levels" not in predictions(model):
+        raise UserError(f"--levels: family {model.family_name!r} has no pyramid levels (lapgan has)")  # type: ignore[attr-defined]
+    torch.manual_seed(args.seed)
+    levels = model.sample_levels(args.n)  # type: ignore[attr-defined]
+    size = levels[-1].shape[-1]
+    rows = [x.repeat_interleave(size // x.shape[-1], -2).repeat_interleave(size // x.shape[-1], -1) for x in levels]
+    print(f"wrote {save_image_grid(torch.cat(rows).cpu(), args.out, nrow=args.n)}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from scalegen.plots import save_image_grid
     from scalegen.runtime import load_model
@@ -182,6 +199,8 @@ def run(args: argparse.Namespace) -> int:
         return run_completion(args, model, cfg)
     if "sample" not in predictions(model):
         raise UserError(f"family {model.family_name!r} cannot sample")
+    if args.levels:
+        return run_levels(args, model)
     num_labels = getattr(model, "num_labels", 0)  # classes a class-conditional family conditions on
     nrow = None
     y = None
