@@ -75,10 +75,10 @@ def test_pixelcnn_bottom_half_follows_the_exact_conditional(top) -> None:
     x = images[rows][:1]
     torch.manual_seed(1)
     n = 20000
-    out = model.complete(x, _bottom(2, 3), n)
-    assert out.shape == (1, n, 1, 2, 3) and out.dtype == torch.uint8
-    assert torch.equal(out[0, :, :, 0], x[:, :, 0].expand(n, 1, 3))  # the observed row comes back unchanged
-    counts = torch.bincount(code(out[0, :, 0, 1].long() // 255), minlength=8).double()
+    out = model.complete(x.expand(n, 1, 2, 3), _bottom(2, 3))
+    assert out.shape == (n, 1, 2, 3) and out.dtype == torch.uint8
+    assert torch.equal(out[:, :, 0], x[:, :, 0].expand(n, 1, 3))  # the observed row comes back unchanged
+    counts = torch.bincount(code(out[:, 0, 1].long() // 255), minlength=8).double()
     freq = counts / n
     tv = 0.5 * (freq - exact).abs().sum().item()
     assert tv < 0.02, (freq, exact)
@@ -98,9 +98,10 @@ def test_pixelcnn_keeps_observed_pixels_for_any_mask() -> None:
     torch.manual_seed(0)
     x = torch.randint(0, 256, (3, 1, 4, 4), dtype=torch.uint8)
     mask = torch.rand(3, 1, 4, 4) < 0.5
-    out = model.complete(x, mask, 5)
-    keep = mask[:, None].expand_as(out)
-    assert torch.equal(out[keep], x[:, None].expand_as(out)[keep])  # exact 8-bit values, not binarized
+    out = model.complete(x, mask)
+    assert out.shape == x.shape
+    keep = mask.expand_as(out)
+    assert torch.equal(out[keep], x[keep])  # exact 8-bit values, not binarized
     assert set(out[~keep].unique().tolist()) <= {0, 255}  # a binary model draws binary pixels
 
 
@@ -149,10 +150,10 @@ def test_diffusion_and_vae_keep_observed_pixels() -> None:
     vae = VAE(VAEConfig(hidden=[32], latent_dim=4, likelihood="logistic", complete_steps=3), OptimConfig(),
               spec).eval()
     for model in (diff, vae):
-        out = model.complete(x, mask, 3)
-        assert out.shape == (2, 3, 1, 8, 8) and out.dtype == torch.uint8
-        assert torch.equal(out[..., :4, :], x[:, None, :, :4, :].expand(2, 3, 1, 4, 8)), type(model).__name__
-        assert not torch.equal(out[..., 4:, :], x[:, None, :, 4:, :].expand(2, 3, 1, 4, 8))
+        out = model.complete(x, mask)
+        assert out.shape == (2, 1, 8, 8) and out.dtype == torch.uint8
+        assert torch.equal(out[..., :4, :], x[..., :4, :]), type(model).__name__
+        assert not torch.equal(out[..., 4:, :], x[..., 4:, :])
 
 
 def test_latent_chain_is_iterated_encode_decode_with_clamping() -> None:

@@ -16,9 +16,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 
 from scalegen.errors import UserError
+from scalegen.eval.data import EvalData
+from scalegen.plots import save_image_grid
+from scalegen.runtime import load_model
+from scalegen.samplers.completion import repeat_each
+from scalegen.samplers.wav import write_wavs
 
 HELP = "draw samples (or completions of partly observed images) from a checkpoint into an image grid"
 
@@ -42,13 +48,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="pyramid families (lapgan): one grid row per level, coarse to fine, --n columns")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--raw", action="store_true", help="use the raw weights, not the EMA average")
-
-
-def predictions(model: object) -> frozenset[str]:
-    """What the family declares it predicts (`predictions`), or the older `capabilities()`."""
-    cls = type(model)
-    declared = getattr(cls, "predictions", None)  # families without the declaration yet: their capabilities
-    return frozenset(declared) if declared else frozenset(cls.capabilities())  # type: ignore[attr-defined]
 
 
 def parse_classes(spec: str, num_classes: int) -> list[int]:
@@ -100,8 +99,6 @@ def parse_mask(spec: str, shape: tuple[int, int, int], n: int, seed: int = 0) ->
         g = torch.Generator().manual_seed(seed)
         known = torch.rand(n, 1, h, w, generator=g) >= p
     elif spec.lower().endswith(".png"):
-        from PIL import Image
-
         path = Path(spec)
         if not path.is_file():
             raise UserError(f"--mask {spec!r}: no such mask PNG")
@@ -118,13 +115,9 @@ def parse_mask(spec: str, shape: tuple[int, int, int], n: int, seed: int = 0) ->
 
 def load_images(source: str, shape: tuple[int, int, int], data_cfg: object) -> tuple[Tensor, Tensor | None]:
     """uint8 images [B, C, H, W] (and their labels for a split) from a PNG, a folder or SPLIT:N."""
-    from PIL import Image
-
     c, h, w = shape
     split, _, count = source.partition(":")
     if count and not Path(source).exists():
-        from scalegen.eval.data import EvalData
-
         try:
             n = int(count)
         except ValueError:
@@ -145,10 +138,8 @@ def load_images(source: str, shape: tuple[int, int, int], data_cfg: object) -> t
 
 
 def run_completion(args: argparse.Namespace, model: object, cfg: object) -> int:
-    from scalegen.plots import save_image_grid
-
     spec = model.data_spec  # type: ignore[attr-defined]
-    if "complete" not in predictions(model):
+    if "complete" not in model.predictions:
         raise UserError(f"family {model.family_name!r} cannot complete images (families that can: pixelcnn, "  # type: ignore[attr-defined]
                         "diffusion, vae)")
     shape = tuple(int(s) for s in spec.shape)
@@ -165,7 +156,10 @@ def run_completion(args: argparse.Namespace, model: object, cfg: object) -> int:
     if not num_labels:
         y = None
     torch.manual_seed(args.seed)
-    completions = model.complete(x, mask, args.n, y).cpu()  # type: ignore[attr-defined]
+    # K completions of each image: the batch with each image repeated K times in a row, in one call.
+    observed = mask.expand(len(x), *x.shape[1:])
+    done = model.complete(repeat_each(x, args.n), repeat_each(observed, args.n), repeat_each(y, args.n))  # type: ignore[attr-defined]
+    completions = done.cpu().view(len(x), args.n, *x.shape[1:])
     masked = torch.where(mask, x, torch.full_like(x, 128))  # missing pixels shown grey
     rows = torch.cat([x, masked, completions.transpose(0, 1).reshape(-1, *x.shape[1:])])
     print(f"wrote {save_image_grid(rows, args.out, nrow=len(x))}")
@@ -174,9 +168,7 @@ def run_completion(args: argparse.Namespace, model: object, cfg: object) -> int:
 
 def run_levels(args: argparse.Namespace, model: object) -> int:
     """Every level of a pyramid family's samples, each enlarged to the full size (nearest neighbour)."""
-    from scalegen.plots import save_image_grid
-
-    if "levels" not in predictions(model):
+    if not getattr(type(model), "has_levels", False):  # a class-level declaration (families/lapgan.py)
         raise UserError(f"--levels: family {model.family_name!r} has no pyramid levels (lapgan has)")  # type: ignore[attr-defined]
     torch.manual_seed(args.seed)
     levels = model.sample_levels(args.n)  # type: ignore[attr-defined]
@@ -187,9 +179,6 @@ def run_levels(args: argparse.Namespace, model: object) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from scalegen.plots import save_image_grid
-    from scalegen.runtime import load_model
-
     if args.n < 1:
         raise UserError("--n must be at least 1")
     if args.classes is not None and args.label is not None:
@@ -197,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
     model, cfg = load_model(args.checkpoint, use_ema=not args.raw)
     if args.complete is not None:
         return run_completion(args, model, cfg)
-    if "sample" not in predictions(model):
+    if "sample" not in model.predictions:
         raise UserError(f"family {model.family_name!r} cannot sample")
     if args.levels:
         return run_levels(args, model)
@@ -218,8 +207,6 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     samples = model.sample(args.n if y is None else len(y), None if y is None else y.to(model.device))
     if model.data_spec.kind == "audio":  # one 16-bit WAV per clip: {out stem}_000.wav, ...
-        from scalegen.samplers.wav import write_wavs
-
         paths = write_wavs(args.out, samples, model.data_spec.sample_rate or 8000)
         print(f"wrote {len(paths)} WAV files: {paths[0]} ... {paths[-1]}")
         return 0

@@ -10,7 +10,12 @@ import os
 import signal
 from typing import Any
 
-from scalegen.distributed.batching import batch_plan
+import torch
+from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy
+from omegaconf import OmegaConf
+
+from scalegen.distributed.batching import batch_plan, world_size
 from scalegen.distributed.deepspeed import deepspeed_config, zero_stage
 from scalegen.errors import UserError
 
@@ -34,28 +39,29 @@ def cluster_environment(trainer_cfg: Any) -> Any | None:
     """
     if not under_slurm():
         return None
-    from lightning.pytorch.plugins.environments import SLURMEnvironment
 
     return SLURMEnvironment(
         auto_requeue=False, requeue_signal=getattr(signal, str(trainer_cfg.requeue_signal))
     )
 
 
-def strategy(trainer_cfg: Any, per_device_batch_size: int, world: int) -> Any:
-    """The Lightning strategy object (or name) for `trainer.strategy`."""
+def strategy(trainer_cfg: Any, per_device_batch_size: int, world: int, family: type | None = None) -> Any:
+    """The Lightning strategy object (or name) for `trainer.strategy`.
+
+    `family` (the model's class) contributes its DDP settings: `ddp_find_unused_parameters = True` for a
+    family whose backward passes leave some parameters without gradients (a GAN freezes one network
+    per backward), so families never touch the strategy themselves."""
     name = str(trainer_cfg.strategy)
     env = cluster_environment(trainer_cfg)
     env_kw = {"cluster_environment": env} if env is not None else {}
     if zero_stage(name):
         accelerator = str(trainer_cfg.accelerator)
-        import torch
 
         if accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available()):
             raise UserError(
                 f"trainer.strategy={name} needs GPUs: Lightning runs DeepSpeed on CUDA only. On CPU use "
                 "trainer.strategy=ddp (scalegen checks its DeepSpeed config on CPU in tests/distributed)"
             )
-        from lightning.pytorch.strategies import DeepSpeedStrategy
 
         config = deepspeed_config(trainer_cfg, per_device_batch_size, world=world, for_lightning=True)
         fp16 = config.get("fp16", {})
@@ -69,7 +75,6 @@ def strategy(trainer_cfg: Any, per_device_batch_size: int, world: int) -> Any:
             **env_kw,
         )
     if name == "fsdp":
-        from lightning.pytorch.strategies import FSDPStrategy
 
         return FSDPStrategy(
             sharding_strategy="FULL_SHARD",
@@ -78,9 +83,9 @@ def strategy(trainer_cfg: Any, per_device_batch_size: int, world: int) -> Any:
             **env_kw,
         )
     if name == "ddp" or (name == "auto" and world > 1):
-        from lightning.pytorch.strategies import DDPStrategy
 
-        return DDPStrategy(find_unused_parameters=bool(trainer_cfg.find_unused_parameters), **env_kw)
+        find_unused = bool(trainer_cfg.find_unused_parameters or getattr(family, "ddp_find_unused_parameters", False))
+        return DDPStrategy(find_unused_parameters=find_unused, **env_kw)
     if trainer_cfg.offload_optimizer or trainer_cfg.offload_parameters:
         raise UserError(
             "trainer.offload_optimizer/offload_parameters need trainer.strategy=deepspeed_stage_N "
@@ -89,7 +94,8 @@ def strategy(trainer_cfg: Any, per_device_batch_size: int, world: int) -> Any:
     return "auto"
 
 
-def trainer_kwargs(trainer_cfg: Any, per_device_batch_size: int, optim_cfg: Any = None) -> dict[str, Any]:
+def trainer_kwargs(trainer_cfg: Any, per_device_batch_size: int, optim_cfg: Any = None,
+                   family: type | None = None) -> dict[str, Any]:
     """Lightning `Trainer` arguments for scale-out: `strategy` (an object carrying the SLURM cluster
     environment when under srun), `precision` and `accumulate_grad_batches`.
 
@@ -98,7 +104,6 @@ def trainer_kwargs(trainer_cfg: Any, per_device_batch_size: int, optim_cfg: Any 
     num_nodes and gradient clipping go to the Trainer straight from the `trainer` section (under
     DeepSpeed the clipping value is also in the engine config, and Lightning leaves clipping to it).
     """
-    from scalegen.distributed.batching import world_size
 
     world = world_size(trainer_cfg)
     plan = batch_plan(trainer_cfg, per_device_batch_size, optim_cfg, world=world)
@@ -112,7 +117,7 @@ def trainer_kwargs(trainer_cfg: Any, per_device_batch_size: int, optim_cfg: Any 
             "with ddp/fsdp 16-mixed uses dynamic scaling (set trainer.loss_scale=0)"
         )
     return {
-        "strategy": strategy(trainer_cfg, per_device_batch_size, world),
+        "strategy": strategy(trainer_cfg, per_device_batch_size, world, family),
         "precision": str(trainer_cfg.precision),
         "accumulate_grad_batches": plan.accumulation,
     }
@@ -121,7 +126,6 @@ def trainer_kwargs(trainer_cfg: Any, per_device_batch_size: int, optim_cfg: Any 
 def scaled_optim(cfg: Any) -> Any:
     """`cfg.optim` with the peak learning rate scaled for this world size (`optim.scale_lr`); the recipe
     itself (saved with the run) keeps the rate it was tuned with."""
-    from omegaconf import OmegaConf
 
     plan = batch_plan(cfg.trainer, cfg.data.batch_size, cfg.optim)
     if plan.lr == float(cfg.optim.lr):

@@ -1,7 +1,8 @@
 """Latent exploration figures for families with an encoder and a decoder into the same latent space.
 
-A family qualifies when it declares both "encode" and "decode" in `predictions` (`encode(x, y) -> z`
-[B, D], `decode(z, y) -> uint8 images`). Three grids, each returned as (images, images per row):
+A family qualifies when it declares "encode" in `predictions` and a `latent_prior` ("gaussian" for
+the VAE): then `encode(x, y) -> z` [B, D] and `decode_latent(z, y) -> uint8 images` map between the
+images and one latent space. Three grids, each returned as (images, images per row):
 
 - `latent_interpolation`: per pair of test images a row: image a, the decodings of 8 points on the
   path from z_a to z_b, image b. Spherical (slerp, Shoemake 1985; White 2016 "Sampling generative
@@ -45,8 +46,8 @@ def lerp(a: Tensor, b: Tensor, t: Tensor) -> Tensor:
 
 
 def has_latents(model: Any) -> bool:
-    declared = getattr(type(model), "predictions", frozenset())  # families without the declaration: none
-    return {"encode", "decode"} <= set(declared)
+    # `latent_prior` is a class-level declaration, like `predictions`; families without one have no figures.
+    return "encode" in model.predictions and getattr(type(model), "latent_prior", None) is not None
 
 
 @torch.no_grad()
@@ -62,9 +63,9 @@ def latent_grids(model: Any, x: Tensor, y: Tensor, steps: int = 8, pairs: int = 
     z = model.encode(x, labels).float()
     k = min(pairs, len(x) // 2)
     t = torch.linspace(0, 1, steps, device=z.device)
-    path = (slerp if getattr(model, "latent_prior", "") == "gaussian" else lerp)(z[:k], z[k:2 * k], t)
+    path = (slerp if type(model).latent_prior == "gaussian" else lerp)(z[:k], z[k:2 * k], t)
     row_labels = None if labels is None else labels[:k].repeat(steps)
-    decoded = model.decode(path.reshape(steps * k, -1), row_labels).cpu().view(steps, k, *x.shape[1:])
+    decoded = model.decode_latent(path.reshape(steps * k, -1), row_labels).cpu().view(steps, k, *x.shape[1:])
     rows = [torch.cat([x[i:i + 1].cpu(), decoded[:, i], x[k + i:k + i + 1].cpu()]) for i in range(k)]
     grids["latent_interpolation"] = (torch.cat(rows), steps + 2)
     if z.shape[1] == 2:
@@ -72,11 +73,11 @@ def latent_grids(model: Any, x: Tensor, y: Tensor, steps: int = 8, pairs: int = 
         g = torch.distributions.Normal(0.0, 1.0).icdf(u)
         zz = torch.stack(torch.meshgrid(g, g.flip(0), indexing="xy"), -1).reshape(-1, 2)  # rows: z2 high -> low
         lab = None if labels is None else labels[:1].expand(len(zz))
-        grids["latent_manifold"] = (model.decode(zz, lab).cpu(), 15)
+        grids["latent_manifold"] = (model.decode_latent(zz, lab).cpu(), 15)
     if num_labels:
         n = min(8, len(x))
         every = torch.arange(num_labels, device=z.device)
-        decoded = model.decode(z[:n].repeat_interleave(num_labels, 0), every.repeat(n)).cpu()
+        decoded = model.decode_latent(z[:n].repeat_interleave(num_labels, 0), every.repeat(n)).cpu()
         rows = [torch.cat([x[i:i + 1].cpu(), decoded[i * num_labels:(i + 1) * num_labels]]) for i in range(n)]
         grids["latent_labels"] = (torch.cat(rows), num_labels + 1)
     return grids

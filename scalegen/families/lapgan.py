@@ -42,7 +42,8 @@ class LAPGANConfig(GANConfig):
 class LAPGAN(GAN):
     """A GAN whose generator and discriminator are Laplacian pyramids of per-level networks."""
 
-    predictions = frozenset({"sample", "encode", "levels"})
+    predictions = frozenset({"sample", "encode"})
+    has_levels = True  # `sample_levels(n)`: scalegen sample --levels draws every pyramid level
 
     def __init__(self, cfg: LAPGANConfig, optim: OptimConfig, data: DataSpec) -> None:
         channels, height, width = data.shape

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from scalegen.config.schema import ModelConfig, OptimConfig, choice
+from scalegen.config.schema import ModelConfig, OptimConfig, choice, ranged
 from scalegen.dataspec import DataSpec
 from scalegen.errors import UserError
 from scalegen.families.base import GenerativeModel
@@ -21,7 +21,7 @@ from scalegen.nets.pixelcnn import GatedPixelCNN, PixelCNN
 from scalegen.objectives.autoregressive import autoregressive_nll, binarize
 from scalegen.registry import register_family
 from scalegen.samplers.autoregressive import sample_image
-from scalegen.samplers.completion import complete_autoregressive, paste, repeat_each
+from scalegen.samplers.completion import complete_autoregressive, paste
 
 
 @dataclass
@@ -29,14 +29,14 @@ class PixelCNNConfig(ModelConfig):
     family: str = "pixelcnn"
     architecture: str = choice("gated", "pixelcnn")  # Gated PixelCNN (2016b, no blind spot) or PixelCNN
     output: str = choice("softmax", "binary")  # 256-way softmax per sub-pixel, or Bernoulli
-    binarize_threshold: int = 128  # output=binary: pixel -> 1 if value >= threshold (static binarization)
-    hidden_channels: int = 128  # feature maps per layer (a multiple of the image channels); 2016a uses 2h=256
-    num_layers: int = 15  # gated layers / residual blocks after the first masked convolution
-    kernel_size: int = 3  # kernel n of later layers (gated: n x n vertical, 1 x n//2+1 horizontal)
-    first_kernel_size: int = 7  # kernel of the first, type-A masked layer
-    out_hidden_channels: int = 1024  # channels of the 1x1 output head before the logits
+    binarize_threshold: int = ranged(128, ge=1, le=255)  # output=binary: pixel -> 1 if value >= threshold (static)
+    hidden_channels: int = ranged(128, ge=1)  # feature maps per layer (a multiple of the image channels); 2016a: 2h=256
+    num_layers: int = ranged(15, ge=1)  # gated layers / residual blocks after the first masked convolution
+    kernel_size: int = ranged(3, ge=1)  # kernel n of later layers (gated: n x n vertical, 1 x n//2+1 horizontal)
+    first_kernel_size: int = ranged(7, ge=1)  # kernel of the first, type-A masked layer
+    out_hidden_channels: int = ranged(1024, ge=1)  # channels of the 1x1 output head before the logits
     conditional: bool = False  # class-conditional p(x | y) (2016b Eq. 4): label embedding biases every layer
-    temperature: float = 1.0  # default sampling temperature (softmax logits / T; 0 = argmax)
+    temperature: float = ranged(1.0, ge=0)  # default sampling temperature (softmax logits / T; 0 = argmax)
 
 
 @register_family("pixelcnn", PixelCNNConfig, "PixelCNN / Gated PixelCNN: exact bits/dim, ancestral sampling")
@@ -70,7 +70,7 @@ class PixelCNNModel(GenerativeModel):
     def _labels(self, y: Tensor | None) -> Tensor | None:
         return y if self.cfg.conditional else None
 
-    def nll(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+    def nll(self, x: Tensor, y: Tensor | None = None, k: int | None = None) -> Tensor:
         """Exact -log p(x [| y]) in nats: one teacher-forced pass gives every conditional."""
         target = self._target(x)
         return autoregressive_nll(self.net(target, self._labels(y)), target)
@@ -96,18 +96,15 @@ class PixelCNNModel(GenerativeModel):
         return self.data_spec.num_classes if self.cfg.conditional else 0
 
     @torch.no_grad()
-    def complete(self, x: Tensor, mask: Tensor, n: int, y: Tensor | None = None,
+    def complete(self, x: Tensor, observed: Tensor, y: Tensor | None = None,
                  temperature: float | None = None) -> Tensor:
-        """n completions [B, n, C, H, W] (uint8) of images x where mask (True = observed) is False.
-
-        Raster-order sampling given every observed value: exact p(x_missing | x_observed) when the
+        """x (uint8) with its unobserved values (`observed` False; broadcast to x's shape) drawn by the
+        model: raster-order sampling given every observed value, exact p(x_missing | x_observed) when the
         missing values follow all observed ones (e.g. the bottom half); see `scalegen.samplers.completion`."""
         if self.cfg.conditional and y is None:
             raise UserError("this PixelCNN is class-conditional: give the images' classes (--class)")
         t = self.cfg.temperature if temperature is None else temperature
-        x, mask = x.to(self.device), mask.to(self.device)
+        x, m = x.to(self.device), observed.to(self.device).expand_as(x)
         y = None if y is None else y.to(self.device)
-        observed, m = repeat_each(self._target(x), n), repeat_each(mask.expand(len(x), *mask.shape[1:]), n)
-        out = complete_autoregressive(self.net, observed, m, self._labels(repeat_each(y, n)), t)
-        out = out * 255 if self.cfg.output == "binary" else out
-        return paste(repeat_each(x, n), out, m).view(len(x), n, *x.shape[1:])
+        out = complete_autoregressive(self.net, self._target(x), m, self._labels(y), t)
+        return paste(x, out * 255 if self.cfg.output == "binary" else out, m)

@@ -3,7 +3,7 @@ discretized Gaussian likelihoods; beta-VAE, conditional VAE and the IWAE bound b
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -23,22 +23,22 @@ from scalegen.objectives.elbo import (
     log_normal,
 )
 from scalegen.registry import register_family
-from scalegen.samplers.completion import complete_latent, paste, repeat_each
+from scalegen.samplers.completion import complete_latent, paste
 
 
 @dataclass
 class VAEConfig(ModelConfig):
     family: str = "vae"
     net: str = choice("mlp", "conv")  # encoder/decoder architecture
-    hidden: list[int] = field(default_factory=lambda: [512, 256])  # MLP widths, or conv channels per stride-2 stage
-    latent_dim: int = 16  # dimension of the Gaussian latent z
+    hidden: list[int] = ranged(ge=1, default_factory=lambda: [512, 256])  # MLP widths, or conv channels per stride 2
+    latent_dim: int = ranged(16, ge=1)  # dimension of the Gaussian latent z
     likelihood: str = choice("bernoulli", "logistic", "gaussian")  # p(x|z); logistic/gaussian are discretized to 8 bits
     binarize: str = choice("dynamic", "static", "threshold")  # bernoulli: how pixels become {0,1} in training
-    beta: float = 1.0  # weight of the KL term (beta-VAE, Higgins et al. 2017); 1 = the ELBO
-    kl_warmup_steps: int = 0  # ramp the KL weight linearly from 0 to beta over this many steps
+    beta: float = ranged(1.0, ge=0)  # weight of the KL term (beta-VAE, Higgins et al. 2017); 1 = the ELBO
+    kl_warmup_steps: int = ranged(0, ge=0)  # ramp the KL weight linearly from 0 to beta over this many steps
     conditional: bool = False  # condition encoder, decoder and prior on the label (Sohn et al. 2015)
-    iwae_k: int = 1  # importance samples in the training objective; 1 = ELBO, >1 = IWAE (Burda et al. 2016)
-    min_log_scale: float = -7.0  # floor of the decoder's per-pixel log-scale (logistic/gaussian)
+    iwae_k: int = ranged(1, ge=1)  # importance samples in training: 1 = ELBO, >1 = IWAE (Burda et al. 2016)
+    min_log_scale: float = ranged(-7.0)  # floor of the decoder's per-pixel log-scale (logistic/gaussian)
     complete_steps: int = ranged(50, ge=1)  # `complete`: encode-decode iterations (Rezende et al. 2014 sec. 6)
 
 
@@ -61,8 +61,8 @@ class VAE(GenerativeModel):
     """Variational autoencoder with a Gaussian latent (Kingma & Welling 2014)."""
 
     nll_kind = "elbo"  # nll(x, k=1) is the negative ELBO; nll(x, k>1) the IWAE-k bound
-    predictions = frozenset({"nll", "sample", "encode", "reconstruct", "decode", "complete"})
-    latent_prior = "gaussian"  # z ~ N: interpolate spherically (scalegen.eval.latents)
+    predictions = frozenset({"nll", "sample", "encode", "reconstruct", "complete"})
+    latent_prior = "gaussian"  # decode_latent inverts encode's space, z ~ N: eval's latent figures (slerp)
 
     def __init__(self, cfg: VAEConfig, optim: OptimConfig, data: DataSpec) -> None:
         super().__init__(cfg, optim, data)
@@ -89,7 +89,8 @@ class VAE(GenerativeModel):
         if not self.cfg.conditional:
             return None
         if y is None or (y < 0).any():
-            raise ValueError("a conditional VAE needs a label for every example")
+            raise ConfigError("model.conditional=true needs a label for every example (data without labels: "
+                              "set model.conditional=false)")
         return F.one_hot(y, self.data_spec.num_classes).float()
 
     def _posterior(self, x01: Tensor, y1h: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -171,8 +172,9 @@ class VAE(GenerativeModel):
         return loss, {"recon_nats": recon.mean().detach(), "kl_nats": kl.mean().detach(),
                       "neg_elbo_nats": (recon + kl).mean().detach(), "beta": torch.tensor(beta)}
 
-    def nll(self, x: Tensor, y: Tensor | None = None, k: int = 1, chunk: int = 100) -> Tensor:
-        """Negative ELBO (k=1) or negative IWAE-k bound (k>1) of the discrete data, nats per example."""
+    def nll(self, x: Tensor, y: Tensor | None = None, k: int | None = None, chunk: int = 100) -> Tensor:
+        """Negative ELBO (k=1, the default) or negative IWAE-k bound (k>1) of the discrete data, nats per example."""
+        k = 1 if k is None else k
         if k == 1:
             return -self.log_weights(x, y, 1)[0]
         parts = [self.log_weights(x, y, min(chunk, k - i)) for i in range(0, k, chunk)]
@@ -207,21 +209,19 @@ class VAE(GenerativeModel):
         return self.data_spec.num_classes if self.cfg.conditional else 0
 
     @torch.no_grad()
-    def decode(self, z: Tensor, y: Tensor | None = None) -> Tensor:
-        """Decoder means (uint8 images) of latents z [B, latent_dim], in the space `encode` maps to."""
-        return self._mean_image(self._decode(z.to(self.device), self._onehot(y, len(z))))
+    def decode_latent(self, z: Tensor, y: Tensor | None = None) -> Tensor:
+        """uint8 decoder-mean images of latents z [B, latent_dim] (M1+M2 decodes its z1 with this)."""
+        return self._mean_image(self._decode(z, self._onehot(y, len(z))))
 
     @torch.no_grad()
-    def complete(self, x: Tensor, mask: Tensor, n: int, y: Tensor | None = None) -> Tensor:
-        """n completions [B, n, C, H, W] (uint8) of x where mask (True = observed) is False, by
-        `complete_steps` rounds of z ~ q(z | x), x ~ p(x | z) with the observed pixels clamped
-        (Rezende et al. 2014). Bernoulli models draw binary pixels; discretized ones take the decoder
-        mean (its per-pixel noise is not drawn)."""
-        x, mask = x.to(self.device), mask.to(self.device)
-        y = None if y is None else y.to(self.device)
-        xs, m = repeat_each(x, n), repeat_each(mask.expand(len(x), *mask.shape[1:]), n)
-        y1h = self._onehot(repeat_each(y, n), len(xs))
-        observed, _ = self._targets(xs, train=False)
+    def complete(self, x: Tensor, observed: Tensor, y: Tensor | None = None) -> Tensor:
+        """x (uint8) completed where `observed` (broadcast to x's shape) is False by `complete_steps`
+        rounds of z ~ q(z | x), x ~ p(x | z) with the observed pixels clamped (Rezende et al. 2014).
+        Bernoulli models draw binary pixels; discretized ones take the decoder mean (its per-pixel
+        noise is not drawn)."""
+        x, m = x.to(self.device), observed.to(self.device).expand_as(x)
+        y1h = self._onehot(None if y is None else y.to(self.device), len(x))
+        start, _ = self._targets(x, train=False)
 
         def encode(v: Tensor) -> Tensor:
             mu, logvar = self._posterior(v, y1h)
@@ -233,6 +233,5 @@ class VAE(GenerativeModel):
                 return torch.bernoulli(torch.sigmoid(out[:, 0]))
             return self._mean_image(out).float() / 255
 
-        done = complete_latent(encode, decode, observed, m, self.cfg.complete_steps)
-        images = (done * 255).round().clamp(0, 255).to(torch.uint8)
-        return paste(xs, images, m).view(len(x), n, *x.shape[1:])
+        done = complete_latent(encode, decode, start, m, self.cfg.complete_steps)
+        return paste(x, (done * 255).round().clamp(0, 255).to(torch.uint8), m)

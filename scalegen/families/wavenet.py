@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from scalegen.config.schema import ModelConfig, OptimConfig, choice
+from scalegen.config.schema import ModelConfig, OptimConfig, choice, ranged
 from scalegen.data.transforms import mu_law_decode, mu_law_encode
 from scalegen.dataspec import DataSpec
 from scalegen.errors import UserError
@@ -30,24 +30,25 @@ from scalegen.samplers.wav import write_wavs
 @dataclass
 class WaveNetConfig(ModelConfig):
     family: str = "wavenet"
-    levels: int = 256  # mu-law levels Q of the softmax (2016c Sec. 2.2); = data.mu_law if coded
-    residual_channels: int = 64  # channels of the residual stream
-    dilation_channels: int = 64  # channels of each gated activation (filter and gate have this many each)
-    skip_channels: int = 256  # channels of the skip connections summed into the output head
-    kernel_size: int = 2  # kernel of the dilated causal convolutions
-    layers_per_stack: int = 10  # dilations 1, 2, ..., 2^(L-1) per stack
-    num_stacks: int = 3  # stacks of dilated layers (2016c: several, receptive field = R below)
-    input_kernel_size: int = 2  # kernel k0 of the first causal conv; R = k0 + (k-1) * sum(dilations)
+    levels: int = ranged(256, ge=2, le=65536)  # mu-law levels Q of the softmax (2016c Sec. 2.2); = data.mu_law if coded
+    residual_channels: int = ranged(64, ge=1)  # channels of the residual stream
+    dilation_channels: int = ranged(64, ge=1)  # channels of each gated activation (filter and gate have this many each)
+    skip_channels: int = ranged(256, ge=1)  # channels of the skip connections summed into the output head
+    kernel_size: int = ranged(2, ge=1)  # kernel of the dilated causal convolutions
+    layers_per_stack: int = ranged(10, ge=1)  # dilations 1, 2, ..., 2^(L-1) per stack
+    num_stacks: int = ranged(3, ge=1)  # stacks of dilated layers (2016c: several, receptive field = R below)
+    input_kernel_size: int = ranged(2, ge=1)  # kernel k0 of the first causal conv; R = k0 + (k-1) * sum(dilations)
     condition: str = choice("none", "label", "speaker")  # global condition: none, label y, or `speaker`
-    num_speakers: int = 6  # condition=speaker: speaker ids in the batches' `speaker` field (FSDD: 6)
-    temperature: float = 1.0  # default sampling temperature (softmax logits / T; 0 = argmax)
-    sample_length: int = 0  # samples per generated clip; 0 = the data's clip length
+    num_speakers: int = ranged(6, ge=1)  # condition=speaker: speaker ids in the batches' `speaker` field (FSDD: 6)
+    temperature: float = ranged(1.0, ge=0)  # default sampling temperature (softmax logits / T; 0 = argmax)
+    sample_length: int = ranged(0, ge=0)  # samples per generated clip; 0 = the data's clip length
 
 
 @register_family("wavenet", WaveNetConfig, "WaveNet on mu-law audio: exact bits/sample, WAV generation")
 class WaveNetModel(GenerativeModel):
     """WaveNet over mu-law codes with optional global conditioning."""
 
+    predictions = frozenset({"nll", "sample"})
     nll_kind = "exact"
 
     def __init__(self, cfg: WaveNetConfig, optim: OptimConfig, data: DataSpec) -> None:
@@ -73,7 +74,8 @@ class WaveNetModel(GenerativeModel):
                             f"or model.levels to the data's mu-law levels")
         return x.long().reshape(x.shape[0], -1)
 
-    def _condition(self, batch: dict[str, Tensor]) -> Tensor | None:
+    def condition(self, batch: dict[str, Tensor]) -> Tensor | None:
+        """The global condition of this batch: none, the label, or the `speaker` field."""
         if self.cfg.condition == "none":
             return None
         if self.cfg.condition == "label":
@@ -82,22 +84,16 @@ class WaveNetModel(GenerativeModel):
             raise UserError("model.condition=speaker but the batches have no `speaker` field")
         return batch["speaker"].long().reshape(-1)
 
-    def nll(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+    def nll(self, x: Tensor, y: Tensor | None = None, k: int | None = None) -> Tensor:
         """Exact -log p(codes [| g]) in nats [B]; y is the conditioning id (label or speaker) if any."""
         codes = self.codes(x)
         g = y if self.cfg.condition != "none" else None
         return categorical_nll(self.net(codes, g), codes)
 
     def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        nll = self.nll(batch["x"], self._condition(batch))
+        nll = self.nll(batch["x"], self.condition(batch))
         bits_per_sample = nll.mean() / (nll.new_tensor(self.data_spec.dims) * math.log(2))
         return bits_per_sample, {"bits_per_sample": bits_per_sample.detach()}
-
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        # The base class scores nll(x, batch["y"]); hand it the id this model is conditioned on.
-        if self.cfg.condition == "speaker":
-            batch = {**batch, "y": self._condition(batch)}
-        super().validation_step(batch, batch_idx)
 
     @property
     def num_labels(self) -> int:

@@ -18,10 +18,15 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 import torch
+from omegaconf import OmegaConf
 
+import scalegen.families  # noqa: F401  (registers the built-in families a release may hold)
 from scalegen import fetch
+from scalegen.config.loader import config_from_container
+from scalegen.dataspec import DataSpec
 from scalegen.errors import UserError
 from scalegen.hub.checksums import SUMS, read_sums, sha256_file, verify_folder
+from scalegen.registry import get_family
 
 EMA_WEIGHTS, WEIGHTS = "model_ema.safetensors", "model.safetensors"
 
@@ -170,17 +175,15 @@ def init_from_release(model: torch.nn.Module, finetune_cfg: Any) -> list[str]:
 
 def load_release_model(source: str | Path, use_ema: bool = True) -> tuple[Any, Any]:
     """(model in eval mode, typed config) from a release alone, for sampling and evaluation."""
-    from omegaconf import OmegaConf
-
-    from scalegen.config.loader import config_from_container
-    from scalegen.dataspec import DataSpec
-    from scalegen.registry import get_family
-
     folder = fetch_release(source)
     cfg = config_from_container(OmegaConf.to_container(OmegaConf.load(folder / "config.yaml")))
     spec_fields = json.loads((folder / "data_spec.json").read_text())
     spec_fields["shape"] = tuple(spec_fields["shape"])
     model = get_family(cfg.model.family).module(cfg.model, cfg.optim, DataSpec(**spec_fields))
+    recorded = release_info(folder).get("stage1")
+    if recorded and (model.stage1_source or {}).get("sha256") != recorded["sha256"]:
+        raise UserError(f"release {source}: its first stage {recorded['path']} had sha256 "
+                        f"{recorded['sha256'][:12]}..., the model.stage1 found now differs; restore that checkpoint")
     state, _ = release_weights(folder, use_ema)
     model.load_state_dict(state)
     model.eval()

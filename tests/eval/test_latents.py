@@ -50,7 +50,7 @@ def test_interpolation_row_ends_are_the_decoded_encodings() -> None:
     rows = images.view(4, 10, 1, 8, 8)
     assert torch.equal(rows[:, 0], x[:4]) and torch.equal(rows[:, -1], x[4:])  # the originals frame each row
     z = model.encode(x)
-    assert torch.equal(rows[:, 1], model.decode(z[:4])) and torch.equal(rows[:, -2], model.decode(z[4:]))
+    assert torch.equal(rows[:, 1], model.decode_latent(z[:4])) and torch.equal(rows[:, -2], model.decode_latent(z[4:]))
 
 
 def test_manifold_is_the_decoder_on_the_inverse_normal_cdf_grid() -> None:
@@ -62,7 +62,7 @@ def test_manifold_is_the_decoder_on_the_inverse_normal_cdf_grid() -> None:
     g = torch.tensor(norm.ppf(torch.linspace(0.05, 0.95, 15).double().numpy()), dtype=torch.float32)
     row, col = 2, 11  # row r: z2 = g[14 - r] (high z2 at the top); column c: z1 = g[c]
     z = torch.tensor([[g[col], g[14 - row]]])
-    assert nrow == 15 and torch.equal(images[row * 15 + col], model.decode(z)[0])
+    assert nrow == 15 and torch.equal(images[row * 15 + col], model.decode_latent(z)[0])
 
 
 @pytest.mark.parametrize("conditional", [False, True])
