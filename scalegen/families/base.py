@@ -121,6 +121,10 @@ class GenerativeModel(L.LightningModule):
         """Unnormalized energy E(x), [B] (p(x) proportional to exp(-E(x)))."""
         raise NotImplementedError(f"{self.family_name} has no energy")
 
+    def complete(self, x: Tensor, observed: Tensor, y: Tensor | None = None) -> Tensor:
+        """x with its unobserved entries (`observed` False, same shape as x) filled in by the model."""
+        raise NotImplementedError(f"{self.family_name} cannot complete partial data")
+
     def condition(self, batch: dict[str, Tensor]) -> Tensor | None:
         """The `y` that `nll` and `sample` take for this batch (the label; a family conditioned on
         something else, e.g. WaveNet's speaker, returns that)."""
