@@ -65,6 +65,8 @@ def write_figures(
         figs["reconstructions"] = save_image_grid(
             torch.cat([x, r.to(x.dtype)]), out / "reconstructions.png", nrow=len(x)
         )
+    for name, (images, nrow) in artifacts.get("grids", {}).items():  # e.g. scalegen.eval.latents
+        figs[name] = save_image_grid(images, out / f"{name}.png", nrow=nrow)
     if run_dir is not None and (run_dir / "metrics.jsonl").is_file():
         keys = ("val/bpd", "eval/bpd", "eval/bpd_elbo")
         path = save_curves(run_dir / "metrics.jsonl", out / "bpd_curve.png", keys=keys, title="bits/dim")
@@ -216,6 +218,9 @@ def markdown(results: dict, figures: dict[str, Path]) -> str:
             "bpd_curve": "Bits/dim over training",
             "probe_accuracy": "Probe accuracy against labels per class",
             "inference_gap": "Inference gaps (± s.e.)",
+            "latent_interpolation": "Interpolations between encoded test images (ends: the images)",
+            "latent_manifold": "The decoder over the 2-D latent space (Phi^-1 grid)",
+            "latent_labels": "One latent decoded with every label (first column: the image)",
         }
         for key, path in figures.items():
             lines += [f"### {captions.get(key, key)}", "", f"![{key}]({path.name})", ""]

@@ -28,6 +28,7 @@ from scalegen.eval.dist import broadcast_object, gather_rows, rank_world, shard_
 from scalegen.eval.extractors import domain_extractor, inception_extractor, reference_statistics, wants_domain
 from scalegen.eval.gaps import DEFINITION as GAP_DEFINITION
 from scalegen.eval.gaps import measure_inference_gap
+from scalegen.eval.latents import has_latents, latent_grids
 from scalegen.eval.report import write_report
 from scalegen.families.base import IMPORTANCE_SAMPLED
 from scalegen.metrics.bpd import summarize_bpd
@@ -438,6 +439,11 @@ class Evaluation:
                 recon = self.model.reconstruct(x.to(self.device), y.to(self.device)).cpu()
             if keep:
                 self.artifacts["reconstructions"] = (x, recon)
+        if has_latents(self.model):  # interpolations, 2-D manifold, every label (scalegen.eval.latents)
+            x, y = self._eval_split()
+            grids = latent_grids(self.model, x[:16].to(self.device), y[:16].to(self.device))
+            if keep:
+                self.artifacts["grids"] = grids
 
 
 def flat_summary(results: dict) -> dict[str, float]:

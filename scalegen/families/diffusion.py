@@ -20,6 +20,7 @@ from scalegen.families.base import GenerativeModel
 from scalegen.nets.unet import UNet
 from scalegen.objectives.diffusion import NoiseSchedule, diffusion_loss, q_sample, vlb
 from scalegen.registry import register_family
+from scalegen.samplers.completion import complete_diffusion, paste
 from scalegen.samplers.diffusion import ddim_sample, ddpm_sample
 
 
@@ -47,6 +48,7 @@ class DiffusionConfig(ModelConfig):
     sample_steps: int = ranged(50, ge=1, le="timesteps")  # DDIM steps, at most T (ignored by ddpm, which takes all T)
     ddim_eta: float = ranged(0.0, ge=0, le=1)  # DDIM stochasticity: 0 = deterministic, 1 = DDPM-like (eq. 16)
     clip_denoised: bool = True  # clip x0-hat to [-1, 1] at every sampling step
+    repaint_resample: int = ranged(1, ge=1)  # `complete`: RePaint's r (Lugmayr et al. 2022); 1 = replace only
     # Likelihood.
     nll_timesteps: int = ranged(0, ge=0)  # bound terms per example: 0 = all T; k > 0 = unbiased stratified estimate
     encode_timestep: int = ranged(0, ge=0, lt="timesteps")  # `encode`: pooled UNet bottleneck of x noised to this index
@@ -56,8 +58,8 @@ class DiffusionConfig(ModelConfig):
 class Diffusion(GenerativeModel):
     """DDPM / DDIM with a UNet; nll is the variational bound (Ho et al. 2020 eq. 5) in nats."""
 
-    predictions = frozenset({"nll", "sample", "encode"})
     nll_kind = "vlb"
+    predictions = frozenset({"nll", "sample", "encode", "complete"})
 
     def __init__(self, cfg: DiffusionConfig, optim: OptimConfig, data: DataSpec) -> None:
         super().__init__(cfg, optim, data)
@@ -108,6 +110,24 @@ class Diffusion(GenerativeModel):
             x = ddpm_sample(self.net, self.schedule, noise, self._labels(y), variance=self.cfg.variance,
                             **common)
         return unit_to_images(x, self.data_spec.levels)
+
+    @property
+    def num_labels(self) -> int:
+        """Classes the model is conditioned on (0: unconditional)."""
+        return self.data_spec.num_classes if self.cfg.class_conditional else 0
+
+    @torch.no_grad()
+    def complete(self, x: Tensor, observed: Tensor, y: Tensor | None = None) -> Tensor:
+        """x (uint8) inpainted where `observed` (broadcast to x's shape) is False: DDPM ancestral sampling
+        with the known region replaced at every step, `repaint_resample` times resampled (always the
+        full T steps, whatever `sampler` says)."""
+        x, m = x.to(self.device), observed.to(self.device).expand_as(x)
+        y = None if y is None else y.to(self.device)
+        out = complete_diffusion(self.net, self.schedule, images_to_unit(x, self.data_spec.levels), m,
+                                 self._labels(y), resample=self.cfg.repaint_resample,
+                                 prediction=self.cfg.prediction, variance=self.cfg.variance,
+                                 clip_denoised=self.cfg.clip_denoised)
+        return paste(x, unit_to_images(out, self.data_spec.levels), m)
 
     @torch.no_grad()
     def encode(self, x: Tensor, y: Tensor | None = None) -> Tensor:

@@ -38,7 +38,14 @@ from scalegen.dataspec import DataSpec, images_to_unit, unit_to_images
 from scalegen.errors import UserError
 from scalegen.families.base import GenerativeModel
 from scalegen.nets.dcgan import Discriminator, Generator
-from scalegen.objectives.gan import discriminator_loss, generator_loss, gradient_penalty, r1_penalty
+from scalegen.objectives.gan import (
+    clip_weights,
+    critic_emd,
+    discriminator_loss,
+    generator_loss,
+    gradient_penalty,
+    r1_penalty,
+)
 from scalegen.registry import register_family
 
 D, G = 0, 1  # optimizer indices, in configure_optimizers order
@@ -47,7 +54,10 @@ D, G = 0, 1  # optimizer indices, in configure_optimizers order
 @dataclass
 class GANConfig(ModelConfig):
     family: str = "gan"
-    loss: str = choice("non_saturating", "hinge")  # Goodfellow et al. 2014 sec. 3, or hinge (Lim & Ye 2017)
+    # Goodfellow et al. 2014 sec. 3 (non-saturating) or eq. 1 (minimax), hinge (Lim & Ye 2017), or the
+    # WGAN critic (Arjovsky et al. 2017; with weight_clip or penalty=gp, d_steps = n_critic = 5, d_norm=none)
+    loss: str = choice("non_saturating", "minimax", "hinge", "wasserstein")
+    weight_clip: float | None = ranged(None, gt=0)  # clip D's weights to [-c, c] after each update (WGAN: 0.01)
     penalty: str = choice("none", "r1", "gp")  # R1 on reals (Mescheder et al. 2018 eq. 9) or WGAN-GP
     penalty_weight: float = ranged(10.0, ge=0)  # gamma for R1 (the penalty is gamma/2 E||grad D||^2), lambda for gp
     d_steps: int = ranged(1, ge=1)  # discriminator updates per generator update (k in Goodfellow et al. Algorithm 1)
@@ -102,6 +112,8 @@ class GAN(GenerativeModel):
         loss = discriminator_loss(d_real, d_fake, self.cfg.loss)
         logs = {"d_loss": loss.detach(), "d_real": d_real.detach().float().mean(),
                 "d_fake": d_fake.detach().float().mean()}
+        if self.cfg.loss == "wasserstein":  # the critic's estimate of the earth mover's distance
+            logs["emd"] = critic_emd(d_real.detach(), d_fake.detach())
         if penalty == "r1":
             r1 = r1_penalty(d_real, real)
             loss = loss + 0.5 * self.cfg.penalty_weight * r1  # gamma / 2 (Mescheder et al. eq. 9)
@@ -140,6 +152,8 @@ class GAN(GenerativeModel):
             return generator_loss(self.discriminator(self.generator(self._z(n))), self.cfg.loss)
 
         _, d_update = self.manual_update(D, d_loss)
+        if d_update and self.cfg.weight_clip:  # WGAN: keep the critic K-Lipschitz after each update
+            clip_weights(self.discriminator, self.cfg.weight_clip)
         # Generator step after every d_steps discriminator updates, against the updated D.
         if d_update and self.optimizer_steps[D] % self.cfg.d_steps == 0:
             g_total = sum(self.manual_update(G, g_loss)[0] for _ in range(self.accumulate_grad_batches))

@@ -21,6 +21,7 @@ from scalegen.nets.pixelcnn import GatedPixelCNN, PixelCNN
 from scalegen.objectives.autoregressive import autoregressive_nll, binarize
 from scalegen.registry import register_family
 from scalegen.samplers.autoregressive import sample_image
+from scalegen.samplers.completion import complete_autoregressive, paste
 
 
 @dataclass
@@ -42,8 +43,8 @@ class PixelCNNConfig(ModelConfig):
 class PixelCNNModel(GenerativeModel):
     """PixelCNN and Gated PixelCNN over 8-bit or binarized images."""
 
-    predictions = frozenset({"nll", "sample"})
     nll_kind = "exact"
+    predictions = frozenset({"nll", "sample", "complete"})
 
     def __init__(self, cfg: PixelCNNConfig, optim: OptimConfig, data: DataSpec) -> None:
         super().__init__(cfg, optim, data)
@@ -88,3 +89,22 @@ class PixelCNNModel(GenerativeModel):
         shape = tuple(int(s) for s in self.data_spec.shape)
         x = sample_image(self.net, shape, n, self._labels(y), t)  # type: ignore[arg-type]
         return x * 255 if self.cfg.output == "binary" else x
+
+    @property
+    def num_labels(self) -> int:
+        """Classes the model is conditioned on (0: unconditional)."""
+        return self.data_spec.num_classes if self.cfg.conditional else 0
+
+    @torch.no_grad()
+    def complete(self, x: Tensor, observed: Tensor, y: Tensor | None = None,
+                 temperature: float | None = None) -> Tensor:
+        """x (uint8) with its unobserved values (`observed` False; broadcast to x's shape) drawn by the
+        model: raster-order sampling given every observed value, exact p(x_missing | x_observed) when the
+        missing values follow all observed ones (e.g. the bottom half); see `scalegen.samplers.completion`."""
+        if self.cfg.conditional and y is None:
+            raise UserError("this PixelCNN is class-conditional: give the images' classes (--class)")
+        t = self.cfg.temperature if temperature is None else temperature
+        x, m = x.to(self.device), observed.to(self.device).expand_as(x)
+        y = None if y is None else y.to(self.device)
+        out = complete_autoregressive(self.net, self._target(x), m, self._labels(y), t)
+        return paste(x, out * 255 if self.cfg.output == "binary" else out, m)

@@ -30,6 +30,7 @@ from scalegen.objectives.elbo import (
     log_normal,
 )
 from scalegen.registry import register_family
+from scalegen.samplers.completion import complete_latent, paste
 
 
 @dataclass
@@ -66,6 +67,7 @@ class VAEConfig(ModelConfig):
     temperature_decay: float = ranged(0.0, ge=0)  # gumbel: per-step annealing rate (Jang et al.: 1e-5..1e-4)
     grad_var_every: int = ranged(0, ge=0)  # encoder grad variance every N steps (multiple of log_every_n_steps); 0: off
     grad_var_samples: int = ranged(8, ge=2)  # latent draws per gradient-variance measurement
+    complete_steps: int = ranged(50, ge=1)  # `complete`: encode-decode iterations (Rezende et al. 2014 sec. 6)
 
 
 def _static_uniform(x: Tensor) -> Tensor:
@@ -86,8 +88,9 @@ def _static_uniform(x: Tensor) -> Tensor:
 class VAE(GenerativeModel):
     """Variational autoencoder with a Gaussian latent (Kingma & Welling 2014)."""
 
-    predictions = frozenset({"nll", "sample", "encode", "reconstruct"})
     nll_kind = "elbo"  # nll(x, k=1) is the negative ELBO; nll(x, k>1) the IWAE-k bound
+    predictions = frozenset({"nll", "sample", "encode", "reconstruct", "complete"})
+    latent_prior = "gaussian"  # decode_latent inverts encode's space, z ~ N: eval's latent figures (slerp)
 
     def __init__(self, cfg: VAEConfig, optim: OptimConfig, data: DataSpec) -> None:
         super().__init__(cfg, optim, data)
@@ -388,3 +391,36 @@ class VAE(GenerativeModel):
                     else F.one_hot(logits.argmax(-1), self.cfg.categories).float())
             return self._mean_image(self._decode(mode, None))
         return self._mean_image(self._decode(self._posterior(inp, y1h)[0], y1h))
+
+    @property
+    def num_labels(self) -> int:
+        """Classes the model is conditioned on (0: unconditional)."""
+        return self.data_spec.num_classes if self.cfg.conditional else 0
+
+    @torch.no_grad()
+    def decode_latent(self, z: Tensor, y: Tensor | None = None) -> Tensor:
+        """uint8 decoder-mean images of latents z [B, latent_dim] (M1+M2 decodes its z1 with this)."""
+        return self._mean_image(self._decode(z, self._onehot(y, len(z))))
+
+    @torch.no_grad()
+    def complete(self, x: Tensor, observed: Tensor, y: Tensor | None = None) -> Tensor:
+        """x (uint8) completed where `observed` (broadcast to x's shape) is False by `complete_steps`
+        rounds of z ~ q(z | x), x ~ p(x | z) with the observed pixels clamped (Rezende et al. 2014).
+        Bernoulli models draw binary pixels; discretized ones take the decoder mean (its per-pixel
+        noise is not drawn)."""
+        x, m = x.to(self.device), observed.to(self.device).expand_as(x)
+        y1h = self._onehot(None if y is None else y.to(self.device), len(x))
+        start, _ = self._targets(x, train=False)
+
+        def encode(v: Tensor) -> Tensor:
+            mu, logvar = self._posterior(v, y1h)
+            return mu + torch.randn_like(mu) * (0.5 * logvar).exp()
+
+        def decode(z: Tensor) -> Tensor:
+            out = self._decode(z, y1h)
+            if self.cfg.likelihood == "bernoulli":
+                return torch.bernoulli(torch.sigmoid(out[:, 0]))
+            return self._mean_image(out).float() / 255
+
+        done = complete_latent(encode, decode, start, m, self.cfg.complete_steps)
+        return paste(x, (done * 255).round().clamp(0, 255).to(torch.uint8), m)

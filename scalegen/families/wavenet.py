@@ -95,6 +95,11 @@ class WaveNetModel(GenerativeModel):
         bits_per_sample = nll.mean() / (nll.new_tensor(self.data_spec.dims) * math.log(2))
         return bits_per_sample, {"bits_per_sample": bits_per_sample.detach()}
 
+    @property
+    def num_labels(self) -> int:
+        """Classes (or speakers) the model is conditioned on (0: unconditional); `scalegen sample --class`."""
+        return int(self.net.num_classes)
+
     @torch.no_grad()
     def sample(self, n: int, y: Tensor | None = None, temperature: float | None = None,
                length: int | None = None) -> Tensor:
