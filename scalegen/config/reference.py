@@ -76,6 +76,8 @@ def reference() -> str:
             parts.append(f"## `{f.name}`\n\n{section_table(type(value), f.name + '.')}")
     parts.append("## `model` (one schema per family; `model.family` picks it)")
     for name, entry in sorted(families().items()):
+        if not entry.module.__module__.startswith("scalegen."):  # registered by a script or test, not shipped
+            continue
         parts.append(f"### `model.family: {name}` — {entry.summary}\n\n{section_table(entry.config, 'model.')}")
     return "\n\n".join(parts) + "\n"
 
