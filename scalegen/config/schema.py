@@ -169,6 +169,10 @@ class EvalConfig:
     kid_subsets: int = 100  # KID: random subsets averaged
     kid_subset_size: int = 1000  # KID: examples per subset (capped by the smaller set)
     is_splits: int = 10  # Inception Score: equal chunks the score is averaged over
+    # Precision/recall and density/coverage, on the same features as FID (docs/evaluation.md).
+    prdc_examples: int = ranged(10000, ge=0)  # real and generated features each (capped by both counts); 0 = off
+    prdc_k: int = ranged(3, ge=1)  # k-NN radius of precision and recall (Kynkaanniemi et al. 2019)
+    density_coverage_k: int = ranged(5, ge=1)  # k-NN radius of density and coverage (Naeem et al. 2020)
     # Probes.
     probe_split: str = "train"  # split the probes are trained on (tested on `split`)
     probe_train_examples: int | None = None  # only the first N examples of probe_split (None = all)
