@@ -87,6 +87,8 @@ class TrainerConfig:
     global_batch_size: int | None = None  # fixed across world sizes: accumulation is derived from it
     accumulate_grad_batches: int = 1  # ignored when global_batch_size is set
     gradient_clip_val: float | None = None  # clip the global gradient norm to this value
+    compile: bool = False  # torch.compile each network of the family (docs/benchmarks.md: when it pays)
+    compile_mode: str = choice("default", "reduce-overhead", "max-autotune")  # torch.compile's mode
     # Scale-out options (read only by scalegen.distributed; see docs/cluster.md).
     find_unused_parameters: bool = False  # DDP: allow parameters without a gradient in a step (slower)
     offload_optimizer: bool = False  # DeepSpeed ZeRO 1-3: keep optimizer state in CPU memory (ZeRO-Offload)

@@ -11,6 +11,7 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from omegaconf import DictConfig, OmegaConf
 
+from scalegen.callbacks.compile import CompileNetworks
 from scalegen.callbacks.data_audit import DataAudit
 from scalegen.callbacks.figures import RunFigures
 from scalegen.config.loader import resolved
@@ -88,6 +89,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, spec: Any, extra_callbacks: li
         from scalegen.callbacks.periodic_eval import PeriodicEval
 
         callbacks.append(PeriodicEval(cfg))
+    if t.compile:  # torch.compile the family's networks (scalegen/callbacks/compile.py)
+        callbacks.append(CompileNetworks(t.compile_mode))
     if t.progress_bar:
         callbacks.append(RichProgressBar(leave=True))
     callbacks += extra_callbacks or []
