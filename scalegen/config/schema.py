@@ -167,6 +167,7 @@ class EvalConfig:
     reference_split: str = "train"  # split the generated samples are compared with
     reference_examples: int | None = 50000  # reference statistics from its first N examples (None = all)
     inception_weights: str | None = None  # path/URL of the FID Inception weights; None = $SCALEGEN_INCEPTION_WEIGHTS
+    inception_precision: str = choice("fp32", "bf16")  # bf16: Inception under autocast (FID differs, see benchmarks)
     domain_fid: bool = True  # also domain FID (a classifier trained on the data) for small grey images
     kid_subsets: int = 100  # KID: random subsets averaged
     kid_subset_size: int = 1000  # KID: examples per subset (capped by the smaller set)

@@ -36,15 +36,16 @@ class Extractor:
         return f.float().cpu(), logits.float().cpu()
 
 
-def inception_extractor(weights: str | None, device: torch.device) -> Extractor:
+def inception_extractor(weights: str | None, device: torch.device, precision: str = "fp32") -> Extractor:
     from scalegen.metrics.inception import load_inception, preprocessing_id
 
-    net, sha = load_inception(weights, device)
+    net, sha = load_inception(weights, device, precision)
+    bf16 = ", bf16 autocast" if precision == "bf16" else ""
     return Extractor(
         "",
-        "Inception FID (InceptionV3, TF 2015-12-05 weights, 2048-d pool3)",
+        f"Inception FID (InceptionV3, TF 2015-12-05 weights, 2048-d pool3{bf16})",
         net,
-        preprocessing_id("fid-inception-v3", sha),
+        preprocessing_id("fid-inception-v3", sha, precision),
     )
 
 

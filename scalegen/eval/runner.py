@@ -228,7 +228,7 @@ class Evaluation:
 
         have_weights = bool(self.cfg.inception_weights or os.environ.get(WEIGHTS_ENV))
         if have_weights:
-            out.append(inception_extractor(self.cfg.inception_weights, self.device))
+            out.append(inception_extractor(self.cfg.inception_weights, self.device, self.cfg.inception_precision))
         else:
             self.skipped["fid"] = f"no Inception weights: {weights_hint()}"
         if self.cfg.domain_fid and wants_domain(self.spec):
