@@ -3,7 +3,7 @@
 Two configs, each a family's own training step (loss, backward, the recipe's optimizer) on one fixed
 batch in a plain loop, so that only the networks' speed differs:
 
-- conv_vae: recipes/vae/mnist.yaml's convolutional VAE at MNIST size (1x28x28, batch 64);
+- conv_vae: recipes/vae/tiny.yaml's convolutional VAE on the 8x8 digits (batch 64);
 - tiny_unet: recipes/ddpm/tiny.yaml's UNet on the 8x8 digits (batch 64).
 
 Eager and compiled (scalegen's `compile_networks`, inductor, `--mode`) models start from the same
@@ -34,9 +34,12 @@ from scalegen.registry import get_family  # noqa: E402
 from scalegen.runtime.optim import make_optimizer  # noqa: E402
 
 CONFIGS = {
-    "conv_vae": ("vae/mnist", [], (1, 28, 28), 64),
+    "conv_vae": ("vae/tiny", [], (1, 8, 8), 64),
     "tiny_unet": ("ddpm/tiny", [], (1, 8, 8), 64),
+    # recipes/vae/mnist.yaml's conv VAE at 28x28: inductor's first compile of it takes many minutes of CPU
+    "conv_vae_mnist": ("vae/mnist", [], (1, 28, 28), 64),
 }
+DEFAULT = ("conv_vae", "tiny_unet")
 
 
 def build(name: str, compiled: bool, mode: str):
@@ -72,7 +75,7 @@ def main() -> None:
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, clock {args.clock}, mode {args.mode}")
     ratios = []
-    for name in CONFIGS if args.config == "all" else [args.config]:
+    for name in DEFAULT if args.config == "all" else [args.config]:
         steps = {}
         for compiled in (False, True):
             steps[compiled] = build(name, compiled, args.mode)

@@ -17,8 +17,8 @@ e.g. DeepSpeed not installed, does not fail). What it measures:
    `scalegen.runtime.load_model` (raw and EMA weights) and both equal DDP's (WEIGHT_RTOL), and the EMA
    differs from the raw weights (it is really there).
 3. inception: FID InceptionV3 features/s at batch 256 in fp32 (PyTorch's defaults: cuDNN may use TF32)
-   and under bf16 autocast (seeded random weights: the arithmetic of the real ones), and the relative
-   difference of the bf16 features.
+   and under bf16 autocast, NCHW and channels-last (seeded random weights: the arithmetic of the real
+   ones), and the relative difference of the bf16 and of the channels-last features.
 4. syncs: host-device synchronizations in one training step of the UNet (eager, bf16-mixed), counted
    twice: CUDA's own (`torch.cuda.set_sync_debug_mode("warn")`) and tensor-to-Python reads
    (`aten._local_scalar_dense`, which .item(), bool(t), float(t) and .tolist() dispatch to). Expected 0.
@@ -31,7 +31,6 @@ which alone takes minutes on a small CPU); DeepSpeed and FSDP then skip (Lightni
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -279,19 +278,21 @@ def check_inception(device: torch.device, size: dict) -> dict:
     out: dict[str, Any] = {"batch": b, "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32}
     feats = {}
     with torch.no_grad():
-        bf16 = lambda: torch.autocast(device.type, dtype=torch.bfloat16)  # noqa: E731
-        for label, ctx in (("fp32", contextlib.nullcontext), ("bf16", bf16)):
-            with ctx():
-                feats[label] = net(images)[0].float()  # warm-up, and the features compared below
+        for layout in ("contiguous", "channels_last"):
+            for precision in ("fp32", "bf16"):
+                net.set_speed(layout == "channels_last", precision)
+                label = f"{precision}_{layout}" if layout == "channels_last" else precision
+                feats[label] = net(images)[0]  # warm-up, and the features compared below
                 synchronize(device)
                 start = time.perf_counter()
                 for _ in range(size["inception_iters"]):
                     net(images)
                 synchronize(device)
-            out[f"{label}_images_per_s"] = b * size["inception_iters"] / (time.perf_counter() - start)
-    diff = (feats["bf16"] - feats["fp32"]).norm() / feats["fp32"].norm()
-    out["bf16_feature_rel_diff"] = float(diff)
-    out["ok"] = all(math.isfinite(out[f"{k}_images_per_s"]) for k in ("fp32", "bf16"))
+                out[f"{label}_images_per_s"] = b * size["inception_iters"] / (time.perf_counter() - start)
+    out["bf16_feature_rel_diff"] = float((feats["bf16"] - feats["fp32"]).norm() / feats["fp32"].norm())
+    out["channels_last_feature_rel_diff"] = float(
+        (feats["fp32_channels_last"] - feats["fp32"]).norm() / feats["fp32"].norm())
+    out["ok"] = all(math.isfinite(v) for k, v in out.items() if k.endswith("_images_per_s"))
     return out
 
 
@@ -387,8 +388,10 @@ def markdown(report: dict) -> str:
     if "inception" in c:
         i = c["inception"]
         text = i.get("error", "")[:200] or (
-            f"fp32 {i['fp32_images_per_s']:.1f} img/s, bf16 {i['bf16_images_per_s']:.1f} img/s at batch {i['batch']}; "
-            f"bf16 features differ by {i['bf16_feature_rel_diff']:.1e} (relative)")
+            f"at batch {i['batch']}, NCHW: fp32 {i['fp32_images_per_s']:.1f} img/s, bf16 {i['bf16_images_per_s']:.1f}; "
+            f"channels-last: fp32 {i['fp32_channels_last_images_per_s']:.1f}, bf16 "
+            f"{i['bf16_channels_last_images_per_s']:.1f}; features differ by {i['bf16_feature_rel_diff']:.1e} (bf16), "
+            f"{i['channels_last_feature_rel_diff']:.1e} (channels-last)")
         lines.append(f"| Inception features/s | {text} | {status(i)} |")
     if "syncs" in c:
         y = c["syncs"]

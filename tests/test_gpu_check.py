@@ -42,5 +42,6 @@ def test_cpu_tiny_path_writes_a_passing_report(tmp_path):
     assert all("CUDA only" in runs[s]["skipped"] for s in ("deepspeed_stage_2", "deepspeed_stage_3", "fsdp"))
     assert c["syncs"]["scalar_reads_per_step"] == 0
     assert c["inception"]["fp32_images_per_s"] > 0 and c["inception"]["bf16_feature_rel_diff"] < 0.05
+    assert c["inception"]["channels_last_feature_rel_diff"] <= 1e-4
     table = (tmp_path / "gpu_check.md").read_text()
     assert "| check | result | status |" in table and "FAIL" not in table
