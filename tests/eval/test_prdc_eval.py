@@ -43,8 +43,9 @@ def test_runner_reports_prdc_computed_from_the_fid_features(tmp_path):
     ex = domain_extractor(data, torch.device("cpu"))
     fake = ex(samples)[0][:120]
     (stats,) = (Path(os.environ["SCALEGEN_CACHE"]) / "fid_stats").glob("blobs-train-domain_*.npz")
-    real = np.load(stats)["prdc_features"]
-    assert real.shape == (120, 64)
+    real = np.load(stats)["prdc_features"]  # >= 120 (more when another test of this session cached it)
+    assert real.shape[0] >= 120 and real.shape[1] == 64
+    real = real[:120]  # the runner takes the first n of the seeded subset
     want = prdc(real, fake, 3, 5)
     for name in ("precision", "recall", "density", "coverage"):
         assert m[f"domain_{name}"]["value"] == pytest.approx(want[name], abs=1e-12), name
