@@ -112,6 +112,8 @@ class TrainerConfig:
     global_batch_size: int | None = ranged(None, ge=1)  # fixed across world sizes: accumulation derives from it
     accumulate_grad_batches: int = ranged(1, ge=1)  # ignored when global_batch_size is set
     gradient_clip_val: float | None = ranged(None, ge=0)  # clip the global gradient norm to this value (0 = off)
+    compile: bool = False  # torch.compile each network of the family (docs/benchmarks.md: when it pays)
+    compile_mode: str = choice("default", "reduce-overhead", "max-autotune")  # torch.compile's mode
     # Scale-out options (read only by scalegen.distributed; see docs/cluster.md).
     find_unused_parameters: bool = False  # DDP: allow parameters without a gradient in a step (slower)
     offload_optimizer: bool = False  # DeepSpeed ZeRO 1-3: keep optimizer state in CPU memory (ZeRO-Offload)
@@ -200,10 +202,15 @@ class EvalConfig:
     reference_split: str = "train"  # split the generated samples are compared with
     reference_examples: int | None = ranged(50000, ge=2)  # reference statistics from its first N (None = all)
     inception_weights: str | None = None  # path/URL of the FID Inception weights; None = $SCALEGEN_INCEPTION_WEIGHTS
+    inception_precision: str = choice("fp32", "bf16")  # bf16: Inception under autocast (FID differs, see benchmarks)
     domain_fid: bool = True  # also domain FID (a classifier trained on the data) for small grey images
     kid_subsets: int = ranged(100, ge=1)  # KID: random subsets averaged
     kid_subset_size: int = ranged(1000, ge=2)  # KID: examples per subset (capped by the smaller set)
     is_splits: int = ranged(10, ge=1)  # Inception Score: equal chunks the score is averaged over
+    # Precision/recall and density/coverage, on the same features as FID (docs/evaluation.md).
+    prdc_examples: int = ranged(10000, ge=0)  # real and generated features each (capped by both counts); 0 = off
+    prdc_k: int = ranged(3, ge=1)  # k-NN radius of precision and recall (Kynkaanniemi et al. 2019)
+    density_coverage_k: int = ranged(5, ge=1)  # k-NN radius of density and coverage (Naeem et al. 2020)
     # Probes.
     probe_split: str = "train"  # split the probes are trained on (tested on `split`)
     probe_train_examples: int | None = ranged(None, ge=1)  # only the first N of probe_split (None = all)

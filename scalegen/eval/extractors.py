@@ -39,14 +39,15 @@ class Extractor:
         return f.float().cpu(), logits.float().cpu()
 
 
-def inception_extractor(weights: str | None, device: torch.device) -> Extractor:
+def inception_extractor(weights: str | None, device: torch.device, precision: str = "fp32") -> Extractor:
 
-    net, sha = load_inception(weights, device)
+    net, sha = load_inception(weights, device, precision)
+    bf16 = ", bf16 autocast" if precision == "bf16" else ""
     return Extractor(
         "",
-        "Inception FID (InceptionV3, TF 2015-12-05 weights, 2048-d pool3)",
+        f"Inception FID (InceptionV3, TF 2015-12-05 weights, 2048-d pool3{bf16})",
         net,
-        preprocessing_id("fid-inception-v3", sha),
+        preprocessing_id("fid-inception-v3", sha, precision),
     )
 
 
@@ -94,9 +95,16 @@ def _out_dims(extractor: Extractor, x: Tensor) -> tuple[int, int]:
 
 
 def reference_statistics(
-    extractor: Extractor, data, split: str, limit: int | None, batch_size: int, kid_examples: int, cache: Path
+    extractor: Extractor,
+    data,
+    split: str,
+    limit: int | None,
+    batch_size: int,
+    kid_examples: int,
+    cache: Path,
+    prdc_examples: int = 0,
 ) -> dict:
-    """mu, sigma, count (and a seeded subset of features for KID) of a data split, cached as .npz.
+    """mu, sigma, count (and seeded subsets of features for KID and PRDC) of a data split, cached as .npz.
 
     The file name carries the dataset, split and a key over the data checksum, the shards' checksum
     and the preprocessing checksum, so a change to any of them computes new statistics.
@@ -109,16 +117,21 @@ def reference_statistics(
     path = cache / f"{data.name}-{split}-{extractor.key or 'inception_'}{key}.npz"
     if path.is_file():
         z = np.load(path)
-        return {k: z[k] for k in z.files} | {"path": str(path), "cached": True}
+        # A file written before PRDC (or for fewer PRDC features) is computed again.
+        have = len(z["prdc_features"]) if "prdc_features" in z.files else 0
+        if have >= min(prdc_examples, int(z["count"])):
+            return {k: z[k] for k in z.files} | {"path": str(path), "cached": True}
     feats, _ = features(extractor, x, batch_size)
     mu, sigma = feature_statistics(feats)
     gen = torch.Generator().manual_seed(0)
-    subset = feats[torch.randperm(len(feats), generator=gen)[:kid_examples]].numpy()
+    perm = torch.randperm(len(feats), generator=gen)
+    subset = feats[perm[:kid_examples]].numpy()
     stats = {
         "mu": mu,
         "sigma": sigma,
         "count": np.int64(len(feats)),
         "kid_features": subset,
+        "prdc_features": feats[perm[:prdc_examples]].numpy(),
         "data_checksum": np.str_(data_sum),
         "shards_checksum": np.str_(shards_sum),
         "preprocessing_checksum": np.str_(extractor.preprocessing),

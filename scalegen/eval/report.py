@@ -21,6 +21,14 @@ ORDER = (
     "domain_fid",
     "domain_kid",
     "domain_is",
+    "precision",
+    "recall",
+    "density",
+    "coverage",
+    "domain_precision",
+    "domain_recall",
+    "domain_density",
+    "domain_coverage",
     "linear_probe",
     "semisup",
 )
@@ -171,6 +179,8 @@ def markdown(results: dict, figures: dict[str, Path]) -> str:
             what = e["label"]
             ref = e["reference"]
             counts = f"{e['num_samples']} samples vs {ref['count']} from the {ref['split']} split"
+            if "num_real" in e:  # precision/recall/density/coverage: equal-sized subsets
+                counts = f"{e['num_samples']} samples vs {e['num_real']} of the {ref['split']} split, k={e['k']}"
         lines.append(f"| {name} | {val} | {what} | {counts} |")
     for name, reason in results.get("skipped", {}).items():
         lines.append(f"| {name} | skipped | {reason} | |")

@@ -55,6 +55,14 @@ DEFINITIONS = {
     "domain_kid": "KID (cubic-kernel unbiased MMD^2) on the domain classifier's features",
     "domain_is": "Inception-Score formula on the domain classifier's softmax (1 = one class, C = all classes "
     "confidently and evenly)",
+    "precision": "improved precision (Kynkaanniemi et al. 2019): fraction of generated samples inside the "
+    "union of the real features' k-NN balls",
+    "recall": "improved recall (Kynkaanniemi et al. 2019): fraction of real examples inside the union of the "
+    "generated features' k-NN balls",
+    "density": "density (Naeem et al. 2020): real k-NN balls containing a generated sample, summed over "
+    "samples, / (k x samples); 1 in expectation for identical distributions",
+    "coverage": "coverage (Naeem et al. 2020): fraction of real k-NN balls containing at least one generated "
+    "sample",
     "linear_probe": "test accuracy of a multinomial logistic regression on standardized frozen features, "
     "weight decay chosen on a validation part of the training split, mean (std) over seeds",
     "semisup": "test accuracy with N labelled training examples per class: the family's own classifier "
@@ -228,7 +236,7 @@ class Evaluation:
         out = []
         have_weights = bool(self.cfg.inception_weights or os.environ.get(WEIGHTS_ENV))
         if have_weights:
-            out.append(inception_extractor(self.cfg.inception_weights, self.device))
+            out.append(inception_extractor(self.cfg.inception_weights, self.device, self.cfg.inception_precision))
         else:
             self.skipped["fid"] = f"no Inception weights: {weights_hint()}"
         if self.cfg.domain_fid and wants_domain(self.spec):
@@ -263,6 +271,7 @@ class Evaluation:
                 self.cfg.batch_size,
                 self.cfg.kid_subset_size,
                 cache_dir() / "fid_stats",
+                self.cfg.prdc_examples,
             )
             # Features of this rank's samples, then every rank's gathered in order (one forward pass
             # gives the features for FID and KID and the logits for IS).
@@ -318,6 +327,31 @@ class Evaluation:
                     "label": ex.label.replace("FID", "IS"),
                     **common,
                 }
+            if self.cfg.prdc_examples:
+                self.prdc(ex, feats, ref, common)
+
+    def prdc(self, ex: Any, feats: Tensor, ref: dict, common: dict) -> None:
+        """Precision, recall, density, coverage on equally many generated and reference features."""
+        from scalegen.metrics.prdc import prdc
+
+        n = min(self.cfg.prdc_examples, len(feats), len(ref["prdc_features"]))
+        k_pr, k_dc = self.cfg.prdc_k, self.cfg.density_coverage_k
+        names = ("precision", "recall", "density", "coverage")
+        if n <= max(k_pr, k_dc):
+            for name in names:
+                self._skip(f"{ex.key}{name}", f"{n} features per set: needs more than k={max(k_pr, k_dc)}")
+            return
+        r = prdc(ref["prdc_features"][:n], feats[:n], k_pr, k_dc, device=self.device)
+        for name in names:
+            self.results[f"{ex.key}{name}"] = {
+                "value": r[name],
+                "k": k_pr if name in ("precision", "recall") else k_dc,
+                **common,
+                "num_samples": n,
+                "num_real": n,
+                "definition": DEFINITIONS[name],
+                "label": ex.label.replace("FID", name),
+            }
 
     # ---- probes ------------------------------------------------------------------------------
     def probes(self) -> None:

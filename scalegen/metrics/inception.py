@@ -186,11 +186,25 @@ class MixedE(nn.Module):
         return torch.cat([self.branch1x1(x), b3, d3, self.branch_pool(pooled)], 1)
 
 
+PRECISIONS = ("fp32", "bf16")
+# Devices on which the reference network runs channels-last by default: on CPU it measured 1.45x the
+# images/s of NCHW with the same features (docs/benchmarks.md); on GPUs it has not been measured.
+CHANNELS_LAST_DEVICES = ("cpu",)
+
+
 class FIDInceptionV3(nn.Module):
-    """InceptionV3 as in the FID reference: images -> (2048-d pool features, 1008-way logits)."""
+    """InceptionV3 as in the FID reference: images -> (2048-d pool features, 1008-way logits).
+
+    Speed settings that leave the weights alone (`set_speed`): `channels_last` runs the convolutions
+    on NHWC tensors (the same features to float32 round-off); `precision="bf16"` runs the trunk under
+    bf16 autocast (different features: see docs/benchmarks.md for the FID difference), the pooled
+    features and the logits in float32.
+    """
 
     def __init__(self) -> None:
         super().__init__()
+        self.channels_last = False
+        self.precision = "fp32"
         self.Conv2d_1a_3x3 = ConvBN(3, 32, 3, stride=2)
         self.Conv2d_2a_3x3 = ConvBN(32, 32, 3)
         self.Conv2d_2b_3x3 = ConvBN(32, 64, 3, padding=1)
@@ -222,8 +236,22 @@ class FIDInceptionV3(nn.Module):
         x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
         return 2 * x - 1
 
+    def set_speed(self, channels_last: bool = False, precision: str = "fp32") -> FIDInceptionV3:
+        if precision not in PRECISIONS:
+            raise UserError(f"Inception precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+        self.channels_last, self.precision = channels_last, precision
+        return self.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         x = self.preprocess(images)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            pool = self.trunk(x).float()
+        return pool, self.fc(pool)
+
+    def trunk(self, x: Tensor) -> Tensor:
+        """Preprocessed images -> the 2048-d average-pool features."""
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
         x = F.max_pool2d(x, 3, stride=2)
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
@@ -242,8 +270,7 @@ class FIDInceptionV3(nn.Module):
             self.Mixed_7c,
         ):
             x = block(x)
-        pool = x.mean(dim=(2, 3))
-        return pool, self.fc(pool)
+        return x.mean(dim=(2, 3))
 
 
 def expected_shapes() -> dict[str, tuple[int, ...]]:
@@ -287,17 +314,20 @@ def resolve_weights(spec: str | None = None) -> Path:
         raise UserError(f"{err}; {weights_hint()}") from None
 
 
-def load_inception(spec: str | None = None, device: str | torch.device = "cpu") -> tuple[FIDInceptionV3, str]:
+def load_inception(
+    spec: str | None = None, device: str | torch.device = "cpu", precision: str = "fp32"
+) -> tuple[FIDInceptionV3, str]:
     """The FID Inception network with the reference weights, and the weights file's sha256."""
 
     path = resolve_weights(spec)
     state = torch.load(path, map_location="cpu", weights_only=True)
     net = FIDInceptionV3()
     load_state_dict_strict(net, state)
+    net.set_speed(channels_last=torch.device(device).type in CHANNELS_LAST_DEVICES, precision=precision)
     return net.to(device), sha256_file(path)
 
 
-def preprocessing_id(extractor: str, weights_sha256: str) -> str:
+def preprocessing_id(extractor: str, weights_sha256: str, precision: str = "fp32") -> str:
     """Checksum of everything that turns images into features (extractor, weights, resize, scaling)."""
     desc = {
         "extractor": extractor,
@@ -307,4 +337,6 @@ def preprocessing_id(extractor: str, weights_sha256: str) -> str:
         "scale": "uint8/255*2-1",
         "version": 1,
     }
+    if precision != "fp32":  # bf16 features are not fp32 ones: their reference statistics are separate
+        desc["precision"] = precision
     return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()

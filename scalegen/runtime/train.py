@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 import scalegen.families  # noqa: F401  (registers the built-in families)
+from scalegen.callbacks.compile import CompileNetworks
 from scalegen.callbacks.data_audit import DataAudit
 from scalegen.callbacks.figures import RunFigures
 from scalegen.callbacks.periodic_eval import PeriodicEval
@@ -113,6 +114,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, spec: Any, extra_callbacks: li
     ]
     if cfg.eval.every_n_steps:
         callbacks.append(PeriodicEval(cfg))
+    if t.compile:  # torch.compile the family's networks (scalegen/callbacks/compile.py)
+        callbacks.append(CompileNetworks(t.compile_mode))
     if t.progress_bar:
         callbacks.append(RichProgressBar(leave=True))
     callbacks += extra_callbacks or []
