@@ -41,7 +41,9 @@ def test_dsm_equals_explicit_score_matching_up_to_its_constant() -> None:
         gm = torch.Generator().manual_seed(100 + seed)
         A = torch.randn(2, 2, generator=gm, dtype=torch.float64)
         b = torch.randn(2, generator=gm, dtype=torch.float64)
-        model = lambda v, lv: v @ A.T + b  # noqa: E731
+        def model(v: torch.Tensor, lv: torch.Tensor, A: torch.Tensor = A, b: torch.Tensor = b) -> torch.Tensor:
+            return v @ A.T + b
+
         dsm = dsm_per_example(model, x, sigmas, levels, noise=z, weighted=False)
         x_noisy = x + sigma * z
         esm = 0.5 * (model(x_noisy, levels) + (x_noisy - mu) @ prec.T).pow(2).sum(1)
@@ -71,7 +73,8 @@ def test_learned_score_approaches_the_analytic_mixture_score() -> None:
         out = []
         for i in range(len(sigmas)):
             x = _mixture_samples(4000, g) + sigmas[i] * torch.randn(4000, 2, generator=g)
-            true = -energy_grad(lambda u: -mixture_log_density(u, float(sigmas[i]) ** 2), x.double()).float()
+            var = float(sigmas[i]) ** 2
+            true = -energy_grad(lambda u, var=var: -mixture_log_density(u, var), x.double()).float()
             with torch.no_grad():
                 est = score(x, torch.full((len(x),), i))
             out.append(((est - true).pow(2).sum(1).mean() / true.pow(2).sum(1).mean()).item())
