@@ -121,8 +121,8 @@ class LoggingConfig:
 
 @dataclass
 class CheckpointConfig:
-    monitor: str = "val/loss"  # metric that picks the best checkpoint
-    mode: str = choice("min", "max")
+    monitor: str | None = None  # metric that picks the best checkpoint; null = the family's (none for GANs)
+    mode: str = choice("min", "max")  # for a `monitor` set here; the family's own has its own mode
     save_last: bool = True  # checkpoints/last.ckpt, what trainer.resume=auto continues from
     save_top_k: int = 1  # best checkpoints kept by `monitor`
     every_n_train_steps: int | None = None  # also checkpoint every N optimizer steps

@@ -42,6 +42,7 @@ class FlowConfig(ModelConfig):
 class FlowModel(GenerativeModel):
     """RealNVP / Glow image flow with exact likelihood."""
 
+    predictions = frozenset({"nll", "sample"})
     nll_kind = "exact"
 
     def __init__(self, cfg: FlowConfig, optim: OptimConfig, data: DataSpec) -> None:
@@ -59,7 +60,7 @@ class FlowModel(GenerativeModel):
         except ValueError as err:
             raise UserError(f"model.num_scales={cfg.num_scales}: {err}; lower model.num_scales") from None
 
-    def nll(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+    def nll(self, x: Tensor, y: Tensor | None = None, k: int | None = None) -> Tensor:
         return flow_nll(self.net.log_prob, x, LEVELS)
 
     def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
