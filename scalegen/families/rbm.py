@@ -152,6 +152,7 @@ class RBM(GenerativeModel):
         return {"chains": None if self.chains is None else self.chains.detach().cpu()}
 
     def load_rank_state(self, state: dict[str, Any], saved_world_size: int, world_size: int) -> None:
+        super().load_rank_state(state, saved_world_size, world_size)  # refuses another world size
         chains = state.get("chains")
         self.chains = None if chains is None else chains.to(self.device)
 
@@ -181,7 +182,7 @@ class RBM(GenerativeModel):
                            self.gaussian)
 
     @torch.no_grad()
-    def nll(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+    def nll(self, x: Tensor, y: Tensor | None = None, k: int | None = None) -> Tensor:
         """-log p(x) = F(v) + log Z (AIS) in nats per image. Bernoulli: of the statically binarized image.
         Gaussian: of the grey levels, with uniform dequantization (an upper bound in expectation) and the
         bin width's Jacobian, -D log(1 / ((levels - 1) std))."""
