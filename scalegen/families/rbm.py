@@ -52,6 +52,7 @@ class RBMConfig(ModelConfig):
     ais_temperatures: int = ranged(1000, ge=1)  # intermediate distributions (S&M 2008 use 14,500)
     ais_runs: int = ranged(100, ge=2)  # independent AIS runs; log Z's standard error is over these
     ais_seed: int = ranged(0, ge=0)  # AIS is a fixed function of the weights given this seed
+    ais_precision: str = choice("float64", "float32")  # chains' arithmetic (weights accumulate in float64)
 
 
 def _static_uniform(x: Tensor) -> Tensor:
@@ -170,8 +171,9 @@ class RBM(GenerativeModel):
             float(self.rbm.W.detach().double().square().sum()),)
         if self._log_z is None or self._log_z[0] != fingerprint:
             gen = torch.Generator(device=self.device).manual_seed(self.cfg.ais_seed)
+            dtype = torch.float32 if self.cfg.ais_precision == "float32" else torch.float64
             result = ais_log_z(self.rbm, self.base_rate(), self.cfg.ais_temperatures, self.cfg.ais_runs,
-                               self.gaussian, gen)
+                               self.gaussian, gen, dtype)
             self._log_z = (fingerprint, result.as_dict())
         return dict(self._log_z[1])
 

@@ -99,46 +99,54 @@ def base_rate_biases(mean: Tensor, count: float, gaussian: bool = False, smoothi
 
 @torch.no_grad()
 def ais_log_z(rbm: RBMParams, base_bias: Tensor, temperatures: int = 1000, runs: int = 100,
-              gaussian: bool = False, generator: torch.Generator | None = None) -> AISResult:
+              gaussian: bool = False, generator: torch.Generator | None = None,
+              dtype: torch.dtype = torch.float64) -> AISResult:
     """log Z of `rbm` by AIS from the base-rate model A (weights 0, visible biases `base_bias`) along the
     geometric path p_k ∝ p_A^(1 - beta_k) p_B^beta_k, beta linear from 0 to 1 over `temperatures` steps,
-    one Gibbs transition per step (Salakhutdinov & Murray 2008, sec. 4.1, eq. 13-15)."""
-    W, b, c = rbm.W.double(), rbm.b.double(), rbm.c.double()
+    one Gibbs transition per step (Salakhutdinov & Murray 2008, sec. 4.1, eq. 13-15).
+
+    `dtype` is the arithmetic of the chains (float32 halves the time of a large model); the importance
+    weights always accumulate in float64."""
+    W, b, c = rbm.W.to(dtype), rbm.b.to(dtype), rbm.c.to(dtype)
     bA = base_bias.to(W)
     V, H = W.shape
-    betas = torch.linspace(0, 1, temperatures + 1, dtype=torch.float64, device=W.device)
-
-    def log_p(v: Tensor, beta: float) -> Tensor:  # unnormalized log p_beta(v), A's hidden units marginalized
-        hidden = F.softplus(beta * (v @ W + c)).sum(1)
-        if gaussian:
-            return -0.5 * (1 - beta) * ((v - bA) ** 2).sum(1) - 0.5 * beta * ((v - b) ** 2).sum(1) + hidden
-        return (1 - beta) * (v @ bA) + beta * (v @ b) + hidden
+    betas = torch.linspace(0, 1, temperatures + 1, dtype=torch.float64).tolist()
 
     def rand(shape: tuple[int, ...]) -> Tensor:
-        return torch.rand(shape, generator=generator, dtype=torch.float64, device=W.device)
+        return torch.rand(shape, generator=generator, dtype=dtype, device=W.device)
 
     def randn(shape: tuple[int, ...]) -> Tensor:
-        return torch.randn(shape, generator=generator, dtype=torch.float64, device=W.device)
+        return torch.randn(shape, generator=generator, dtype=dtype, device=W.device)
 
     # Exact sample from the base model and its log partition function (its H hidden units contribute 2^H).
     if gaussian:
         v = bA + randn((runs, V))
         log_z_a = 0.5 * V * math.log(2 * math.pi) + H * math.log(2)
     else:
-        v = (rand((runs, V)) < torch.sigmoid(bA)).double()
-        log_z_a = F.softplus(bA).sum().item() + H * math.log(2)
+        v = (rand((runs, V)) < torch.sigmoid(bA)).to(dtype)
+        log_z_a = F.softplus(bA.double()).sum().item() + H * math.log(2)
     log_w = torch.zeros(runs, dtype=torch.float64, device=W.device)
     for k in range(1, temperatures + 1):
-        beta_prev, beta = float(betas[k - 1]), float(betas[k])
-        log_w += log_p(v, beta) - log_p(v, beta_prev)
+        beta_prev, beta = betas[k - 1], betas[k]
+        act = v @ W + c  # shared by the weight update and the transition
+        # log p*_beta(v) - log p*_beta_prev(v), with A's hidden units marginalized (a constant 2^H):
+        # Bernoulli log p*_beta(v) = (1 - beta) v.bA + beta v.b + sum_j softplus(beta act_j);
+        # Gaussian: -(1 - beta) ||v - bA||^2 / 2 - beta ||v - b||^2 / 2 + the same softplus sum.
+        act64 = act.double()
+        hidden = (F.softplus(beta * act64) - F.softplus(beta_prev * act64)).sum(1)
+        if gaussian:
+            visible = -0.5 * (((v - b) ** 2).sum(1) - ((v - bA) ** 2).sum(1)).double()
+        else:
+            visible = (v @ (b - bA)).double()
+        log_w += (beta - beta_prev) * visible + hidden
         if k == temperatures:
             break
         # One Gibbs transition that leaves p_beta invariant.
-        h = (rand((runs, H)) < torch.sigmoid(beta * (v @ W + c))).double()
+        h = (rand((runs, H)) < torch.sigmoid(beta * act)).to(dtype)
         if gaussian:
             v = (1 - beta) * bA + beta * (b + h @ W.t()) + randn((runs, V))
         else:
-            v = (rand((runs, V)) < torch.sigmoid((1 - beta) * bA + beta * (b + h @ W.t()))).double()
+            v = (rand((runs, V)) < torch.sigmoid((1 - beta) * bA + beta * (b + h @ W.t()))).to(dtype)
     log_mean_w = torch.logsumexp(log_w, 0) - math.log(runs)
     rel = torch.exp(log_w - log_mean_w)  # w_i / mean(w)
     stderr = float(rel.std() / math.sqrt(runs)) if runs > 1 else float("nan")

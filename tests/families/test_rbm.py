@@ -48,12 +48,13 @@ def test_gaussian_free_energy_integrates_to_the_exact_log_z() -> None:
     assert exact_log_z(rbm, gaussian=True).item() == pytest.approx(integral.item(), abs=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("gaussian", [False, True])
-def test_ais_log_z_within_005_nats_of_enumeration(gaussian: bool) -> None:
+def test_ais_log_z_within_005_nats_of_enumeration(gaussian: bool, dtype: torch.dtype) -> None:
     rbm = tiny_rbm(2, 0.5 if not gaussian else 0.25)
     exact = exact_log_z(rbm, gaussian).item()
     result = ais_log_z(rbm, torch.zeros(10), temperatures=1000, runs=200, gaussian=gaussian,
-                       generator=torch.Generator().manual_seed(0))
+                       generator=torch.Generator().manual_seed(0), dtype=dtype)
     assert abs(result.log_z - exact) < 0.05, (result.log_z, exact)
     # The reported standard error is of the right size: the error is within 4 of them (and they are small).
     assert abs(result.log_z - exact) < 4 * result.stderr + 1e-3 and result.stderr < 0.02, result
