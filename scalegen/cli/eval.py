@@ -8,8 +8,15 @@ import os
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
 
+from scalegen.checkpoints import checkpoint_sha256, load_model, resolve_checkpoint
+from scalegen.config.loader import _merge
 from scalegen.errors import UserError
+from scalegen.eval.data import EvalData
+from scalegen.eval.dist import rank_world
+from scalegen.eval.runner import evaluate, parse_metrics
 
 HELP = "evaluate a checkpoint: bits/dim, FID/KID/IS, linear and semi-supervised probes, with a report"
 
@@ -34,7 +41,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _init_distributed() -> None:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1); work is then split across ranks."""
-    import torch.distributed as dist
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -58,13 +64,7 @@ def _resume_wandb(cfg, run_dir: Path | None):
 
 
 def run(args: argparse.Namespace) -> int:
-    from omegaconf import OmegaConf
 
-    from scalegen.checkpoints import checkpoint_sha256, load_model, resolve_checkpoint
-    from scalegen.config.loader import _merge
-    from scalegen.eval.data import EvalData
-    from scalegen.eval.dist import rank_world
-    from scalegen.eval.runner import evaluate, parse_metrics
 
     _init_distributed()
     ckpt = resolve_checkpoint(args.checkpoint)

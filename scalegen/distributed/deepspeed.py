@@ -11,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from scalegen.distributed.batching import batch_plan
 from scalegen.errors import UserError
 
@@ -142,7 +144,6 @@ def zero_client_state(path: str | Path, tag: str | None = None) -> dict[str, Any
     Read with `weights_only=True` like every other checkpoint here. (The optimizer shards, which hold
     DeepSpeed's own classes, are only read by DeepSpeed's `zero_to_fp32` during consolidation.)
     """
-    import torch
 
     path = Path(path)
     tag_dir = path / tag if tag else None

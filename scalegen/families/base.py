@@ -83,10 +83,11 @@ class GenerativeModel(L.LightningModule):
         # Manual optimization (see `manual_update`); the runtime sets the first two.
         self.accumulate_grad_batches = 1
         self.gradient_clip_val: float | None = None
-        self.manual_batches = 0  # training batches seen (the logging clock under manual optimization)
+        self.manual_batches = 0  # training batches begun (the logging clock under manual optimization)
         self.micro_batches: list[int] = []  # per optimizer: micro-batches backpropagated
         self.optimizer_steps: list[int] = []  # per optimizer: steps taken
         self.stage1_source: dict[str, str] | None = None  # {"path", "sha256"} once load_stage1 has run
+        self.frozen_stages: list[torch.nn.Module] = []  # kept in eval mode by `train`
 
     # ---- the named predictions; a family implements what it declares in `predictions` --------
     def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
@@ -119,6 +120,10 @@ class GenerativeModel(L.LightningModule):
     def energy(self, x: Tensor) -> Tensor:
         """Unnormalized energy E(x), [B] (p(x) proportional to exp(-E(x)))."""
         raise NotImplementedError(f"{self.family_name} has no energy")
+
+    def complete(self, x: Tensor, observed: Tensor, y: Tensor | None = None) -> Tensor:
+        """x with its unobserved entries (`observed` False, same shape as x) filled in by the model."""
+        raise NotImplementedError(f"{self.family_name} cannot complete partial data")
 
     def condition(self, batch: dict[str, Tensor]) -> Tensor | None:
         """The `y` that `nll` and `sample` take for this batch (the label; a family conditioned on
@@ -158,7 +163,16 @@ class GenerativeModel(L.LightningModule):
         first, _ = load_model(path)
         first.requires_grad_(False)
         self.stage1_source = {"path": str(path), "sha256": digest}
+        self.frozen_stages.append(first)
         return first
+
+    def train(self, mode: bool = True) -> GenerativeModel:
+        """As nn.Module.train, except that frozen first stages stay in eval mode (Lightning calls
+        `train()` on the whole module when fitting starts and after each validation)."""
+        super().train(mode)
+        for stage in self.frozen_stages:
+            stage.eval()
+        return self
 
     # ---- Lightning plumbing -----------------------------------------------------------------
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
@@ -182,7 +196,7 @@ class GenerativeModel(L.LightningModule):
         trainer = self.trainer
         # Lightning's loggers write when (optimizer-stepping batches so far + 1) % log_every_n_steps == 0;
         # that count is global_step under automatic optimization and the batch count under manual.
-        step = trainer.global_step if self.automatic_optimization else self.manual_batches
+        step = trainer.global_step if self.automatic_optimization else self.manual_batches - 1
         every = trainer.log_every_n_steps
         return (step == self.fit_start_step or 0 < trainer.max_steps <= trainer.global_step + 1
                 or trainer.should_stop or (every > 0 and (step + 1) % every == 0))
@@ -288,7 +302,9 @@ class GenerativeModel(L.LightningModule):
         self.untoggle_optimizer(optimizer)
         return loss.detach(), stepped
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Counted at the start (Lightning runs callbacks' batch-end hooks, a preemption checkpoint among
+        # them, before the module's): a checkpoint taken at a batch's end then includes that batch.
         if not self.automatic_optimization:
             self.manual_batches += 1
 

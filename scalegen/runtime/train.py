@@ -130,9 +130,10 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> Path:
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
-    datamodule = build_datamodule(cfg.data)
+    family = get_family(cfg.model.family).module
+    datamodule = build_datamodule(cfg.data, family.labelled_stream)
     spec = datamodule.spec
-    model = get_family(cfg.model.family).module(cfg.model, scaled_optim(cfg), spec)
+    model = family(cfg.model, scaled_optim(cfg), spec)
     if cfg.finetune.init_from:  # start from a release's weights (a resumed run then loads its checkpoint)
         init_from_release(model, cfg.finetune)
     extra = [*scale_out_callbacks(cfg, run_dir), *(callbacks or [])]
