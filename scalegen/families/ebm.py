@@ -146,7 +146,7 @@ class EBM(GenerativeModel):
 
     # ---- per-rank state (the replay buffer) ---------------------------------------------------------
     def rank_state(self) -> dict[str, Any]:
-        return {"buffer": None if self.buffer is None else self.buffer.detach().cpu()}
+        return {} if self.buffer is None else {"buffer": self.buffer.detach().cpu()}
 
     def load_rank_state(self, state: dict[str, Any], saved_world_size: int, world_size: int) -> None:
         """Own buffer back at the same world size; at another, every saved rank's chains are pooled and

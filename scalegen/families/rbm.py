@@ -150,7 +150,7 @@ class RBM(GenerativeModel):
 
     # ---- per-rank state (persistent chains) -------------------------------------------------------
     def rank_state(self) -> dict[str, Any]:
-        return {"chains": None if self.chains is None else self.chains.detach().cpu()}
+        return {} if self.chains is None else {"chains": self.chains.detach().cpu()}
 
     def load_rank_state(self, state: dict[str, Any], saved_world_size: int, world_size: int) -> None:
         super().load_rank_state(state, saved_world_size, world_size)  # refuses another world size
