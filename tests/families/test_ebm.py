@@ -138,3 +138,13 @@ def test_ddp_resume_gives_each_rank_its_own_buffer_bitwise(tmp_path: Path) -> No
     buffers = _buffers(a)
     assert len(buffers) == 2 and not torch.equal(buffers[0], buffers[1])
     _assert_same_run(a, b)
+
+
+def test_buffer_is_pooled_and_redealt_at_another_world_size() -> None:
+    model = EBM(EBMConfig(widths=[8], buffer_size=6), OptimConfig(), DataSpec(shape=(1, 2, 2)))
+    a, b = torch.full((6, 1, 2, 2), 0.25), torch.full((6, 1, 2, 2), -0.5)
+    model.load_rank_state({0: {"buffer": a}, 1: {"buffer": b}}, saved_world_size=2, world_size=1)
+    assert torch.equal(model.buffer, a)  # rank 0 of 1 takes the first buffer_size pooled chains
+    model.load_rank_state({"buffer": b}, saved_world_size=1, world_size=1)
+    assert torch.equal(model.buffer, b)
+    assert model.rank_state()["buffer"].shape == (6, 1, 2, 2)
