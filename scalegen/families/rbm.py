@@ -30,6 +30,7 @@ from scalegen.objectives.rbm import (
     cd_loss,
     free_energy,
     gibbs,
+    parallel_tempering,
     sample_hidden,
     sample_visible,
 )
@@ -44,6 +45,9 @@ class RBMConfig(ModelConfig):
     cd_k: int = ranged(1, ge=1)  # Gibbs sweeps per negative sample (CD-k; S&M 2008 Table 2 up to CD-25)
     persistent: bool = False  # persistent CD: negatives continue chains kept across steps (per rank)
     pcd_chains: int = ranged(100, ge=1)  # persistent chains per rank
+    pt_temperatures: int = ranged(1, ge=1)  # >1: persistent chains by parallel tempering over this many
+    # inverse temperatures, linear from 1 down to pt_min_beta (Desjardins et al. 2010; bernoulli only)
+    pt_min_beta: float = ranged(0.5, gt=0, lt=1)  # the hottest chain's inverse temperature
     init_std: float = ranged(0.01, gt=0)  # W ~ N(0, init_std^2) (Hinton 2010, practical guide sec. 8)
     binarize: str = choice("dynamic", "static", "threshold")  # bernoulli training data: resample each step,
     # fixed per image (stochastic binarization once, as S&M 2008), or x > 127
@@ -81,6 +85,9 @@ class RBM(GenerativeModel):
         if data.kind != "image":
             raise ConfigError(f"the rbm family models images; data {data.kind!r} is not supported")
         self.gaussian = cfg.visible == "gaussian"
+        if cfg.pt_temperatures > 1 and (self.gaussian or not cfg.persistent):
+            raise ConfigError("model.pt_temperatures > 1 (parallel tempering) needs model.persistent=true and "
+                              "model.visible=bernoulli")
         self.rbm = RBMParams(data.dims, cfg.hidden, cfg.init_std)
         # Training-data pixel marginals (count-weighted running sum) for AIS's base-rate model.
         self.register_buffer("data_sum", torch.zeros(data.dims, dtype=torch.float64))
@@ -122,15 +129,23 @@ class RBM(GenerativeModel):
             with torch.no_grad():
                 self.data_sum += v.sum(0).double()
                 self.data_count += len(v)
+        pt = self.cfg.pt_temperatures
         if self.cfg.persistent:
-            if self.chains is None or self.chains.shape[1] != v.shape[1]:
-                self.chains = self.random_visible(self.cfg.pcd_chains)
+            if self.chains is None or self.chains.shape[-1] != v.shape[1]:
+                self.chains = self.random_visible(pt * self.cfg.pcd_chains)
+                if pt > 1:
+                    self.chains = self.chains.view(pt, self.cfg.pcd_chains, -1)
             start = self.chains.to(v.device)
         else:
             start = v
-        neg, _ = gibbs(self.rbm, start, self.cfg.cd_k, self.gaussian)
+        if pt > 1:
+            betas = torch.linspace(1.0, self.cfg.pt_min_beta, pt)
+            chains = parallel_tempering(self.rbm, start, betas, self.cfg.cd_k)
+            neg = chains[0]
+        else:
+            chains = neg = gibbs(self.rbm, start, self.cfg.cd_k, self.gaussian)[0]
         if self.cfg.persistent and self.training:
-            self.chains = neg.detach()
+            self.chains = chains.detach()
         loss = cd_loss(self.rbm, v, neg, self.gaussian)
         return loss, {"free_energy_data": free_energy(self.rbm, v, self.gaussian).mean().detach()}
 

@@ -151,3 +151,29 @@ def ais_log_z(rbm: RBMParams, base_bias: Tensor, temperatures: int = 1000, runs:
     rel = torch.exp(log_w - log_mean_w)  # w_i / mean(w)
     stderr = float(rel.std() / math.sqrt(runs)) if runs > 1 else float("nan")
     return AISResult(float(log_z_a + log_mean_w), stderr, runs, temperatures, log_w.float().cpu())
+
+
+def tempered_free_energy(rbm: RBMParams, v: Tensor, beta: float | Tensor) -> Tensor:
+    """Free energy of a Bernoulli RBM at inverse temperature beta (every parameter scaled by beta)."""
+    return -beta * (v @ rbm.b) - F.softplus(beta * rbm.hidden_logits(v)).sum(-1)
+
+
+@torch.no_grad()
+def parallel_tempering(rbm: RBMParams, chains: Tensor, betas: Tensor, steps: int) -> Tensor:
+    """Bernoulli RBM chains [K, N, V] at inverse temperatures betas [K] (betas[0] = 1, the model): `steps`
+    Gibbs sweeps at each temperature, then one Metropolis swap attempt between each adjacent pair of
+    temperatures (Desjardins et al. 2010), which leaves the product of the tempered distributions
+    invariant. Returns the new chains; chains[0] are the model's negatives."""
+    bt = betas.to(chains).view(-1, 1, 1)
+    for _ in range(steps):
+        h = torch.bernoulli(torch.sigmoid(bt * rbm.hidden_logits(chains)))
+        chains = torch.bernoulli(torch.sigmoid(bt * rbm.visible_logits(h)))
+    chains = chains.clone()
+    for k in range(len(betas) - 1):
+        vi, vj = chains[k], chains[k + 1]
+        bi, bj = float(betas[k]), float(betas[k + 1])
+        log_accept = (tempered_free_energy(rbm, vi, bi) + tempered_free_energy(rbm, vj, bj)
+                      - tempered_free_energy(rbm, vj, bi) - tempered_free_energy(rbm, vi, bj))
+        swap = (torch.rand_like(log_accept).log() < log_accept).unsqueeze(1)
+        chains[k], chains[k + 1] = torch.where(swap, vj, vi), torch.where(swap, vi, vj)
+    return chains
