@@ -12,8 +12,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from scalegen.checkpoints import checkpoint_sha256, load_model, resolve_checkpoint
-from scalegen.config.loader import _merge
-from scalegen.errors import UserError
+from scalegen.config.loader import apply_overrides
 from scalegen.eval.data import EvalData
 from scalegen.eval.dist import rank_world
 from scalegen.eval.runner import evaluate, parse_metrics
@@ -69,10 +68,7 @@ def run(args: argparse.Namespace) -> int:
     _init_distributed()
     ckpt = resolve_checkpoint(args.checkpoint)
     model, cfg = load_model(ckpt, use_ema=not args.raw)
-    for item in args.overrides:
-        if "=" not in item:
-            raise UserError(f"override {item!r} is not key=value (for example eval.iwae_k=100)")
-        cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override {item!r}")
+    cfg = apply_overrides(cfg, args.overrides)
     if args.data:
         cfg.data.root, cfg.data.train, cfg.data.val, cfg.data.test = args.data, "", "", ""
     if args.num_samples is not None:

@@ -1,4 +1,4 @@
-"""The recipe reference in docs/recipes.md, generated from the schema dataclasses and their field comments.
+"""The recipe reference in docs/recipes.md, generated from the schema dataclasses, their ranges and comments.
 
 `python -m scalegen.config.reference > docs/recipe-reference.md`; a test keeps the file in step."""
 
@@ -11,7 +11,7 @@ import textwrap
 from typing import Any
 
 import scalegen.families  # noqa: F401  (registers the families whose schemas the reference lists)
-from scalegen.config.schema import Config
+from scalegen.config.schema import Config, describe_range
 from scalegen.registry import families
 
 
@@ -43,18 +43,27 @@ def _type_name(f: dataclasses.Field) -> str:
     return f"`{t}`".replace("|", "\\|")
 
 
+def _range(f: dataclasses.Field, prefix: str) -> str:
+    """The valid range of a `ranged` field ("" for other fields); a bound naming a sibling shows its key."""
+    if "range" not in f.metadata:
+        return ""
+    bounds = {op: f"{prefix}{b}" if isinstance(b, str) else b for op, b in f.metadata["range"].items()}
+    return f"`{describe_range(bounds)}`"
+
+
 def section_table(cls: type, prefix: str) -> str:
     comments = {}
     for klass in reversed(cls.__mro__[:-1]):  # base-class comments, overridden by the subclass
         if dataclasses.is_dataclass(klass):
             comments.update(_comments(klass))
-    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    rows = ["| key | type | default | range | meaning |", "|---|---|---|---|---|"]
     for f in dataclasses.fields(cls):
         if dataclasses.is_dataclass(_default(f)):
             continue
         default = _default(f)
         shown = "null" if default is None else repr(default) if isinstance(default, str) else str(default)
-        rows.append(f"| `{prefix}{f.name}` | {_type_name(f)} | `{shown}` | {comments.get(f.name, '')} |")
+        rows.append(f"| `{prefix}{f.name}` | {_type_name(f)} | `{shown}` | {_range(f, prefix)} "
+                    f"| {comments.get(f.name, '')} |")
     return "\n".join(rows)
 
 
@@ -67,6 +76,8 @@ def reference() -> str:
             parts.append(f"## `{f.name}`\n\n{section_table(type(value), f.name + '.')}")
     parts.append("## `model` (one schema per family; `model.family` picks it)")
     for name, entry in sorted(families().items()):
+        if not entry.module.__module__.startswith("scalegen."):  # registered by a script or test, not shipped
+            continue
         parts.append(f"### `model.family: {name}` — {entry.summary}\n\n{section_table(entry.config, 'model.')}")
     return "\n\n".join(parts) + "\n"
 

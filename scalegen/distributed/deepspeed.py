@@ -93,7 +93,7 @@ def deepspeed_config(
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}
     config: dict[str, Any] = {
         "zero_optimization": zero,
-        # scalegen builds torch optimizers (runtime.optim); allow them under ZeRO and with offload.
+        # scalegen builds torch optimizers (scalegen.optim); allow them under ZeRO and with offload.
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
         "gradient_clipping": float(trainer_cfg.gradient_clip_val or 0.0),

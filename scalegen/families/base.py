@@ -17,7 +17,7 @@ offers in class attributes and implements those methods:
   of `manual_update(index, closure)` per optimizer per micro-batch; accumulation, clipping of the
   global gradient norm, mixed precision and each optimizer's LR schedule are handled there, once.
 - A first stage (`stage1` in the family's config): `load_stage1()` returns it frozen, read through the
-  one checkpoint reader and verified against the sha256 recorded when this model was first built.
+  one checkpoint reader; its sha256 goes into every checkpoint and is verified when one is loaded.
 """
 
 from __future__ import annotations
@@ -145,21 +145,19 @@ class GenerativeModel(L.LightningModule):
                             f"{saved_world_size} processes")
 
     # ---- stages ------------------------------------------------------------------------------
-    def load_stage1(self, expected_sha256: str | None = None) -> GenerativeModel:
+    def load_stage1(self) -> GenerativeModel:
         """The first-stage model named by `self.cfg.stage1` (a checkpoint file or run folder), frozen and
         in eval mode, through the one checkpoint reader (EMA weights where it has them).
 
-        Its sha256 is kept in `stage1_source` and saved in this model's checkpoints; a model rebuilt
-        from such a checkpoint passes it as `expected_sha256` and a changed first stage is refused."""
+        Its path and sha256 are kept in `stage1_source` and saved in this model's checkpoints (and
+        releases); `load_model` / `load_release_model` refuse a second stage whose first stage has
+        changed since."""
         source = getattr(self.cfg, "stage1", None)
         if not source:
             raise UserError(f"the {self.family_name} family needs model.stage1 (a first-stage checkpoint "
                             "or run folder)")
         path = resolve_checkpoint(source)
         digest = checkpoint_sha256(path)
-        if expected_sha256 and digest != expected_sha256:
-            raise UserError(f"model.stage1={source}: its sha256 {digest[:12]}... is not the "
-                            f"{expected_sha256[:12]}... this model was trained on; point it at that checkpoint")
         first, _ = load_model(path)
         first.requires_grad_(False)
         self.stage1_source = {"path": str(path), "sha256": digest}
