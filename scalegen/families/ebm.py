@@ -17,7 +17,7 @@ it raises before the optimizer step, so the weights on disk are from the last go
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -36,7 +36,7 @@ from scalegen.samplers.langevin import sgld
 @dataclass
 class EBMConfig(ModelConfig):
     family: str = "ebm"
-    widths: list[int] = field(default_factory=lambda: [64, 128, 256])  # CNN channels per stride-2 stage
+    widths: list[int] = ranged(ge=1, default_factory=lambda: [64, 128, 256])  # CNN channels per stride-2 stage
     spectral_norm: bool = False  # spectral normalization of every layer (IGEBM sec. 3.3)
     # Short-run SGLD for the negatives (JEM: 20 steps, step 1 on dE/dx, noise 0.01; data in [-1, 1]).
     sgld_steps: int = ranged(20, ge=1)  # Langevin updates per training step

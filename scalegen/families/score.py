@@ -9,7 +9,7 @@ Objective in `scalegen.objectives.score`, sampler in `scalegen.samplers.langevin
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -37,9 +37,9 @@ class ScoreConfig(ModelConfig):
     final_denoise: bool = True  # one Tweedie step x + sigma_L^2 s(x, L) at the end (removes the last noise)
     # UNet (conditioned on the level through its time embedding).
     base_channels: int = ranged(64, ge=1)  # channels at full resolution
-    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2])  # width multiplier per level
+    channel_mult: list[int] = ranged(ge=1, default_factory=lambda: [1, 2, 2])  # width multiplier per level
     num_res_blocks: int = ranged(2, ge=1)  # residual blocks per resolution
-    attn_resolutions: list[int] = field(default_factory=lambda: [16])  # feature-map sizes with self-attention
+    attn_resolutions: list[int] = ranged(ge=1, default_factory=lambda: [16])  # feature-map sizes with self-attention
     dropout: float = ranged(0.0, ge=0, lt=1)  # residual-block dropout
 
 
