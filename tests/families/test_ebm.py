@@ -113,15 +113,16 @@ def test_resumed_run_continues_with_the_same_replay_buffer(tmp_path: Path, train
     straight = train_recipe("ebm/tiny", tmp_path / "straight", "trainer.max_epochs=2", *common)
     train_recipe("ebm/tiny", tmp_path / "resumed", "trainer.max_epochs=1", *common)
     first = _buffers(tmp_path / "resumed" / "checkpoints" / "last.ckpt")[0]
-    resumed = train_recipe("ebm/tiny", tmp_path / "resumed", "trainer.max_epochs=2", *common)
+    resumed = train_recipe("ebm/tiny", tmp_path / "resumed", "trainer.max_epochs=2",
+                           "trainer.resume_allow_changes=[trainer.max_epochs]", *common)
     assert not torch.equal(first, _buffers(resumed / "checkpoints" / "last.ckpt")[0])  # it trained on
     _assert_same_run(straight / "checkpoints" / "last.ckpt", resumed / "checkpoints" / "last.ckpt")
 
 
-def _ddp(tmp_path: Path, name: str, epochs: int) -> None:
+def _ddp(tmp_path: Path, name: str, epochs: int, *extra: str) -> None:
     cmd = [sys.executable, "-m", "scalegen", "train", "ebm/tiny", "trainer.accelerator=cpu", "trainer.devices=2",
            "trainer.strategy=ddp", f"trainer.max_epochs={epochs}", "trainer.deterministic=true",
-           "trainer.progress_bar=false", "logging.wandb=false", f"run.dir={tmp_path}", f"run.name={name}"]
+           "trainer.progress_bar=false", "logging.wandb=false", f"run.dir={tmp_path}", f"run.name={name}", *extra]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -133,7 +134,7 @@ def test_ddp_resume_gives_each_rank_its_own_buffer_bitwise(tmp_path: Path) -> No
     run, weights and both ranks' replay buffers (which differ from each other)."""
     _ddp(tmp_path, "straight", 2)
     _ddp(tmp_path, "resumed", 1)
-    _ddp(tmp_path, "resumed", 2)
+    _ddp(tmp_path, "resumed", 2, "trainer.resume_allow_changes=[trainer.max_epochs]")
     a, b = tmp_path / "straight" / "checkpoints" / "last.ckpt", tmp_path / "resumed" / "checkpoints" / "last.ckpt"
     buffers = _buffers(a)
     assert len(buffers) == 2 and not torch.equal(buffers[0], buffers[1])
