@@ -68,7 +68,8 @@ def test_tiny_recipe_trains_end_to_end(recipe: Path, tmp_path: Path, train_recip
     assert main(["eval", str(run), "--out", str(tmp_path / "eval"), "--no-wandb", *budget]) == 0
     summary = json.loads((tmp_path / "eval" / "metrics.json").read_text())["summary"]
     expected = {"eval/bpd": "nll" in caps, "eval/domain_fid": "sample" in caps and image,
-                "eval/linear_probe": "encode" in caps, "eval/semisup": "encode" in caps}
+                "eval/linear_probe": "encode" in caps, "eval/semisup": "encode" in caps,
+                **{f"eval/{m}": "classify" in caps for m in ("accuracy", "ece", "ood")}}
     assert {k for k, applies in expected.items() if applies} <= set(summary), sorted(summary)
     assert all(math.isfinite(v) for v in summary.values()), summary
     assert (tmp_path / "eval" / "report.md").is_file()

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from scalegen.errors import UserError, did_you_mean
+from scalegen.eval.classifier import CLASSIFIER_METRICS, ais_details, classifier_metrics, write_reliability
 from scalegen.eval.data import EvalData
 from scalegen.eval.dist import broadcast_object, gather_rows, rank_world, shard_bounds
 from scalegen.eval.extractors import domain_extractor, inception_extractor, reference_statistics, wants_domain
@@ -39,7 +40,7 @@ from scalegen.metrics.kid import kernel_inception_distance
 from scalegen.metrics.weights import cache_dir
 from scalegen.probes import ProbeSettings, linear_probe
 
-ALL_METRICS = ("bpd", "fid", "kid", "is", "linear_probe", "semisup", "inference_gap")
+ALL_METRICS = ("bpd", "fid", "kid", "is", "linear_probe", "semisup", "inference_gap", *CLASSIFIER_METRICS)
 
 DEFINITIONS = {
     "bpd": "negative log-likelihood of the discrete test data in bits per dimension: nll_nats / (D ln 2), "
@@ -182,6 +183,9 @@ class Evaluation:
                 entry, reason = measure_inference_gap(self.model, self.cfg, *self._eval_split(), self.device)
                 self.results.update({"inference_gap": entry} if entry else {})
                 self.skipped.update({"inference_gap": reason} if reason else {})
+            # Accuracy, ECE, OOD AUROC for families that classify; AIS details for nll_kind "ais".
+            classifier_metrics(self, per_example, all_by_default=self.metrics == parse_metrics([], model))
+            ais_details(self)
             self.figures_data()
         model.train(was_training)
         return {
@@ -524,6 +528,7 @@ def evaluate(
     )
     results["summary"] = flat_summary(results)
     if rank_world()[0] == 0 and out_dir is not None:
+        write_reliability(ev.artifacts, Path(out_dir))
         write_report(
             results,
             ev.artifacts,

@@ -1,0 +1,175 @@
+"""Energy-based models (IGEBM, Du & Mordatch 2019): a CNN energy E(x), p(x) ∝ exp(-E(x)), trained by
+maximum likelihood with negatives from short-run SGLD started from a replay buffer.
+
+Each training step (automatic optimization: the negatives carry no graph to the parameters):
+1. chain starts: `batch` entries of this rank's replay buffer, each reset to uniform noise with
+   probability `reinit_prob` (IGEBM: 5 %);
+2. `sgld_steps` Langevin updates x <- x - (a/2) dE/dx + sigma z, clamped to [-1, 1]
+   (`scalegen.samplers.langevin.sgld`, which takes x-gradients under `torch.enable_grad`);
+3. loss E(x+) - E(x-) + energy_reg (E(x+)^2 + E(x-)^2) (`scalegen.objectives.ebm.ml_loss`); the chains'
+   ends go back into the buffer.
+
+The buffer is per-rank state (`rank_state`): every checkpoint holds each rank's buffer and a resumed run
+gives each rank its own back. A divergence guard stops training with a one-line `UserError` naming the
+step and the settings to change when |E| or the gradient norm exceed their limits or are not finite;
+it raises before the optimizer step, so the weights on disk are from the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from scalegen.config.schema import ModelConfig, OptimConfig, choice, ranged
+from scalegen.dataspec import DataSpec, images_to_unit, unit_to_images
+from scalegen.errors import ConfigError, UserError
+from scalegen.families.base import GenerativeModel
+from scalegen.nets.ebm import EnergyCNN
+from scalegen.objectives.ebm import buffer_starts, ml_loss, uniform_images
+from scalegen.registry import register_family
+from scalegen.samplers.langevin import sgld
+
+
+@dataclass
+class EBMConfig(ModelConfig):
+    family: str = "ebm"
+    widths: list[int] = ranged(ge=1, default_factory=lambda: [64, 128, 256])  # CNN channels per stride-2 stage
+    spectral_norm: bool = False  # spectral normalization of every layer (IGEBM sec. 3.3)
+    # Short-run SGLD for the negatives (JEM: 20 steps, step 1 on dE/dx, noise 0.01; data in [-1, 1]).
+    sgld_steps: int = ranged(20, ge=1)  # Langevin updates per training step
+    sgld_step_size: float = ranged(2.0, gt=0)  # a in x <- x - (a/2) dE/dx + sigma z
+    sgld_noise: float = ranged(0.01, ge=0)  # sigma (set apart from a, as IGEBM and JEM do)
+    sgld_grad_clip: float | None = ranged(None, gt=0)  # bound each chain's dE/dx norm (None = no clipping)
+    # Replay buffer (per rank).
+    buffer_size: int = ranged(10000, ge=1)  # chains kept per rank
+    reinit_prob: float = ranged(0.05, ge=0, le=1)  # chance a chain restarts from uniform noise
+    energy_reg: float = ranged(1.0, ge=0)  # alpha of the L2 energy regularizer (IGEBM: 1)
+    # Sampling (`sample`).
+    sample_from: str = choice("buffer", "noise")  # chain starts: replay-buffer entries or fresh noise
+    sample_steps: int = ranged(100, ge=1)  # Langevin updates for `sample`
+    # Divergence guard.
+    max_energy: float = ranged(1e4, gt=0)  # stop when any |E| of a batch exceeds this
+    max_grad_norm: float = ranged(1e5, gt=0)  # stop when the parameters' gradient norm exceeds this
+
+
+@register_family("ebm", EBMConfig, "Energy-based model (IGEBM): CNN energy, SGLD negatives, replay buffer")
+class EBM(GenerativeModel):
+    """IGEBM-style energy model; samples by Langevin dynamics. No normalized likelihood."""
+
+    predictions = frozenset({"sample", "energy"})
+    monitor = "val/loss"
+    monitor_mode = "min"
+
+    def __init__(self, cfg: EBMConfig, optim: OptimConfig, data: DataSpec) -> None:
+        super().__init__(cfg, optim, data)
+        if data.kind != "image":
+            raise ConfigError(f"the {self.family_name or 'ebm'} family models images; data {data.kind!r} "
+                              "is not supported")
+        self.net = self.build_net(cfg, data)
+        self.buffer: Tensor | None = None  # this rank's replay buffer, [buffer_size, C, H, W] in [-1, 1]
+
+    def build_net(self, cfg: EBMConfig, data: DataSpec) -> torch.nn.Module:
+        return EnergyCNN(data.shape[0], cfg.widths, 1, cfg.spectral_norm)
+
+    def energy(self, x: Tensor) -> Tensor:
+        """E(x) for x in [-1, 1] (floats) or uint8 images; shape [B]."""
+        if x.dtype == torch.uint8:
+            x = images_to_unit(x, self.data_spec.levels)
+        return self.net(x).squeeze(1)
+
+    # ---- negatives --------------------------------------------------------------------------------
+    def langevin(self, x0: Tensor, steps: int) -> Tensor:
+        c = self.cfg
+        return sgld(self.energy, x0, steps, c.sgld_step_size, c.sgld_noise, c.sgld_grad_clip, clamp=(-1.0, 1.0))
+
+    def replay_buffer(self) -> Tensor:
+        if self.buffer is None or self.buffer.device != self.device:
+            self.buffer = (uniform_images(self.cfg.buffer_size, self.data_spec.shape, self.device)
+                           if self.buffer is None else self.buffer.to(self.device))
+        return self.buffer
+
+    def negatives(self, n: int, update_buffer: bool = True) -> Tensor:
+        buffer = self.replay_buffer()
+        starts, idx = buffer_starts(buffer, n, self.cfg.reinit_prob)
+        x_neg = self.langevin(starts, self.cfg.sgld_steps)
+        if update_buffer:
+            buffer[idx] = x_neg
+        return x_neg
+
+    # ---- training -----------------------------------------------------------------------------------
+    def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        x_pos = images_to_unit(batch["x"], self.data_spec.levels)
+        x_neg = self.negatives(len(x_pos), update_buffer=self.training)
+        e_pos, e_neg = self.energy(x_pos), self.energy(x_neg)
+        self.guard_energies(e_pos, e_neg)
+        loss, contrastive = ml_loss(e_pos, e_neg, self.cfg.energy_reg)
+        return loss, {"energy_data": e_pos.mean().detach(), "energy_samples": e_neg.mean().detach(),
+                      "contrastive": contrastive.detach()}
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        """val/loss: the ML surrogate against the current buffer's chains (no new Langevin steps, no buffer
+        update): cheap, and it rises when the energy stops separating data from the model's samples."""
+        x_pos = images_to_unit(batch["x"], self.data_spec.levels)
+        buffer = self.replay_buffer()
+        x_neg = buffer[torch.randint(0, len(buffer), (len(x_pos),), device=buffer.device)]
+        e_pos, e_neg = self.energy(x_pos), self.energy(x_neg)
+        loss, contrastive = ml_loss(e_pos, e_neg, self.cfg.energy_reg)
+        n = len(x_pos)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=n)
+        self.log("val/energy_data", e_pos.mean(), sync_dist=True, batch_size=n)
+
+    # ---- divergence guard ---------------------------------------------------------------------------
+    def _advice(self) -> str:
+        return ("lower optim.lr or model.sgld_step_size, raise model.energy_reg, or set model.spectral_norm=true; "
+                "the last checkpoint holds the weights from before this step")
+
+    def guard_energies(self, e_pos: Tensor, e_neg: Tensor) -> None:
+        worst = torch.cat([e_pos.detach(), e_neg.detach()]).abs().max()
+        trainer = self.attached_trainer()
+        if trainer is not None and trainer.world_size > 1:
+            worst = self.all_gather(worst).max()  # every rank stops together
+        if not torch.isfinite(worst) or worst > self.cfg.max_energy:
+            raise UserError(f"{self.family_name} training diverged at step {self.global_step}: |E| reached "
+                            f"{float(worst):.3g} (limit model.max_energy={self.cfg.max_energy:g}); {self._advice()}")
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        super().on_before_optimizer_step(optimizer)
+        grads = [p.grad.detach().flatten() for p in self.parameters() if p.grad is not None]
+        norm = torch.cat(grads).norm() if grads else torch.zeros(())
+        if not torch.isfinite(norm) or norm > self.cfg.max_grad_norm:  # gradients are already all-reduced
+            raise UserError(f"{self.family_name} training diverged at step {self.global_step}: gradient norm "
+                            f"{float(norm):.3g} (limit model.max_grad_norm={self.cfg.max_grad_norm:g}); "
+                            f"{self._advice()}")
+
+    # ---- per-rank state (the replay buffer) ---------------------------------------------------------
+    def rank_state(self) -> dict[str, Any]:
+        return {} if self.buffer is None else {"buffer": self.buffer.detach().cpu()}
+
+    def load_rank_state(self, state: dict[str, Any], saved_world_size: int, world_size: int) -> None:
+        """Own buffer back at the same world size; at another, every saved rank's chains are pooled and
+        each rank takes buffer_size of them (rank r from offset r * buffer_size, wrapping around)."""
+        if saved_world_size == world_size:
+            buffer = state.get("buffer")
+        else:
+            parts = [s["buffer"] for _, s in sorted(state.items()) if s.get("buffer") is not None]
+            pooled = torch.cat(parts) if parts else None
+            if pooled is None:
+                buffer = None
+            else:
+                rank = self.global_rank
+                idx = (torch.arange(self.cfg.buffer_size) + rank * self.cfg.buffer_size) % len(pooled)
+                buffer = pooled[idx]
+        self.buffer = None if buffer is None else buffer.to(self.device)
+
+    # ---- sampling --------------------------------------------------------------------------------------
+    def sample(self, n: int, y: Tensor | None = None) -> Tensor:
+        """`sample_steps` Langevin updates from replay-buffer entries or from uniform noise, as images."""
+        if self.cfg.sample_from == "buffer":
+            buffer = self.replay_buffer()
+            x0 = buffer[torch.randint(0, len(buffer), (n,), device=buffer.device)]
+        else:
+            x0 = uniform_images(n, self.data_spec.shape, self.device)
+        return unit_to_images(self.langevin(x0, self.cfg.sample_steps), self.data_spec.levels)

@@ -1,0 +1,77 @@
+"""JEM: the classifier/energy identities, the loss's parts, and the tiny recipe trained for real and evaluated
+by `scalegen eval` (accuracy, ECE with its reliability diagram, OOD AUROC), each number recomputed here
+independently from the model's outputs (scikit-learn for the AUROC)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import roc_auc_score
+
+from scalegen.cli.main import main
+from scalegen.config.schema import OptimConfig
+from scalegen.dataspec import DataSpec, images_to_unit
+from scalegen.eval.data import EvalData
+from scalegen.families.jem import JEM, JEMConfig
+from scalegen.metrics.ood import corrupt
+from scalegen.runtime import load_model
+
+
+def _model(**kw) -> JEM:
+    torch.manual_seed(0)
+    return JEM(JEMConfig(widths=[8, 16], sgld_steps=2, buffer_size=20, **kw), OptimConfig(), DataSpec(shape=(1, 8, 8)))
+
+
+def test_classifier_and_energy_identities() -> None:
+    """log p(y|x) = f(x)[y] - logsumexp f(x) = f(x)[y] + E(x), and p(y|x) sums to one."""
+    model = _model()
+    x = torch.randint(0, 256, (6, 1, 8, 8), dtype=torch.uint8)
+    with torch.no_grad():
+        f, log_p, e = model.logits(x), model.classify(x), model.energy(x)
+        torch.testing.assert_close(log_p, f + e[:, None])
+        torch.testing.assert_close(log_p.exp().sum(1), torch.ones(6))
+        torch.testing.assert_close(model.energy(images_to_unit(x)), e)  # floats in [-1, 1] or uint8
+
+
+def test_loss_is_cross_entropy_on_labelled_rows_plus_the_ml_term() -> None:
+    x = torch.randint(0, 256, (6, 1, 8, 8), dtype=torch.uint8)
+    y = torch.tensor([3, -1, 0, -1, 9, 1])
+    plain = _model(gen_weight=0.0)
+    loss, logs = plain.loss({"x": x, "y": y})
+    keep = y >= 0
+    torch.testing.assert_close(loss, F.cross_entropy(plain.logits(x[keep]), y[keep]))
+    assert "contrastive" not in logs
+    joint = _model(gen_weight=1.0)
+    loss, logs = joint.loss({"x": x, "y": y})
+    torch.testing.assert_close(loss, logs["ce"] + logs["contrastive"])  # energy_reg is 0 for JEM
+    loss.backward()
+    assert all(p.grad is not None for p in joint.parameters())
+
+
+def test_tiny_jem_trains_and_eval_reports_accuracy_ece_and_ood(tmp_path: Path, train_recipe) -> None:
+    run = train_recipe("jem/tiny", tmp_path / "jem", "trainer.max_epochs=4")
+    out = tmp_path / "eval"
+    assert main(["eval", str(run), "--out", str(out), "--no-wandb", "eval.metrics=[accuracy,ece,ood]"]) == 0
+    results = json.loads((out / "metrics.json").read_text())
+    m = results["metrics"]
+    assert (out / "reliability.png").is_file()
+    # Recompute from the model's own outputs on the same split.
+    model, cfg = load_model(run / "checkpoints" / "last.ckpt")
+    x, y = EvalData.from_config(cfg.data).split("test", None)
+    with torch.no_grad():
+        log_p = model.classify(x)
+    acc = (log_p.argmax(1) == y).float().mean().item()
+    assert m["accuracy"]["value"] == pytest.approx(acc, abs=1e-6) and acc > 0.5
+    assert 0 <= m["ece"]["value"] <= 1 and sum(m["ece"]["bin_counts"]) == len(y)
+    with torch.no_grad():
+        s_in = -model.energy(images_to_unit(x)).numpy()
+        s_out = -model.energy(images_to_unit(corrupt(x, "inverted", seed=cfg.eval.seed))).numpy()
+    ref = roc_auc_score(np.r_[np.ones(len(s_in)), np.zeros(len(s_out))], np.r_[s_in, s_out])
+    assert m["ood"]["auroc"]["inverted"]["log_px"] == pytest.approx(ref, abs=1e-6)
+    assert set(m["ood"]["auroc"]) == {"uniform_noise", "pixel_permuted", "inverted"}
+    assert set(m["ood"]["auroc"]["inverted"]) == {"log_px", "grad_norm", "max_softmax"}
