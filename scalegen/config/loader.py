@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -305,9 +306,31 @@ def plain(section: Any) -> Any:
 
 
 def config_from_container(data: dict) -> DictConfig:
-    """Rebuild a typed config from a saved (resolved) plain dict, e.g. a checkpoint's."""
+    """Rebuild a typed config from a saved (resolved) plain dict, e.g. a checkpoint's.
+
+    Keys the schema no longer has (an option removed since the checkpoint was written, such as
+    `data.prefetch`) are dropped with a warning naming them, so older checkpoints keep loading; any other
+    mismatch is an error."""
     cfg = schema_for(data["model"]["family"])
-    return _merge(cfg, OmegaConf.create(data), "saved config")
+    saved = OmegaConf.create(data)
+    obsolete = _obsolete_keys(cfg, saved)
+    for key in obsolete:
+        parent, _, name = key.rpartition(".")
+        node = OmegaConf.select(saved, parent) if parent else saved
+        node.pop(name)
+    if obsolete:
+        warnings.warn(f"saved config: ignoring keys this version no longer has: {', '.join(obsolete)}", stacklevel=2)
+    return _merge(cfg, saved, "saved config")
+
+
+def _obsolete_keys(schema: DictConfig, saved: DictConfig, prefix: str = "") -> list[str]:
+    out = []
+    for key in saved.keys():
+        if key not in schema:
+            out.append(f"{prefix}{key}")
+        elif isinstance(saved[key], DictConfig) and isinstance(schema[key], DictConfig):
+            out += _obsolete_keys(schema[key], saved[key], f"{prefix}{key}.")
+    return out
 
 
 def run_dir_of(cfg: DictConfig) -> Path:
