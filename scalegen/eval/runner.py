@@ -50,6 +50,8 @@ BOUND_NAMES = {
     "elbo": "negative ELBO (an upper bound on the NLL)",
     "iwae": "negative IWAE bound (an upper bound on the NLL)",
     "vlb": "variational bound (an upper bound on the NLL)",
+    "bound": "upper bound on the NLL (deterministic posterior: reconstruction term plus the prior's NLL of "
+    "the code; see the family)",
 }
 
 
