@@ -1,7 +1,7 @@
 """Training-step overhead of scalegen against a plain PyTorch loop, measured in the same process.
 
 All loops train the same VAE network, on the same digits batches, with the same batch size, optimizer
-and LR schedule (`scalegen.runtime.optim.build_optimizer`). Three loops per config:
+and LR schedule (`scalegen.optim.build_optimizer`). Three loops per config:
 
 - plain: a `for` loop over pre-decoded batches held in memory (its best case);
 - lightning: a bare `L.Trainer` over the same in-memory batches, the module's `training_step` only
@@ -46,9 +46,9 @@ os.environ.setdefault("SCALEGEN_DATA", str(Path(tempfile.gettempdir()) / "scaleg
 
 from scalegen.config import load_config  # noqa: E402
 from scalegen.data import build_datamodule  # noqa: E402
+from scalegen.optim import build_optimizer  # noqa: E402
 from scalegen.registry import get_family  # noqa: E402
-from scalegen.runtime import train  # noqa: E402
-from scalegen.runtime.optim import build_optimizer  # noqa: E402
+from scalegen.runtime.train import train  # noqa: E402
 
 CONFIGS = {
     "small": ["model.hidden=[256,128]", "data.batch_size=64"],  # the quickstart itself

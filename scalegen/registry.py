@@ -1,7 +1,8 @@
 """The model-family registry: name -> (config schema, LightningModule class).
 
-A family module calls `register_family` at import; `scalegen.families` imports every family module,
-so the runtime never switches on family names.
+A family module calls `register_family` at import. This module imports nothing but the errors, so the
+config loader (below the families) can look a family's schema up here; the families are registered by
+importing `scalegen.families`, which the layers above them (runtime, eval, hub, cli) do at their top.
 """
 
 from __future__ import annotations
@@ -37,14 +38,12 @@ def register_family(name: str, config: type, summary: str = ""):
 
 
 def get_family(name: Any) -> FamilyEntry:
-    import scalegen.families  # noqa: F401  (registers the built-in families)
-
     if name not in _FAMILIES:
-        raise ConfigError(f"unknown model family {name!r}.{did_you_mean(str(name), _FAMILIES)}")
+        hint = did_you_mean(str(name), _FAMILIES) if _FAMILIES else (
+            " No family is registered yet: import scalegen.families first.")
+        raise ConfigError(f"unknown model family {name!r}.{hint}")
     return _FAMILIES[name]
 
 
 def families() -> dict[str, FamilyEntry]:
-    import scalegen.families  # noqa: F401
-
     return dict(_FAMILIES)

@@ -17,11 +17,13 @@ os.environ.setdefault("WANDB_SILENT", "true")
 REPO = Path(__file__).resolve().parents[1]
 QUIET = ["trainer.progress_bar=false", "logging.wandb=false"]
 
+import scalegen.families  # noqa: E402, F401  (registers the built-in families: tests call the config loader)
+
 
 def _train_recipe(recipe: str, run_dir: Path, *overrides: str) -> Path:
     """Train a recipe in this process into `run_dir` (quiet: no progress bar, no W&B unless overridden)."""
     from scalegen.config import load_config
-    from scalegen.runtime import train
+    from scalegen.runtime.train import train
 
     cfg = load_config(recipe, [f"run.dir={run_dir.parent}", f"run.name={run_dir.name}", *QUIET, *overrides])
     return train(cfg)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from scalegen.config.schema import OptimConfig
-from scalegen.runtime.optim import build_optimizer, lr_factor
+from scalegen.optim import build_optimizer, lr_factor
 
 
 @pytest.mark.parametrize("name", ["adamw", "adam", "sgd"])

@@ -24,17 +24,17 @@ def test_tiny_recipe_trains_end_to_end(recipe: Path, tmp_path: Path, train_recip
     losses = [r["train/loss"] for r in rows if "train/loss" in r]
     assert losses and all(isinstance(v, float) and math.isfinite(v) for v in losses)
     model, cfg = load_model(run / "checkpoints" / "last.ckpt")
-    if "sample" in type(model).capabilities():
+    if "sample" in model.predictions:
         torch.manual_seed(0)
         samples = model.sample(2)
         assert samples.shape[1:] == model.data_spec.shape
-    if "nll" in type(model).capabilities():
+    if "nll" in model.predictions:
         batch_shape = (2, *model.data_spec.shape)
         x = torch.zeros(batch_shape, dtype=torch.uint8) if model.data_spec.kind == "image" else None
         if x is not None:
             assert torch.isfinite(model.nll(x)).all()
     # ... and `scalegen eval` scores it with every metric that applies to its family (small budgets here).
-    caps, image = type(model).capabilities(), model.data_spec.kind == "image"
+    caps, image = model.predictions, model.data_spec.kind == "image"
     budget = ["--num-samples", "64", "eval.max_examples=128", "eval.iwae_k=4", "eval.probe_seeds=1",
               "eval.probe_steps=30", "eval.probe_train_examples=300", "eval.label_curve=[1,10]"]
     assert main(["eval", str(run), "--out", str(tmp_path / "eval"), "--no-wandb", *budget]) == 0

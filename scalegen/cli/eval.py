@@ -60,11 +60,11 @@ def _resume_wandb(cfg, run_dir: Path | None):
 def run(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
+    from scalegen.checkpoints import checkpoint_sha256, load_model, resolve_checkpoint
     from scalegen.config.loader import _merge
     from scalegen.eval.data import EvalData
     from scalegen.eval.dist import rank_world
     from scalegen.eval.runner import evaluate, parse_metrics
-    from scalegen.runtime.checkpoint import checkpoint_sha256, load_model, resolve_checkpoint
 
     _init_distributed()
     ckpt = resolve_checkpoint(args.checkpoint)

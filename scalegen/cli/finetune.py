@@ -25,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
     from scalegen.errors import UserError
     from scalegen.hub import fetch_release
     from scalegen.hub.load import release_info
-    from scalegen.runtime import train
+    from scalegen.runtime.train import train
 
     cfg = load_config(args.recipe, [*args.overrides, f"finetune.init_from={args.release}"])
     folder = fetch_release(args.release, cfg.finetune.sha256)  # verify (and download) before anything trains

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 
 import scalegen.cli
+import scalegen.families  # noqa: F401  (registers the built-in families for every command)
 from scalegen.errors import UserError
 
 

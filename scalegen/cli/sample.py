@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     if args.n < 1:
         raise UserError("--n must be at least 1")
     model, _ = load_model(args.checkpoint, use_ema=not args.raw)
-    if "sample" not in type(model).capabilities():
+    if "sample" not in model.predictions:
         raise UserError(f"family {model.family_name!r} cannot sample")
     torch.manual_seed(args.seed)
     y = None if args.label is None else torch.full((args.n,), args.label, dtype=torch.long)

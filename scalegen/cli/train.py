@@ -16,7 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.recipe, args.overrides)
-    from scalegen.runtime import train
+    from scalegen.runtime.train import train
 
     run_dir = train(cfg)
     print(f"run folder: {run_dir}")

@@ -16,6 +16,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 from scalegen.config.schema import Config
 from scalegen.errors import ConfigError, did_you_mean
+from scalegen.registry import get_family
 
 RECIPES_DIR = Path(os.environ.get("SCALEGEN_RECIPES", Path(__file__).resolve().parents[2] / "recipes"))
 
@@ -99,8 +100,6 @@ def _check_choices(schema_obj: Any, node: DictConfig, prefix: str = "") -> None:
 
 def schema_for(family: str) -> DictConfig:
     """The full typed schema with `model` set to the family's config."""
-    from scalegen.registry import get_family
-
     entry = get_family(family)
     cfg = OmegaConf.structured(Config(model=entry.config()))
     OmegaConf.set_struct(cfg, True)
@@ -123,8 +122,6 @@ def load_config(recipe: str | Path, overrides: Sequence[str] = ()) -> DictConfig
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as err:
         raise ConfigError(f"cannot resolve the config: {str(err).splitlines()[0]}") from None
-    from scalegen.registry import get_family
-
     _check_choices(Config(model=get_family(family).config()), cfg)
     return cfg
 
@@ -145,3 +142,8 @@ def config_from_container(data: dict) -> DictConfig:
     """Rebuild a typed config from a saved (resolved) plain dict, e.g. a checkpoint's."""
     cfg = schema_for(data["model"]["family"])
     return _merge(cfg, OmegaConf.create(data), "saved config")
+
+
+def run_dir_of(cfg: DictConfig) -> Path:
+    """The run folder of a config: `run.dir / run.name`."""
+    return Path(os.path.expanduser(cfg.run.dir)) / cfg.run.name

@@ -43,11 +43,14 @@ class DataConfig:
     source: str | None = None  # local copy in the upstream format to prepare from (no download)
     batch_size: int = 64  # per device, per step (at most; see docs/data.md); see trainer.global_batch_size
     num_workers: int = 0  # DataLoader worker processes per rank
-    prefetch: int = 0  # num_workers=0: batches a background thread decodes ahead (0: decode in the training loop)
+    cache_bytes: int = ranged(4 << 30, ge=0)  # decode a split once into memory when a rank's share fits (0 = stream)
     shuffle_buffer: int = 1000  # samples in each worker's shuffle buffer (0: shard order is still shuffled)
     resampled: bool = False  # infinite stream of shards sampled with replacement, for step-counted runs
     seed: int | None = None  # shard order, shuffle and augmentation seed; None = trainer.seed
     on_bad_sample: str = choice("warn", "raise")  # skip corrupt shards/samples with a warning, or fail
+    # Partly labelled training data (docs/data.md): y = -1 for all but N examples per class.
+    labels_per_class: int | None = ranged(None, ge=1)  # keep the labels of exactly N training examples per class
+    label_seed: int = ranged(0, ge=0)  # which examples keep their labels (the same on every rank and resume)
     # Image transforms, applied to training batches only.
     random_flip: bool = False  # horizontal flip with probability 1/2
     random_crop_padding: int = 0  # pad by this many pixels (reflect) and crop back at random
@@ -121,8 +124,8 @@ class LoggingConfig:
 
 @dataclass
 class CheckpointConfig:
-    monitor: str = "val/loss"  # metric that picks the best checkpoint
-    mode: str = choice("min", "max")
+    monitor: str | None = None  # metric that picks the best checkpoint; null = the family's (none for GANs)
+    mode: str = choice("min", "max")  # for a `monitor` set here; the family's own has its own mode
     save_last: bool = True  # checkpoints/last.ckpt, what trainer.resume=auto continues from
     save_top_k: int = 1  # best checkpoints kept by `monitor`
     every_n_train_steps: int | None = None  # also checkpoint every N optimizer steps

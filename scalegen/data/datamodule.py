@@ -8,6 +8,7 @@ in every checkpoint, so a resumed run continues from the next unseen batch.
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import os
 import warnings
@@ -19,10 +20,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from scalegen.config.schema import DataConfig
+from scalegen.data.labels import LabelledSet, choose_labelled, mask_labels
 from scalegen.data.manifest import MANIFEST, DataError, Manifest, read_manifest
-from scalegen.data.pipeline import ShardStream, StreamOptions, hash_seed
-from scalegen.data.prefetch import prefetch
-from scalegen.data.shards import expand_urls, join_url, shard_name, url_exists
+from scalegen.data.pipeline import DecodedSplit, ShardStream, StreamOptions, hash_seed
+from scalegen.data.shards import expand_urls, iter_shard, join_url, shard_name, url_exists
 from scalegen.data.transforms import resized_shape
 from scalegen.dataspec import DataSpec
 
@@ -32,24 +33,33 @@ def expand_root(root: str) -> str:
     return root if "://" in root else os.path.expanduser(os.path.expandvars(root))
 
 
-def build_datamodule(cfg: DataConfig) -> ShardDataModule:
-    """The DataModule for a recipe's `data` section (prepares a built-in dataset on first use)."""
-    return ShardDataModule(cfg)
+def build_datamodule(cfg: DataConfig, labelled_stream: bool = False) -> ShardDataModule:
+    """The DataModule for a recipe's `data` section (prepares a built-in dataset on first use).
+    `labelled_stream`: the family's class attribute of that name (training batches then also carry
+    `x_labelled`, `y_labelled`, `key_labelled`; see scalegen/data/labels.py)."""
+    return ShardDataModule(cfg, labelled_stream=labelled_stream)
 
 
 class ShardLoader:
-    """Batches of one split for this rank: a DataLoader over a `ShardStream`, plus its position.
+    """Batches of one split for this rank, and its position (the one place the data position is kept).
 
+    When `cache_bytes` holds the rank's decoded share (`sample_bytes` each; None = not cacheable) it is
+    decoded once (`DecodedSplit`) and every pass batches from memory; otherwise each pass streams a
+    `ShardStream`, through persistent DataLoader workers when `num_workers > 0`.
     Iterating starts a new pass: the next epoch, or, after `load_state_dict`, the rest of the saved one.
     `consumed` counts the batches handed out in the current pass (the DataModule counts them instead
     when a Trainer is attached, because Lightning fetches one batch ahead of the one it trains on).
     """
 
-    def __init__(self, stream: ShardStream, num_workers: int, pin_memory: bool = False, prefetch: int = 0) -> None:
+    def __init__(self, stream: ShardStream, num_workers: int, pin_memory: bool = False, cache_bytes: int = 0,
+                 sample_bytes: int | None = None) -> None:
         self.stream, self.num_workers, self.pin_memory = stream, num_workers, pin_memory
-        self.prefetch = prefetch  # without workers: batches decoded ahead in a background thread (0 = inline)
-        self.epoch, self.consumed, self.skipped = 0, 0, 0
+        self.cache_bytes, self.sample_bytes = cache_bytes, sample_bytes
+        self.decoded: DecodedSplit | None = None
+        self.epoch, self.consumed, self.skipped, self.replaced = 0, 0, 0, 0
         self.count_on_yield = True
+        self.labelled: dict[str, int] | None = None  # data.labels_per_class: the keys that keep their label
+        self.labelled_set: LabelledSet | None = None  # the labelled stream's examples, when asked for
         self._started = False
         self._dataloader: DataLoader | None = None  # with workers: created at the first pass, then reused
 
@@ -61,17 +71,41 @@ class ShardLoader:
             self.epoch, self.consumed = self.epoch + 1, 0  # a new pass, or the saved epoch was finished
         self._started = True
         self.stream.epoch, self.stream.start = self.epoch, self.consumed
+        # The labelled stream's position: this rank's training batches over all epochs (a resampled stream
+        # has no epoch length, and its passes are apart by more batches than any run takes).
+        step = self.epoch * (1 << 40 if self.stream.opts.resampled else len(self)) + self.consumed
         for batch in self._batches():
             # Workers report the bad samples skipped since their previous batch; the batch carries this
             # rank's running total (what `data/skipped_samples` logs).
             self.skipped += int(batch["skipped"])
+            self.replaced += int(batch["replaced"])
             batch["skipped"] = torch.tensor(self.skipped, dtype=torch.int64)
+            batch["replaced"] = torch.tensor(self.replaced, dtype=torch.int64)
+            if self.labelled is not None:
+                batch["y"] = mask_labels(batch["y"], batch["key"], self.labelled)
+            if self.labelled_set is not None:
+                batch.update(self.labelled_set.batch(step))
+            step += 1
             if self.count_on_yield:
                 self.consumed += 1
             yield batch
 
+    @property
+    def cached(self) -> bool:
+        """Whether this rank's decoded share fits the budget (then it is decoded once and kept in memory)."""
+        s = self.stream
+        if s.opts.resampled or self.sample_bytes is None:
+            return False
+        share = -(-sum(s.counts) // s.world)
+        return share * self.sample_bytes <= self.cache_bytes
+
     def _batches(self) -> Iterator[dict[str, Any]]:
-        """This pass's batches: from worker processes, a background thread, or decoded inline."""
+        """This pass's batches: from memory, from worker processes, or decoded inline."""
+        if self.cached:
+            if self.decoded is None or self.decoded.stream is not self.stream:
+                self.decoded = DecodedSplit(self.stream)
+            batches = self.decoded.batches(self.epoch, self.consumed)
+            return map(_pin, batches) if self.pin_memory else batches
         if self.num_workers > 0:
             if self._dataloader is None:
                 # Persistent workers: a short epoch (the digits have 22 batches) would otherwise pay for
@@ -92,11 +126,8 @@ class ShardLoader:
                 )
             return iter(self._dataloader)
         # Without workers a DataLoader would only add a per-batch conversion pass (and that seed draw).
-        pin = _pin if self.pin_memory else None
-        if self.prefetch > 0:
-            return prefetch(self.stream, self.prefetch, transform=pin)
         batches = iter(self.stream)
-        return batches if pin is None else map(pin, batches)
+        return map(_pin, batches) if self.pin_memory else batches
 
     def state_dict(self) -> dict[str, Any]:
         s = self.stream
@@ -109,6 +140,7 @@ class ShardLoader:
             "batch_size": s.opts.batch_size,
             "seed": s.opts.seed,
             "skipped": self.skipped,
+            "replaced": self.replaced,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -120,6 +152,7 @@ class ShardLoader:
             s.opts.seed,
         )
         self.epoch, self.skipped = int(state["epoch"]), int(state.get("skipped", 0))
+        self.replaced = int(state.get("replaced", 0))
         if same:
             self.consumed = int(state["consumed"])
         else:
@@ -148,9 +181,15 @@ def _mp_context(num_workers: int) -> str | None:
 class ShardDataModule(L.LightningDataModule):
     """Shards -> batches for train / val / test, split exactly once across nodes, ranks and workers."""
 
-    def __init__(self, cfg: DataConfig) -> None:
+    def __init__(self, cfg: DataConfig, labelled_stream: bool = False) -> None:
         super().__init__()
         self.cfg = cfg
+        self.labelled_stream = labelled_stream
+        if labelled_stream and cfg.labels_per_class is None:
+            raise DataError(
+                "this model family trains on a labelled stream beside the main one: set data.labels_per_class "
+                "(labelled examples kept per class)"
+            )
         self.root = expand_root(cfg.root)
         self._manifest: Manifest | None = None
         self._loaders: dict[str, ShardLoader] = {}
@@ -250,6 +289,11 @@ class ShardDataModule(L.LightningDataModule):
         """Bad samples skipped so far by this rank's loaders (also per batch in `batch["skipped"]`)."""
         return sum(loader.skipped for loader in self._loaders.values())
 
+    @property
+    def replacement_samples(self) -> int:
+        """Good samples that stood in for missing ones so far (also per batch in `batch["replaced"]`)."""
+        return sum(loader.replaced for loader in self._loaders.values())
+
     # ---- internals -------------------------------------------------------------------------------
     @property
     def _trainer(self) -> Any:
@@ -339,21 +383,66 @@ class ShardDataModule(L.LightningDataModule):
             center_crop=c.center_crop,
             clip_samples=c.clip_samples if m.kind == "audio" else 0,
             mu_law=c.mu_law if m.kind == "audio" else 0,
+            checked="crc32" in m.fields,
         )
+        spec = self.spec
+        # Decoded images are uint8 of the spec's shape; audio clips vary in length until cropped: not cached.
+        sample_bytes = math.prod(spec.shape) if spec.kind == "image" else None
         loader = ShardLoader(
             ShardStream(urls, counts, opts, rank=rank, world=world),
             c.num_workers,
             pin_memory=torch.cuda.is_available(),
-            prefetch=c.prefetch,
+            cache_bytes=c.cache_bytes,
+            sample_bytes=sample_bytes,
         )
         if train:
             loader.count_on_yield = self._trainer is None
+            if c.labels_per_class is not None:
+                self._add_labels(loader, urls, opts)
             if self._pending_state and "train" in self._pending_state:
                 loader.load_state_dict(self._pending_state["train"])
         self._loaders[split] = loader
         return loader
 
+    def _add_labels(self, loader: ShardLoader, urls: list[str], opts: StreamOptions) -> None:
+        """Mask all labels but those of `data.labels_per_class` examples per class (and, for a labelled
+        stream, decode those examples into memory). Reads every training shard's labels, on every rank."""
+        c, m = self.cfg, self.manifest
+        if not m.num_classes:
+            raise DataError(f"data.labels_per_class is set but {self.root} has no classes (unlabelled data)")
+        pairs = [(s["__key__"], int(s["cls"]) if "cls" in s else -1) for s in _readable_samples(urls)]
+        loader.labelled = choose_labelled(pairs, c.labels_per_class, c.label_seed, m.num_classes)
+        if not self.labelled_stream:
+            return
+        # Decoded with the evaluation transforms (resize, centre crop; no random ones).
+        decoder = ShardStream(urls, [0] * len(urls), StreamOptions(**{**vars(opts), "train": False}))
+        gen = torch.Generator().manual_seed(0)
+        found = []
+        for raw in _readable_samples(urls):
+            if raw["__key__"] in loader.labelled:
+                try:
+                    found.append(decoder.decode_one(raw, gen))
+                except Exception:  # noqa: BLE001  undecodable: the training loader names and counts it
+                    continue
+        found.sort(key=lambda s: s["key"])
+        loader.labelled_set = LabelledSet(
+            torch.stack([s["x"] for s in found]),
+            torch.tensor([loader.labelled[s["key"]] for s in found], dtype=torch.int64),
+            [s["key"] for s in found],
+            batch_size=c.batch_size,
+            seed=(c.label_seed, opts.seed, loader.stream.rank),
+        )
+
     def _seed(self) -> int:
         if self.cfg.seed is not None:
             return int(self.cfg.seed)
         return int(os.environ.get("PL_GLOBAL_SEED", 0))  # set by lightning.seed_everything(trainer.seed)
+
+
+def _readable_samples(urls: list[str]) -> Iterator[dict[str, Any]]:
+    """The raw samples of the shards that can be read (the training loader names and counts what is lost)."""
+    for url in urls:
+        try:
+            yield from iter_shard(url, on_damage=lambda message: None)  # the loader warns about damage
+        except Exception:  # noqa: BLE001  OS and pipe errors all mean "the rest of this shard is lost"
+            continue

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from scalegen.data.decode import encode_png
+from scalegen.data.decode import encode_npy
 from scalegen.data.download import cache_dir, fetch
 from scalegen.data.manifest import DataError
 from scalegen.data.prepare import Prepared, preparer
@@ -58,14 +58,16 @@ def digits(source: str | None) -> Prepared:
         },
         notes="permutation of the 1,797 images by numpy default_rng(0): first 300 = test, next 150 = val, "
         "rest (1,347) = train; grey levels 0..16 stored as round(v*255/16)",
-        fields={"png": "image, greyscale 8x8", "cls": "digit 0-9 (key: digits-{index in load_digits()})"},
+        fields={"npy": "image, uint8 [1, 8, 8]", "cls": "digit 0-9 (key: digits-{index in load_digits()})"},
         shard_size=500,
     )
 
 
 def _encode_image(split: str, i: int, item: tuple[str, np.ndarray, int]) -> dict[str, Any]:
+    """Pixels as a raw uint8 [C, H, W] `.npy` (standard WebDataset; decoded by a copy, checked by `crc32`)."""
     key, img, label = item
-    return {"__key__": key, "png": encode_png(img), "cls": str(label).encode()}
+    chw = img[None] if img.ndim == 2 else img
+    return {"__key__": key, "npy": encode_npy(chw), "cls": str(label).encode()}
 
 
 # ---- MNIST -------------------------------------------------------------------------------------------
@@ -124,7 +126,7 @@ def mnist(source: str | None) -> Prepared:
         },
         notes="train = upstream train 0..54999, val = upstream train 55000..59999, test = upstream t10k; "
         "keys mnist-{train|t10k}-{upstream index}",
-        fields={"png": "image, greyscale 28x28", "cls": "digit 0-9"},
+        fields={"npy": "image, uint8 [1, 28, 28]", "cls": "digit 0-9"},
         shard_size=5000,
     )
 
@@ -190,7 +192,7 @@ def cifar10(source: str | None) -> Prepared:
     splits: dict[str, list[Any]] = {"train": [], "test": []}
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         batch = _unpickle(members[name])
-        x = np.asarray(batch["data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # -> HWC for PNG
+        x = np.asarray(batch["data"], np.uint8).reshape(-1, 3, 32, 32)
         y = np.asarray(batch["labels"], np.int64)
         split = "test" if name == "test_batch" else "train"
         splits[split] += [(f"cifar10-{name}-{i:05d}", x[i], int(y[i])) for i in range(len(y))]
@@ -203,7 +205,7 @@ def cifar10(source: str | None) -> Prepared:
         source={"name": "CIFAR-10 (Krizhevsky 2009)", "url": CIFAR10_URL, **info},
         notes="train = data_batch_1..5, test = test_batch, no val split (loaders use test); "
         "keys cifar10-{batch file}-{row}",
-        fields={"png": "image, RGB 32x32", "cls": "class index into class_names"},
+        fields={"npy": "image, uint8 [3, 32, 32]", "cls": "class index into class_names"},
         shard_size=5000,
     )
 

@@ -1,35 +1,38 @@
-"""The loading pipeline: an IterableDataset that turns one rank's share of an epoch into batch dicts.
+"""The loading pipeline: one rank's share of an epoch as batch dicts, from memory or streamed from shards.
 
-Each DataLoader worker runs the stages below on its own plan (see `scalegen.data.split`), and the
-DataLoader is used with `batch_size=None`: batching happens here, so the batch sizes are the planned
-ones and the position in the epoch is simply "how many batches this rank has received".
+`DecodedSplit` (used when the rank's decoded share fits `data.cache_bytes`): the share is read and decoded
+once, and every epoch is a seeded permutation of it, batched from memory. Otherwise `ShardStream`, an
+IterableDataset, streams it: each DataLoader worker (or the training process) runs the stages below on its
+own plan (see `scalegen.data.split`), with `batch_size=None` (batching happens here, so the batch sizes are
+the planned ones and the position in the epoch is "how many batches this rank has received").
 
 Batches: `x` (uint8 [B, C, H, W] images, float32 [B, 1, T] audio, or int64 [B, 1, T] mu-law codes),
 `y` (int64 [B], -1 when unlabelled), `key` (list of str), numeric fields from the sample's json
-(e.g. `speaker` for FSDD) as tensors, and `skipped` (an int: bad samples this worker skipped since its
-previous batch; `ShardLoader` turns it into the rank's running total, an int64 scalar tensor; a plain int
-here is one tensor fewer for a worker to send through shared memory).
+(e.g. `speaker` for FSDD) as tensors, and `skipped` / `replaced` (ints: bad samples skipped, and samples
+standing in for missing ones, since the previous batch; `ShardLoader` turns them into running totals).
+
+Damage costs only itself: the tar reader reads on past a corrupt header, a bad sample is skipped, and a
+batch short of its planned size is filled with other good samples of the same epoch (each used as a stand-in
+at most once), so every rank takes the planned number of steps and no batch is repeated.
 """
 
 from __future__ import annotations
 
-import operator
+import hashlib
 import random
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
-from itertools import repeat
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from scalegen.data import transforms as T
-from scalegen.data.decode import decode_png_batch, decode_sample
+from scalegen.data.decode import decode_sample
 from scalegen.data.manifest import DataError
-from scalegen.data.prefetch import warn
-from scalegen.data.shards import iter_shard_chunks
+from scalegen.data.shards import iter_shard
 from scalegen.data.split import Slice, batches_before, plan_worker, worker_batch_range
 
 Raw = dict[str, Any]
@@ -56,23 +59,29 @@ class StreamOptions:
     center_crop: int | None = None
     clip_samples: int = 0  # audio: fixed length (0 = keep; then every clip must have the same length)
     mu_law: int = 0
+    checked: bool = False  # every sample has a crc32 member (the manifest lists it): one without is damaged
 
 
 class _Skips:
-    """Bad samples seen by this worker, and how many were already reported in a batch."""
+    """Bad samples and stand-ins counted by one worker, and how many were already reported in a batch."""
 
     def __init__(self, policy: str) -> None:
-        self.policy, self.total, self.reported = policy, 0, 0
+        self.policy = policy
+        self.skipped, self.replaced, self._reported = 0, 0, (0, 0)
 
-    def bad(self, message: str, n: int = 1) -> None:
+    def damage(self, message: str) -> None:
+        """Damage whose cost in samples is counted where the slice comes up short."""
         if self.policy == "raise":
             raise DataError(f"{message} (data.on_bad_sample=raise; set it to warn to skip bad data)")
-        warn(f"skipping {n} sample(s): {message}", BadSampleWarning)  # deferred to the consumer in a prefetch thread
-        self.total += n
+        warnings.warn(message, BadSampleWarning, stacklevel=2)
 
-    def delta(self) -> int:
-        d, self.reported = self.total - self.reported, self.total
-        return d
+    def bad(self, message: str, n: int = 1) -> None:
+        self.damage(f"skipping {n} sample(s): {message}")
+        self.skipped += n
+
+    def deltas(self) -> dict[str, int]:
+        (s, r), self._reported = self._reported, (self.skipped, self.replaced)
+        return {"skipped": self.skipped - s, "replaced": self.replaced - r}
 
 
 class ShardStream(IterableDataset):
@@ -143,19 +152,14 @@ class ShardStream(IterableDataset):
             to_drop = batches_before(self.start, worker, num_workers)  # resume: replay, drop undecoded
         # Planned batches are numbered per rank already; resampled ones per worker (and resume point).
         aug_seed = (o.seed, self.epoch, self.rank) + ((worker, self.start) if o.resampled else (-1,))
-        rng = random.Random(f"shuffle/{o.seed}/{self.epoch}/{self.rank}/{worker}/{self.start if o.resampled else 0}")
+        tag = f"{o.seed}/{self.epoch}/{self.rank}/{worker}/{self.start if o.resampled else 0}"
         stages: list[Callable[[Any], Iterable[Any]]] = [
-            partial(read_slices, self.urls, skips=skips),  # raw samples (bytes), bad shards skipped
-            partial(shuffle, buffer=o.shuffle_buffer if o.train else 0, rng=rng),
-            partial(group, sizes=sizes, first=first_batch),  # (batch index, [raw]) in planned sizes
+            partial(read_slices, self.urls, skips=skips),  # raw samples (bytes), damage skipped
+            partial(shuffle, buffer=o.shuffle_buffer if o.train else 0, rng=random.Random(f"shuffle/{tag}")),
+            partial(group, sizes=sizes, first=first_batch),  # (batch index, planned size, [raw])
             partial(drop, n=to_drop),  # resume mid-epoch: batches already consumed, dropped undecoded
-            partial(
-                decode_batches,
-                decode_one=self._decode_one,
-                decode_batch=self._decode_batch,
-                skips=skips,
-                seed=aug_seed,
-            ),
+            partial(decode_batches, decode_one=self.decode_one, skips=skips, seed=aug_seed,
+                    spares=Spares(4 * o.batch_size, random.Random(f"spares/{tag}"))),
             partial(collate, skips=skips),
         ]
         stream: Any = slices
@@ -179,124 +183,163 @@ class ShardStream(IterableDataset):
             shard = rng.choices(population, weights=self.counts)[0]
             yield Slice(shard, 0, self.counts[shard])
 
-    def _decode_batch(self, raws: list[Raw], gen: torch.Generator) -> dict[str, Any] | None:
-        """The whole batch at once when it is all plain same-size PNGs with labels and nothing else
-        (built-in image datasets); None otherwise, and the samples are decoded one by one."""
+    def prepare(self, raw: Raw) -> dict[str, Any]:
+        """Decode a sample and apply the deterministic transforms (resize, centre crop)."""
         o = self.opts
-        if o.kind != "image" or not raws or any(map(operator.contains, raws, repeat("json"))):
-            return None
-        try:  # one pass over the samples (they lie scattered in memory after the shuffle)
-            keys, pngs, labels = zip(*map(_KEY_PNG_CLS, raws))
-        except KeyError:  # a sample without a label (or without a PNG)
-            if None in (pngs := [r.get("png") for r in raws]):
-                return None
-            keys, labels = [r["__key__"] for r in raws], [r.get("cls") for r in raws]
-        arr = decode_png_batch(pngs, o.channels)
-        if arr is None:
-            return None
-        y = _labels(labels)
-        if y is None:
-            return None
-        x = torch.from_numpy(np.ascontiguousarray(arr.transpose(0, 3, 1, 2)))
-        if o.resize or o.center_crop or (o.train and (o.random_crop_padding > 0 or o.random_flip)):
-            x = torch.stack([self._transform_image(xi, gen) for xi in x])
-        return {"x": x, "y": y, "key": list(keys)}
+        s = decode_sample(raw, o.kind, o.channels, o.sample_rate, o.checked)
+        if o.kind == "image":
+            if o.resize:
+                s["x"] = T.resize(s["x"], o.resize)
+            if o.center_crop:
+                s["x"] = T.center_crop(s["x"], o.center_crop)
+        return s
 
-    def _transform_image(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    def augment(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """The random transforms of training (images: crop, flip), and audio's crop/pad and mu-law."""
         o = self.opts
-        if o.resize:
-            x = T.resize(x, o.resize)
-        if o.center_crop:
-            x = T.center_crop(x, o.center_crop)
-        if o.train and o.random_crop_padding > 0:
-            x = T.random_crop(x, tuple(x.shape[-2:]), o.random_crop_padding, gen)
-        if o.train and o.random_flip:
-            x = T.random_flip(x, gen)
+        if o.kind == "image":
+            if o.train and o.random_crop_padding > 0:
+                x = T.random_crop(x, tuple(x.shape[-2:]), o.random_crop_padding, gen)
+            if o.train and o.random_flip:
+                x = T.random_flip(x, gen)
+            return x
+        if o.clip_samples:
+            x = T.crop_or_pad(x, o.clip_samples, gen if o.train else None)
+        if o.mu_law:
+            x = T.mu_law_encode(x, o.mu_law)
         return x
 
-    def _decode_one(self, raw: Raw, gen: torch.Generator) -> dict[str, Any]:
+    @property
+    def augments(self) -> bool:
         o = self.opts
-        s = decode_sample(raw, o.kind, o.channels, o.sample_rate)
-        x = s["x"]
-        if o.kind == "image":
-            x = self._transform_image(x, gen)
-        else:
-            if o.clip_samples:
-                x = T.crop_or_pad(x, o.clip_samples, gen if o.train else None)
-            if o.mu_law:
-                x = T.mu_law_encode(x, o.mu_law)
-        s["x"] = x
+        return o.kind != "image" or (o.train and (o.random_crop_padding > 0 or o.random_flip))
+
+    def decode_one(self, raw: Raw, gen: torch.Generator) -> dict[str, Any]:
+        s = self.prepare(raw)
+        s["x"] = self.augment(s["x"], gen)
         return s
 
 
-_KEY_PNG_CLS = operator.itemgetter("__key__", "png", "cls")
+class DecodedSplit:
+    """One rank's share of a split, decoded once into memory; each epoch a seeded permutation of it.
 
+    The share is the rank's samples under the plan of epoch 0 (a rank keeps the same samples every epoch;
+    together the ranks still cover the split exactly once). Random transforms are drawn per batch, seeded
+    by (seed, epoch, rank, batch index), so a resumed run gets the same batches. When damage cost the rank
+    samples, the epoch's missing ones are stand-ins drawn at random from its good ones, a different sample
+    each (twice the shortfall at most, until more than half of the share is lost).
+    """
 
-def _labels(fields: Sequence[bytes | None]) -> torch.Tensor | None:
-    """int64 labels from the `cls` members (-1 where missing); None when one is not an integer."""
-    try:
-        if None in fields:
-            return torch.tensor([-1 if f is None else int(f) for f in fields], dtype=torch.int64)
-        words = b" ".join(fields).split()  # one numpy parse for the batch instead of an int() per label
-        return torch.from_numpy(np.array(words, dtype=np.int64)) if len(words) == len(fields) else None
-    except ValueError:
-        return None
+    def __init__(self, stream: ShardStream) -> None:
+        o, self.stream = stream.opts, stream
+        plan = plan_worker(stream.counts, rank=stream.rank, world=stream.world, worker=0, num_workers=1,
+                           batch_size=o.batch_size, epoch=0, seed=o.seed, shuffle=o.train)
+        # A rank with fewer samples than steps (batch size 1, uneven split) fills its empty step with a stand-in.
+        self.sizes = [max(1, n) for n in plan.batch_sizes]
+        self.skips = _Skips(o.on_bad_sample)
+        samples = []
+        for chunk in read_slices(stream.urls, plan.slices, self.skips):
+            for raw in chunk:
+                try:
+                    samples.append(stream.prepare(raw))
+                except DataError:
+                    raise
+                except Exception as err:  # noqa: BLE001  any decoding error means "this sample is bad"
+                    self.skips.bad(f"sample {raw.get('__key__')} in shard {raw.get('__url__')}: "
+                                   f"{type(err).__name__}: {err}")
+        if not samples and self.sizes:
+            raise DataError(f"rank {stream.rank} could read none of its {sum(self.sizes)} samples of {stream.urls[0]}"
+                            " ...: check the shards (`scalegen data prepare` rewrites damaged ones)")
+        self.batch = collate_samples(samples) if samples else {}
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def batches(self, epoch: int, start: int) -> Iterator[dict[str, Any]]:
+        o, n, planned = self.stream.opts, len(self.batch.get("key", ())), sum(self.sizes)
+        gen = torch.Generator().manual_seed(hash_seed(o.seed, epoch, self.stream.rank, -2))
+        order = torch.randperm(n, generator=gen) if o.train else torch.arange(n)
+        stand_in = torch.zeros(planned, dtype=torch.bool)
+        if planned > n:  # damage: fill the share with distinct good samples, placed at random
+            extra = torch.cat([torch.randperm(n, generator=gen) for _ in range(-(-(planned - n) // n))])
+            order = torch.cat([order, extra[: planned - n]])
+            stand_in[n:] = True
+            if o.train:
+                mix = torch.randperm(planned, generator=gen)
+                order, stand_in = order[mix], stand_in[mix]
+        ends = torch.tensor(self.sizes).cumsum(0).tolist()
+        skipped, self.skips.skipped = self.skips.skipped, 0  # reported once, in the first batch after decoding
+        for g in range(start, len(self.sizes)):
+            a, b = ends[g] - self.sizes[g], ends[g]
+            idx = order[a:b]
+            out = {k: (v[idx] if isinstance(v, torch.Tensor) else [v[i] for i in idx.tolist()])
+                   for k, v in self.batch.items()}
+            if self.stream.augments:
+                aug = torch.Generator().manual_seed(hash_seed(o.seed, epoch, self.stream.rank, -1, g))
+                out["x"] = torch.stack([self.stream.augment(x, aug) for x in out["x"]])
+            out["skipped"], skipped = skipped, 0
+            out["replaced"] = int(stand_in[a:b].sum())
+            yield out
 
 
 # ---- stages ----------------------------------------------------------------------------------------
 # Stages up to `group` pass lists of raw samples (one generator step per list, not per sample).
 def read_slices(urls: Sequence[str], slices: Iterable[Slice], skips: _Skips) -> Iterator[list[Raw]]:
-    """The samples of each slice; a shard that is missing, truncated or corrupt is skipped (and counted)."""
+    """The samples of each slice. A sample's position is its index among the shard's readable samples, the
+    same for every reader of the shard, so samples lost to damage shorten only the slice holding the
+    shard's end; what a slice lacks is counted there."""
     for sl in slices:
         url, got, last_key = urls[sl.shard], 0, None
-        want = sl.stop - sl.start
+        want, seen, part = sl.stop - sl.start, 0, []
         try:
-            seen = 0  # samples of the shard read so far
-            for chunk in iter_shard_chunks(url):
-                part = chunk[max(sl.start - seen, 0) : sl.stop - seen]
-                seen += len(chunk)
-                if part:
-                    for sample in part:
-                        sample["__url__"] = url
-                    got, last_key = got + len(part), part[-1]["__key__"]
-                    yield part
+            for sample in iter_shard(url, on_damage=skips.damage):
+                if seen >= sl.start:
+                    sample["__url__"] = url
+                    part.append(sample)
+                    if len(part) == 256:
+                        got, last_key = got + len(part), part[-1]["__key__"]
+                        yield part
+                        part = []
+                seen += 1
                 if seen >= sl.stop:
                     break
-        except Exception as err:  # tarfile, gzip, OS and pipe errors all mean "this shard is bad here"
-            where = f"after key {last_key}" if last_key else f"at sample {sl.start}"
-            skips.bad(f"shard {url} unreadable {where}: {type(err).__name__}: {err}", want - got)
-            continue
+        except DataError:
+            raise
+        except Exception as err:  # noqa: BLE001  OS, pipe and decompression errors: the rest of the shard is lost
+            skips.damage(f"shard {url} unreadable after {seen} samples: {type(err).__name__}: {err}")
+        if part:
+            got, last_key = got + len(part), part[-1]["__key__"]
+            yield part
         if got < want:
-            skips.bad(f"shard {url} ended after key {last_key}: {got} of {want} planned samples", want - got)
+            where = f"after key {last_key}" if last_key else f"before sample {sl.start}"
+            skips.bad(f"shard {url} ended {where}: {got} of {want} planned samples", want - got)
 
 
 def shuffle(chunks: Iterable[list[Raw]], buffer: int, rng: random.Random) -> Iterator[list[Raw]]:
     """A shuffle buffer: a permutation of the stream (nothing dropped or repeated); buffer <= 1 is a no-op.
-    Each sample arriving in a full buffer swaps with a uniformly drawn held one, which leaves. The slots
-    are drawn a chunk at a time (numpy, seeded from `rng`): the per-sample work is one swap."""
+    Each sample arriving in a full buffer swaps with a uniformly drawn held one, which leaves."""
     if buffer <= 1:
         yield from chunks
         return
-    draws = np.random.default_rng(rng.getrandbits(64))
     held: list[Raw] = []
     for chunk in chunks:
-        room = buffer - len(held)
-        if room > 0:
-            held.extend(chunk[:room])
-            chunk = chunk[room:]
-            if not chunk:
-                continue
         out = []
-        for item, i in zip(chunk, draws.integers(0, buffer, len(chunk)).tolist()):
+        for item in chunk:
+            if len(held) < buffer:
+                held.append(item)
+                continue
+            i = rng.randrange(buffer)
             out.append(held[i])
             held[i] = item
-        yield out
+        if out:
+            yield out
     rng.shuffle(held)
     yield held
 
 
-def group(chunks: Iterable[list[Raw]], sizes: Iterable[int], first: int) -> Iterator[tuple[int, list[Raw]]]:
-    """Exactly one group per planned size, numbered from `first`; short (even empty) if the stream ran dry."""
+def group(chunks: Iterable[list[Raw]], sizes: Iterable[int], first: int) -> Iterator[tuple[int, int, list[Raw]]]:
+    """Exactly one group per planned size, numbered from `first`: (index, size, raws), the raws short (even
+    empty) if the stream ran dry."""
     it = iter(chunks)
     pending: list[Raw] = []
     for j, size in enumerate(sizes):
@@ -305,7 +348,7 @@ def group(chunks: Iterable[list[Raw]], sizes: Iterable[int], first: int) -> Iter
             if more is None:
                 break
             pending.extend(more)
-        yield first + j, pending[:size]
+        yield first + j, size, pending[:size]
         del pending[:size]
 
 
@@ -315,76 +358,98 @@ def drop(stream: Iterable[Any], n: int) -> Iterator[Any]:
             yield item
 
 
+class Spares:
+    """A uniform sample (reservoir) of the good samples decoded so far this epoch, to stand in for missing
+    ones; each leaves when used, so damage makes no sample appear more than twice."""
+
+    def __init__(self, capacity: int, rng: random.Random) -> None:
+        self.capacity, self.rng, self.held, self.seen = capacity, rng, [], 0
+
+    def offer(self, sample: dict[str, Any]) -> None:
+        self.seen += 1
+        if len(self.held) < self.capacity:
+            self.held.append(sample)
+        elif (i := self.rng.randrange(self.seen)) < self.capacity:
+            self.held[i] = sample
+
+    def take(self, n: int) -> list[dict[str, Any]]:
+        out = []
+        while self.held and len(out) < n:
+            i = self.rng.randrange(len(self.held))
+            self.held[i], self.held[-1] = self.held[-1], self.held[i]
+            out.append(self.held.pop())
+        return out
+
+
 def decode_batches(
-    stream: Iterable[tuple[int, list[Raw]]],
+    stream: Iterable[tuple[int, int, list[Raw]]],
     decode_one: Callable[[Raw, torch.Generator], Any],
     skips: _Skips,
     seed: tuple[int, ...],
-    decode_batch: Callable[[list[Raw], torch.Generator], dict[str, Any] | None] | None = None,
-) -> Iterator[list[dict[str, Any]] | dict[str, Any]]:
-    """Decode and transform each sample; undecodable ones are skipped (and counted).
+    spares: Spares,
+) -> Iterator[list[dict[str, Any]]]:
+    """Decode and transform each sample; undecodable ones are skipped (and counted), and a batch left
+    short is filled from `spares`.
 
     Random transforms draw from a generator seeded by (seed, epoch, rank, batch index), so a batch's
     augmentation does not depend on what was read before it (resume gives identical batches).
-    A batch left empty (its samples were all bad, or the rank had fewer samples than steps) repeats
-    the previous batch's samples, so every rank still takes the same number of steps.
-    `decode_batch`, when given, may decode a whole batch at once (a ready batch dict) or decline (None).
     """
-    recent: list[dict[str, Any]] | dict[str, Any] = []
-    for index, raws in stream:
+    recent: list[dict[str, Any]] = []
+    for index, size, raws in stream:
         gen = torch.Generator().manual_seed(hash_seed(*seed, index))
-        fast = decode_batch(raws, gen) if decode_batch is not None else None
-        if fast is not None:
-            recent = fast
-            yield fast
-            continue
-        gen = torch.Generator().manual_seed(hash_seed(*seed, index))  # the same draws as the fast path
         out: list[dict[str, Any]] = []
         for raw in raws:
             try:
                 out.append(decode_one(raw, gen))
             except DataError:
                 raise
-            except Exception as err:
-                where = f"sample {raw.get('__key__')} in shard {raw.get('__url__')}"
-                skips.bad(f"{where}: {type(err).__name__}: {err}")
-        if not out:
+            except Exception as err:  # noqa: BLE001  any decoding error means "this sample is bad"
+                skips.bad(f"sample {raw.get('__key__')} in shard {raw.get('__url__')}: {type(err).__name__}: {err}")
+        size = max(1, size)  # a rank with fewer samples than steps fills its empty step with a stand-in
+        fill = spares.take(size - len(out)) if len(out) < size else []
+        for s in out:
+            spares.offer(s)
+        if not out and not fill:
+            # More lost than the reservoir holds: the previous batch stands in (only when streaming; the
+            # decoded-once path never needs this). Every rank must still take this step.
             if not recent:
-                continue  # nothing good read yet: nothing to repeat
-            yield recent
+                raise DataError(f"no readable sample to fill batch {index} with (every sample so far was bad): "
+                                "check the shards (`scalegen data prepare` rewrites damaged ones)")
+            fill = recent
+        skips.replaced += len(fill)
+        recent = out + fill
+        yield recent
+
+
+def collate_samples(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Samples -> one batch dict: `x` stacked, `y` int64, `key` a list, other fields as tensors or lists."""
+    shapes = {tuple(s["x"].shape) for s in samples}
+    if len(shapes) > 1:
+        raise DataError(
+            f"examples of different shapes {sorted(shapes)} in a batch (first key {samples[0]['key']}): "
+            "set data.resize and data.center_crop (images) or data.clip_samples (audio)"
+        )
+    batch: dict[str, Any] = {
+        "x": torch.stack([s["x"] for s in samples]),
+        "y": torch.tensor([s["y"] for s in samples], dtype=torch.int64),
+        "key": [s["key"] for s in samples],
+    }
+    for k in samples[0]:
+        if k in batch or not all(k in s for s in samples):
             continue
-        recent = out
-        yield out
+        values = [s[k] for s in samples]
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            batch[k] = torch.tensor(values, dtype=torch.int64)
+        elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            batch[k] = torch.tensor(values, dtype=torch.float32)
+        else:
+            batch[k] = values
+    return batch
 
 
-def collate(stream: Iterable[list[dict[str, Any]] | dict[str, Any]], skips: _Skips) -> Iterator[dict[str, Any]]:
+def collate(stream: Iterable[list[dict[str, Any]]], skips: _Skips) -> Iterator[dict[str, Any]]:
     for samples in stream:
-        if isinstance(samples, dict):  # decoded as a whole batch already
-            yield {**samples, "skipped": skips.delta()}
-            continue
-        shapes = {tuple(s["x"].shape) for s in samples}
-        if len(shapes) > 1:
-            raise DataError(
-                f"examples of different shapes {sorted(shapes)} in a batch (first key {samples[0]['key']}): "
-                "set data.resize and data.center_crop (images) or data.clip_samples (audio)"
-            )
-        batch: dict[str, Any] = {
-            "x": torch.stack([s["x"] for s in samples]),
-            "y": torch.tensor([s["y"] for s in samples], dtype=torch.int64),
-            "key": [s["key"] for s in samples],
-        }
-        for k in samples[0]:
-            if k in batch or not all(k in s for s in samples):
-                continue
-            values = [s[k] for s in samples]
-            if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-                batch[k] = torch.tensor(values, dtype=torch.int64)
-            elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-                batch[k] = torch.tensor(values, dtype=torch.float32)
-            else:
-                batch[k] = values
-        batch["skipped"] = skips.delta()
-        yield batch
+        yield {**collate_samples(samples), **skips.deltas()}
 
 
 def _forever(n: int) -> Iterator[int]:
@@ -394,7 +459,5 @@ def _forever(n: int) -> Iterator[int]:
 
 def hash_seed(*parts: int) -> int:
     """A 63-bit seed from integers, stable across processes (unlike hash())."""
-    import hashlib
-
     digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)

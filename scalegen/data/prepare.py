@@ -95,6 +95,7 @@ def _write(name: str, prep: Prepared, out: Path, shard_size: int | None, progres
         "shard_size": size,
         "splits": {k: len(v) for k, v in prep.splits.items()},
         "source_sha256": prep.source.get("sha256"),
+        "fields": sorted(prep.fields),  # another member layout (PNG -> npy) is another plan: re-prepared
     }
     previous = _previous_shards(out, plan)
     if previous is not None and _complete(out, plan, previous):
@@ -106,7 +107,7 @@ def _write(name: str, prep: Prepared, out: Path, shard_size: int | None, progres
         class_names=prep.class_names,
         sample_rate=prep.sample_rate,
         levels=prep.levels,
-        fields=prep.fields,
+        fields={**prep.fields, "crc32": "CRC-32 of the sample's other members in extension order (hex)"},
         extra_classes=prep.extra_classes,
         source={**prep.source, "plan": plan},
         notes=prep.notes,

@@ -112,8 +112,8 @@ def render(
 ) -> Submission:
     """The sbatch script for training `recipe` on nodes x tasks_per_node processes (one per GPU)."""
     from scalegen.config import load_config
+    from scalegen.config.loader import run_dir_of
     from scalegen.distributed.batching import batch_plan
-    from scalegen.runtime.train import run_dir_of
 
     profile = profile or load_profile(None)
     if nodes < 1:

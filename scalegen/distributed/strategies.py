@@ -41,8 +41,12 @@ def cluster_environment(trainer_cfg: Any) -> Any | None:
     )
 
 
-def strategy(trainer_cfg: Any, per_device_batch_size: int, world: int) -> Any:
-    """The Lightning strategy object (or name) for `trainer.strategy`."""
+def strategy(trainer_cfg: Any, per_device_batch_size: int, world: int, family: type | None = None) -> Any:
+    """The Lightning strategy object (or name) for `trainer.strategy`.
+
+    `family` (the model's class) contributes its DDP settings: `ddp_find_unused_parameters = True` for a
+    family whose backward passes leave some parameters without gradients (a GAN freezes one network
+    per backward), so families never touch the strategy themselves."""
     name = str(trainer_cfg.strategy)
     env = cluster_environment(trainer_cfg)
     env_kw = {"cluster_environment": env} if env is not None else {}
@@ -80,7 +84,8 @@ def strategy(trainer_cfg: Any, per_device_batch_size: int, world: int) -> Any:
     if name == "ddp" or (name == "auto" and world > 1):
         from lightning.pytorch.strategies import DDPStrategy
 
-        return DDPStrategy(find_unused_parameters=bool(trainer_cfg.find_unused_parameters), **env_kw)
+        find_unused = bool(trainer_cfg.find_unused_parameters or getattr(family, "ddp_find_unused_parameters", False))
+        return DDPStrategy(find_unused_parameters=find_unused, **env_kw)
     if trainer_cfg.offload_optimizer or trainer_cfg.offload_parameters:
         raise UserError(
             "trainer.offload_optimizer/offload_parameters need trainer.strategy=deepspeed_stage_N "
@@ -89,7 +94,8 @@ def strategy(trainer_cfg: Any, per_device_batch_size: int, world: int) -> Any:
     return "auto"
 
 
-def trainer_kwargs(trainer_cfg: Any, per_device_batch_size: int, optim_cfg: Any = None) -> dict[str, Any]:
+def trainer_kwargs(trainer_cfg: Any, per_device_batch_size: int, optim_cfg: Any = None,
+                   family: type | None = None) -> dict[str, Any]:
     """Lightning `Trainer` arguments for scale-out: `strategy` (an object carrying the SLURM cluster
     environment when under srun), `precision` and `accumulate_grad_batches`.
 
@@ -112,7 +118,7 @@ def trainer_kwargs(trainer_cfg: Any, per_device_batch_size: int, optim_cfg: Any 
             "with ddp/fsdp 16-mixed uses dynamic scaling (set trainer.loss_scale=0)"
         )
     return {
-        "strategy": strategy(trainer_cfg, per_device_batch_size, world),
+        "strategy": strategy(trainer_cfg, per_device_batch_size, world, family),
         "precision": str(trainer_cfg.precision),
         "accumulate_grad_batches": plan.accumulation,
     }

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from scalegen.plots import save_curves, save_image_grid
@@ -39,8 +40,6 @@ def write_report(
     spec: Any = None,
     log_wandb: bool = True,
 ) -> None:
-    from scalegen.eval.runner import nan_to_none
-
     out.mkdir(parents=True, exist_ok=True)
     figures = write_figures(results, artifacts, out, run_dir, spec)
     results["figures"] = {k: str(v.name) for k, v in figures.items()}
@@ -229,3 +228,16 @@ def log_to_wandb(results: dict, figures: dict[str, Path]) -> None:
     for key, path in figures.items():
         payload[f"eval/{key}"] = wandb.Image(str(path))
     wandb.log(payload)
+
+
+def nan_to_none(obj: Any) -> Any:
+    """JSON has no NaN: replace non-finite floats by null, recursively."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {str(k): nan_to_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [nan_to_none(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return nan_to_none(obj.item())
+    return obj

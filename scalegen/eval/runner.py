@@ -1,27 +1,40 @@
 """The evaluation runner: every metric through the family contract only.
 
-`evaluate(model, cfg.eval, data, out_dir)` uses `model.nll`, `model.sample`, `model.encode`,
-`model.reconstruct`, an optional `model.classify`, `type(model).capabilities()`, `model.nll_kind`
-and `model.data_spec`; it never looks at the family's name. Per-example work is split across ranks
+`evaluate(model, cfg.eval, data, out_dir)` uses the predictions the family declares in
+`model.predictions` (`nll`, `sample`, `encode`, `reconstruct`, `classify`), `model.nll_kind` and
+`model.data_spec`; it never looks at the family's name, a method's signature or whether a method
+exists. Likelihoods, features and classifiers run under `torch.no_grad`; sampling does not (a
+Langevin sampler needs gradients; a family turns them off in its own `sample`). Per-example work is split across ranks
 and gathered exactly (`scalegen.eval.dist`); rank 0 writes metrics.json, report.md and the figures
 and every rank returns the same flat summary.
 """
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from scalegen.errors import UserError
+from scalegen.errors import UserError, did_you_mean
 from scalegen.eval.data import EvalData
 from scalegen.eval.dist import broadcast_object, gather_rows, rank_world, shard_bounds
+from scalegen.eval.extractors import domain_extractor, inception_extractor, reference_statistics, wants_domain
+from scalegen.eval.report import write_report
+from scalegen.families.base import IMPORTANCE_SAMPLED
+from scalegen.metrics.bpd import summarize_bpd
+from scalegen.metrics.fid import feature_statistics, frechet_distance
+from scalegen.metrics.inception import WEIGHTS_ENV, weights_hint
+from scalegen.metrics.inception_score import inception_score
+from scalegen.metrics.kid import kernel_inception_distance
+from scalegen.metrics.weights import cache_dir
+from scalegen.probes import ProbeSettings, linear_probe
 
 ALL_METRICS = ("bpd", "fid", "kid", "is", "linear_probe", "semisup")
 
@@ -56,11 +69,11 @@ BOUND_NAMES = {
 
 
 def parse_metrics(names: list[str] | str | None, model: Any) -> list[str]:
-    """Validated metric names; empty = every metric the model's capabilities allow."""
+    """Validated metric names; empty = every metric the model's declared predictions allow."""
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
     if not names:
-        caps = type(model).capabilities()
+        caps = model.predictions
         names = [
             m
             for m, need in (
@@ -75,8 +88,6 @@ def parse_metrics(names: list[str] | str | None, model: Any) -> list[str]:
         ]
     unknown = [n for n in names if n not in ALL_METRICS]
     if unknown:
-        from scalegen.errors import did_you_mean
-
         raise UserError(f"unknown metric {unknown[0]!r}.{did_you_mean(unknown[0], ALL_METRICS)}")
     return list(dict.fromkeys(names))
 
@@ -89,34 +100,30 @@ def _device(model: Any) -> torch.device:
 
 
 def per_example(fn, x: Tensor, y: Tensor, batch_size: int, device: torch.device) -> Tensor:
-    """fn(x_batch, y_batch) -> [b, ...] over all examples, split across ranks, gathered in order."""
+    """fn(x_batch, y_batch) -> [b, ...] over all examples (no gradients), split across ranks, gathered
+    in order."""
     rank, world = rank_world()
     start, stop = shard_bounds(len(x), rank, world)
-    out = [
-        fn(x[i : min(i + batch_size, stop)].to(device), y[i : min(i + batch_size, stop)].to(device))
-        .detach()
-        .cpu()
-        for i in range(start, stop, batch_size)
-    ]
-    if not out:  # more ranks than examples: an empty block of the right trailing shape
-        probe = fn(x[:1].to(device), y[:1].to(device)).detach().cpu()
-        out = [probe[:0]]
+    with torch.no_grad():
+        out = [
+            fn(x[i : min(i + batch_size, stop)].to(device), y[i : min(i + batch_size, stop)].to(device))
+            .detach()
+            .cpu()
+            for i in range(start, stop, batch_size)
+        ]
+        if not out:  # more ranks than examples: an empty block of the right trailing shape
+            probe = fn(x[:1].to(device), y[:1].to(device)).detach().cpu()
+            out = [probe[:0]]
     return gather_rows(torch.cat(out))
 
 
 def generate(model: Any, n: int, batch_size: int) -> Tensor:
-    """This rank's share of n samples (rank r draws its contiguous block of the n)."""
+    """This rank's share of n samples (rank r draws its contiguous block of the n). Every rank calls
+    `sample` (a rank without a share draws one and drops it), so sharded parameters can be gathered."""
     rank, world = rank_world()
     start, stop = shard_bounds(n, rank, world)
-    parts = [model.sample(min(batch_size, stop - i)).cpu() for i in range(start, stop, batch_size)]
-    return torch.cat(parts) if parts else model.sample(1).cpu()[:0]
-
-
-def nll_accepts_k(model: Any) -> bool:
-    try:
-        return "k" in inspect.signature(model.nll).parameters
-    except (TypeError, ValueError):
-        return False
+    parts = [model.sample(min(batch_size, stop - i)).detach().cpu() for i in range(start, stop, batch_size)]
+    return torch.cat(parts) if parts else model.sample(1).detach().cpu()[:0]
 
 
 def random_encoder(model: Any, seed: int) -> Any:
@@ -133,7 +140,7 @@ class Evaluation:
     def __init__(self, model: Any, cfg: Any, data: EvalData, metrics: list[str] | str | None = None) -> None:
         self.model, self.cfg, self.data = model, cfg, data
         self.metrics = parse_metrics(metrics if metrics is not None else list(cfg.metrics), model)
-        self.caps = type(model).capabilities()
+        self.caps = model.predictions
         self.device = _device(model)
         self.spec = model.data_spec
         self.results: dict[str, dict] = {}
@@ -153,7 +160,7 @@ class Evaluation:
         was_training = model.training
         model.eval()
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
+        with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.cfg.seed + 7919 * rank_world()[0])
             if "bpd" in self.metrics:
                 self.bpd()
@@ -172,8 +179,6 @@ class Evaluation:
 
     # ---- bits/dim ----------------------------------------------------------------------------
     def bpd(self) -> None:
-        from scalegen.metrics.bpd import summarize_bpd
-
         if "nll" not in self.caps:
             return self._skip(
                 "bpd", f"{self.model.family_name or type(self.model).__name__} has no likelihood"
@@ -182,20 +187,20 @@ class Evaluation:
         dims = self.spec.dims
         kind = self.model.nll_kind
         runs: list[tuple[str, dict]] = []
-        if nll_accepts_k(self.model) and self.cfg.iwae_k > 1:
+        if kind in IMPORTANCE_SAMPLED and self.cfg.iwae_k > 1:
             k = self.cfg.iwae_k
             runs.append(("bpd", {"k": k}))
             runs.append(("bpd_elbo", {"k": 1}))
         else:
-            runs.append(("bpd", {}))
+            runs.append(("bpd", {"k": None}))
         for name, kw in runs:
             nll = per_example(
                 lambda a, b, kw=kw: self.model.nll(a, b, **kw), x, y, self.cfg.batch_size, self.device
             )
             s = summarize_bpd(nll, dims)
-            if kw.get("k", 1) > 1:
+            if (kw["k"] or 1) > 1:
                 quantity = f"negative IWAE-{kw['k']} bound (an upper bound on the NLL; k={kw['k']})"
-            elif "k" in kw:
+            elif kw["k"] == 1:
                 quantity = BOUND_NAMES["elbo"]
             else:
                 quantity = BOUND_NAMES.get(kind, kind)
@@ -214,12 +219,7 @@ class Evaluation:
 
     # ---- FID / KID / IS ------------------------------------------------------------------------
     def extractors(self) -> list:
-        from scalegen.eval.extractors import domain_extractor, inception_extractor, wants_domain
-        from scalegen.metrics.inception import WEIGHTS_ENV, weights_hint
-
         out = []
-        import os
-
         have_weights = bool(self.cfg.inception_weights or os.environ.get(WEIGHTS_ENV))
         if have_weights:
             out.append(inception_extractor(self.cfg.inception_weights, self.device))
@@ -232,12 +232,6 @@ class Evaluation:
         return out
 
     def sample_metrics(self) -> None:
-        from scalegen.eval.extractors import reference_statistics
-        from scalegen.metrics.fid import feature_statistics, frechet_distance
-        from scalegen.metrics.inception_score import inception_score
-        from scalegen.metrics.kid import kernel_inception_distance
-        from scalegen.metrics.weights import cache_dir
-
         if "sample" not in self.caps:
             for m in ("fid", "kid", "is"):
                 self._skip(m, "the family cannot sample")
@@ -266,7 +260,8 @@ class Evaluation:
             )
             # Features of this rank's samples, then every rank's gathered in order (one forward pass
             # gives the features for FID and KID and the logits for IS).
-            outs = [ex(local[i : i + self.cfg.batch_size]) for i in range(0, len(local), self.cfg.batch_size)]
+            with torch.no_grad():
+                outs = [ex(local[i : i + self.cfg.batch_size]) for i in range(0, len(local), self.cfg.batch_size)]
             feats = gather_rows(torch.cat([o[0] for o in outs]))
             logits = gather_rows(torch.cat([o[1] for o in outs]))
             common = {
@@ -320,9 +315,7 @@ class Evaluation:
 
     # ---- probes ------------------------------------------------------------------------------
     def probes(self) -> None:
-        from scalegen.probes import ProbeSettings, linear_probe
-
-        if "encode" not in self.caps and not hasattr(self.model, "classify"):
+        if not {"encode", "classify"} & self.caps:
             for m in ("linear_probe", "semisup"):
                 if m in self.metrics:
                     self._skip(m, "the family has no encoder")
@@ -402,7 +395,7 @@ class Evaluation:
                 "curve": {name: {str(n): r for n, r in rows.items()} for name, rows in table.items()},
                 **counts,
             }
-            if hasattr(self.model, "classify"):
+            if "classify" in self.caps:
                 correct = per_example(
                     lambda a, b: (self.model.classify(a).argmax(-1) == b).float(),
                     test_x,
@@ -426,17 +419,20 @@ class Evaluation:
 
     # ---- figure inputs ---------------------------------------------------------------------------
     def figures_data(self) -> None:
-        if rank_world()[0] != 0:
-            return
+        # Every rank runs the same forward passes (under ZeRO-3 or FSDP each must join them); rank 0 keeps
+        # the results for the figures.
+        keep = rank_world()[0] == 0
         if "samples" not in self.artifacts and "sample" in self.caps:
-            self.artifacts["samples"] = self.model.sample(min(64, self.cfg.num_samples)).cpu()
+            samples = self.model.sample(min(64, self.cfg.num_samples)).detach().cpu()
+            if keep:
+                self.artifacts["samples"] = samples
         if "reconstruct" in self.caps:
             x, y = self._eval_split()
             x, y = x[:16], y[:16]
-            self.artifacts["reconstructions"] = (
-                x,
-                self.model.reconstruct(x.to(self.device), y.to(self.device)).cpu(),
-            )
+            with torch.no_grad():
+                recon = self.model.reconstruct(x.to(self.device), y.to(self.device)).cpu()
+            if keep:
+                self.artifacts["reconstructions"] = (x, recon)
 
 
 def flat_summary(results: dict) -> dict[str, float]:
@@ -483,8 +479,6 @@ def evaluate(
     )
     results["summary"] = flat_summary(results)
     if rank_world()[0] == 0 and out_dir is not None:
-        from scalegen.eval.report import write_report
-
         write_report(
             results,
             ev.artifacts,
@@ -497,25 +491,8 @@ def evaluate(
 
 
 def _plain(cfg: Any) -> dict:
-    import dataclasses
-
-    from omegaconf import DictConfig, OmegaConf
-
     if isinstance(cfg, DictConfig):
         return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
     if dataclasses.is_dataclass(cfg):
         return dataclasses.asdict(cfg)
     return dict(cfg)
-
-
-def nan_to_none(obj: Any) -> Any:
-    """JSON has no NaN: replace non-finite floats by null, recursively."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {str(k): nan_to_none(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [nan_to_none(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return nan_to_none(obj.item())
-    return obj

@@ -55,6 +55,7 @@ class DiffusionConfig(ModelConfig):
 class Diffusion(GenerativeModel):
     """DDPM / DDIM with a UNet; nll is the variational bound (Ho et al. 2020 eq. 5) in nats."""
 
+    predictions = frozenset({"nll", "sample", "encode"})
     nll_kind = "vlb"
 
     def __init__(self, cfg: DiffusionConfig, optim: OptimConfig, data: DataSpec) -> None:
@@ -87,7 +88,7 @@ class Diffusion(GenerativeModel):
                 logs[name] = per_example[mask].mean().detach()
         return loss, logs
 
-    def nll(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+    def nll(self, x: Tensor, y: Tensor | None = None, k: int | None = None) -> Tensor:
         x0 = images_to_unit(x, self.data_spec.levels)
         with torch.no_grad():
             return vlb(self.net, self.schedule, x0, self._labels(y), num_timesteps=self.cfg.nll_timesteps,

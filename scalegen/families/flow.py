@@ -17,7 +17,7 @@ from scalegen.config.schema import ModelConfig, OptimConfig, choice
 from scalegen.dataspec import DataSpec
 from scalegen.errors import UserError
 from scalegen.families.base import GenerativeModel
-from scalegen.nets.flows import MultiScaleFlow, glow, realnvp
+from scalegen.nets.flows import ActNorm, MultiScaleFlow, glow, realnvp
 from scalegen.objectives.flow import LEVELS, flow_nll, quantize
 from scalegen.registry import register_family
 
@@ -42,6 +42,7 @@ class FlowConfig(ModelConfig):
 class FlowModel(GenerativeModel):
     """RealNVP / Glow image flow with exact likelihood."""
 
+    predictions = frozenset({"nll", "sample"})
     nll_kind = "exact"
 
     def __init__(self, cfg: FlowConfig, optim: OptimConfig, data: DataSpec) -> None:
@@ -59,8 +60,29 @@ class FlowModel(GenerativeModel):
         except ValueError as err:
             raise UserError(f"model.num_scales={cfg.num_scales}: {err}; lower model.num_scales") from None
 
-    def nll(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+    def nll(self, x: Tensor, y: Tensor | None = None, k: int | None = None) -> Tensor:
         return flow_nll(self.net.log_prob, x, LEVELS)
+
+    def on_train_batch_start(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self.initialize_actnorm(batch["x"])
+
+    def initialize_actnorm(self, x: Tensor) -> None:
+        """Glow's data-dependent ActNorm initialization (Sec. 3.1), agreed across ranks: before the first
+        step, one no-grad pass over this batch in which each ActNorm sets itself from its input's
+        statistics averaged over ranks (through the strategy's documented `reduce`), so every DDP
+        replica starts from the same parameters. A no-op once initialized (the flag is checkpointed)."""
+        pending = [m for m in self.net.modules() if isinstance(m, ActNorm) and not bool(m.initialized)]
+        if not pending:
+            return
+        trainer = self.attached_trainer()
+        average = None if trainer is None else (lambda s: trainer.strategy.reduce(s, reduce_op="mean"))
+        hooks = [m.register_forward_pre_hook(lambda m, args: m.initialize(args[0], average)) for m in pending]
+        try:
+            with torch.no_grad():
+                self.nll(x)
+        finally:
+            for hook in hooks:
+                hook.remove()
 
     def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         x = batch["x"]

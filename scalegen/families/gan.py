@@ -1,27 +1,25 @@
 """GAN family: DCGAN (Radford et al. 2016) with non-saturating or hinge loss, optional R1 or gradient
 penalty, and k discriminator updates per generator update, trained with Lightning's manual optimization.
 
-How the two networks are stepped (`training_step`):
+How the two networks are stepped (`training_step`), through the shared manual-optimization mechanism
+(`GenerativeModel.manual_update`, which does accumulation, clipping of each network's global gradient
+norm, mixed precision and each network's LR schedule):
 - Each training batch is one discriminator micro-batch: fakes from G (no graph), the D loss on real
-  vs. fake (+ penalty), `manual_backward`. After `accumulate_grad_batches` micro-batches D steps once.
+  vs. fake (+ penalty). After `accumulate_grad_batches` micro-batches D steps once.
 - After every `d_steps` discriminator updates the generator steps once, on `accumulate_grad_batches`
   fresh batches of fakes of the same size (so G sees the same effective batch as D), taken after D's
   update, exactly as without accumulation.
-- `toggle_optimizer` freezes the other network's parameters during each backward, so D's gradients
-  never receive the G loss and vice versa, and under DDP each backward reduces only the parameters of
-  the network being stepped (`setup` turns on DDP's find_unused_parameters for this).
-
-Gradient accumulation and clipping are done here, explicitly: Lightning rejects
-`Trainer(accumulate_grad_batches>1)` and `Trainer(gradient_clip_val=...)` for manual optimization.
-The runtime passes `trainer.accumulate_grad_batches` (or the value derived from
-`trainer.global_batch_size`) and `trainer.gradient_clip_val` to `configure_manual_optimization` and
-builds the Trainer without them. Clipping (of the global gradient norm, per network) happens in
-`on_before_optimizer_step`, which Lightning calls after unscaling the gradients under 16-bit mixed
-precision and before the step, so the threshold applies to true gradients.
+- `manual_update` freezes the other network's parameters during each forward and backward
+  (`toggle_optimizer`), so D's gradients never receive the G loss and vice versa; under DDP each
+  backward then reduces only the network being stepped, which is why this family declares
+  `ddp_find_unused_parameters = True` (read by scalegen.distributed when it builds the strategy).
 
 Step counting: under manual optimization Lightning's `global_step` (and so `trainer.max_steps`)
 counts every optimizer step of both networks: with d_steps = k, a run of max_steps = N takes
 N k/(k+1) discriminator and N/(k+1) generator steps. LR schedules are sized accordingly.
+
+A GAN's losses do not measure its samples, so it has no `monitor`: no "best" checkpoint, only
+last.ckpt (and periodic ones); `checkpoint.monitor` can name a sample metric computed during training.
 
 EMA: the shared EMA callback (recipe `ema:` section) averages both networks; sampling with
 `use_for_eval` uses the averaged generator (Karras et al. 2018; Yazici et al. 2019).
@@ -41,6 +39,8 @@ from scalegen.families.base import GenerativeModel
 from scalegen.nets.dcgan import Discriminator, Generator
 from scalegen.objectives.gan import discriminator_loss, generator_loss, gradient_penalty, r1_penalty
 from scalegen.registry import register_family
+
+D, G = 0, 1  # optimizer indices, in configure_optimizers order
 
 
 @dataclass
@@ -64,6 +64,10 @@ class GANConfig(ModelConfig):
 class GAN(GenerativeModel):
     """DCGAN with non-saturating/hinge loss, R1/GP, k D-steps per G-step (manual optimization)."""
 
+    predictions = frozenset({"sample", "encode"})
+    monitor = None  # the discriminator's loss would pick an arbitrary checkpoint
+    ddp_find_unused_parameters = True  # each backward reaches one network only
+
     def __init__(self, cfg: GANConfig, optim: OptimConfig, data: DataSpec) -> None:
         super().__init__(cfg, optim, data)
         if data.kind != "image":
@@ -77,18 +81,6 @@ class GAN(GenerativeModel):
         self.generator = Generator(cfg.latent_dim, channels, height, cfg.g_channels, cfg.g_norm,
                                    cfg.min_resolution)
         self.discriminator = Discriminator(channels, height, cfg.d_channels, cfg.d_norm, cfg.min_resolution)
-        self.accumulate_grad_batches = 1
-        self._micro_batches = 0  # discriminator micro-batches seen (checkpointed)
-        self._d_updates = 0  # discriminator optimizer steps taken (checkpointed)
-
-    # ---- settings Lightning leaves to manual optimization ------------------------------------------
-    def configure_manual_optimization(self, accumulate_grad_batches: int = 1,
-                                      gradient_clip_val: float | None = None) -> None:
-        """Take over accumulation and clipping (the runtime calls this; Lightning cannot do them here)."""
-        if accumulate_grad_batches < 1:
-            raise ValueError(f"accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}")
-        self.accumulate_grad_batches = int(accumulate_grad_batches)
-        self.gradient_clip_val = gradient_clip_val
 
     def configure_optimizers(self) -> Any:
         total, k = self.total_steps(), self.cfg.d_steps
@@ -97,29 +89,6 @@ class GAN(GenerativeModel):
             self.build_optimizer(self.discriminator.parameters(), d_total, lr=self.cfg.lr_d),
             self.build_optimizer(self.generator.parameters(), g_total, lr=self.cfg.lr_g),
         ]
-
-    def setup(self, stage: str) -> None:
-        """Adapt the distributed strategy before it wraps the model (Lightning calls this hook first).
-
-        Under DDP each backward here reaches only one network's parameters (the other is frozen by
-        `toggle_optimizer`), so the reducer must be told that some parameters go unused in a backward:
-        find_unused_parameters=True. Setting it here keeps the runtime free of per-family switches.
-        """
-        from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
-
-        strategy = self.trainer.strategy
-        if isinstance(strategy, DeepSpeedStrategy):
-            from scalegen.errors import UserError
-
-            raise UserError("the gan family steps two optimizers, which Lightning's DeepSpeed strategy "
-                            "does not support; use trainer.strategy=ddp")
-        if isinstance(strategy, DDPStrategy) and hasattr(strategy, "_ddp_kwargs"):
-            strategy._ddp_kwargs["find_unused_parameters"] = True
-
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if self.gradient_clip_val:
-            self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val,
-                                gradient_clip_algorithm="norm")
 
     # ---- objectives ------------------------------------------------------------------------------
     def _z(self, n: int) -> Tensor:
@@ -157,52 +126,29 @@ class GAN(GenerativeModel):
 
     # ---- training: alternating updates under manual optimization --------------------------------
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        opt_d, opt_g = self.optimizers()
-        sched_d, sched_g = self.lr_schedulers()
-        accumulate = self.accumulate_grad_batches
         real = images_to_unit(batch["x"], self.data_spec.levels)
         n = real.shape[0]
+        logs: dict[str, Tensor] = {}
 
-        # Discriminator micro-step.
-        self.toggle_optimizer(opt_d)
-        with torch.no_grad():
-            fake = self.generator(self._z(n))
-        d_loss, logs = self._d_objective(real, fake, with_penalty=True)
-        self.manual_backward(d_loss / accumulate)  # mean over the accumulated micro-batches
-        self._micro_batches += 1
-        d_update = self._micro_batches % accumulate == 0
-        if d_update:
-            opt_d.step()
-            opt_d.zero_grad(set_to_none=True)
-            sched_d.step()
-            self._d_updates += 1
-        self.untoggle_optimizer(opt_d)
+        def d_loss() -> Tensor:
+            with torch.no_grad():
+                fake = self.generator(self._z(n))
+            loss, d_logs = self._d_objective(real, fake, with_penalty=True)
+            logs.update(d_logs)
+            return loss
 
+        def g_loss() -> Tensor:
+            return generator_loss(self.discriminator(self.generator(self._z(n))), self.cfg.loss)
+
+        _, d_update = self.manual_update(D, d_loss)
         # Generator step after every d_steps discriminator updates, against the updated D.
-        if d_update and self._d_updates % self.cfg.d_steps == 0:
-            self.toggle_optimizer(opt_g)
-            g_total = 0.0
-            for _ in range(accumulate):
-                g_loss = generator_loss(self.discriminator(self.generator(self._z(n))), self.cfg.loss)
-                self.manual_backward(g_loss / accumulate)
-                g_total += g_loss.detach() / accumulate
-            opt_g.step()
-            opt_g.zero_grad(set_to_none=True)
-            sched_g.step()
-            self.untoggle_optimizer(opt_g)
-            self.log("train/g_loss", g_total, prog_bar=True, batch_size=n)
+        if d_update and self.optimizer_steps[D] % self.cfg.d_steps == 0:
+            g_total = sum(self.manual_update(G, g_loss)[0] for _ in range(self.accumulate_grad_batches))
+            self.log("train/g_loss", g_total / self.accumulate_grad_batches, prog_bar=True, batch_size=n)
 
         if self.logs_this_step():
             self.log("train/loss", logs["d_loss"], prog_bar=True, batch_size=n)  # the discriminator's loss
             self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=n)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["gan_counters"] = {"micro_batches": self._micro_batches, "d_updates": self._d_updates}
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        counters = checkpoint.get("gan_counters", {})
-        self._micro_batches = int(counters.get("micro_batches", 0))
-        self._d_updates = int(counters.get("d_updates", 0))
 
     # ---- the shared API --------------------------------------------------------------------------
     @torch.no_grad()

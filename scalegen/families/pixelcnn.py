@@ -42,6 +42,7 @@ class PixelCNNConfig(ModelConfig):
 class PixelCNNModel(GenerativeModel):
     """PixelCNN and Gated PixelCNN over 8-bit or binarized images."""
 
+    predictions = frozenset({"nll", "sample"})
     nll_kind = "exact"
 
     def __init__(self, cfg: PixelCNNConfig, optim: OptimConfig, data: DataSpec) -> None:
@@ -68,7 +69,7 @@ class PixelCNNModel(GenerativeModel):
     def _labels(self, y: Tensor | None) -> Tensor | None:
         return y if self.cfg.conditional else None
 
-    def nll(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+    def nll(self, x: Tensor, y: Tensor | None = None, k: int | None = None) -> Tensor:
         """Exact -log p(x [| y]) in nats: one teacher-forced pass gives every conditional."""
         target = self._target(x)
         return autoregressive_nll(self.net(target, self._labels(y)), target)

@@ -58,6 +58,7 @@ def _static_uniform(x: Tensor) -> Tensor:
 class VAE(GenerativeModel):
     """Variational autoencoder with a Gaussian latent (Kingma & Welling 2014)."""
 
+    predictions = frozenset({"nll", "sample", "encode", "reconstruct"})
     nll_kind = "elbo"  # nll(x, k=1) is the negative ELBO; nll(x, k>1) the IWAE-k bound
 
     def __init__(self, cfg: VAEConfig, optim: OptimConfig, data: DataSpec) -> None:
@@ -167,8 +168,9 @@ class VAE(GenerativeModel):
         return loss, {"recon_nats": recon.mean().detach(), "kl_nats": kl.mean().detach(),
                       "neg_elbo_nats": (recon + kl).mean().detach(), "beta": torch.tensor(beta)}
 
-    def nll(self, x: Tensor, y: Tensor | None = None, k: int = 1, chunk: int = 100) -> Tensor:
-        """Negative ELBO (k=1) or negative IWAE-k bound (k>1) of the discrete data, nats per example."""
+    def nll(self, x: Tensor, y: Tensor | None = None, k: int | None = None, chunk: int = 100) -> Tensor:
+        """Negative ELBO (k=1, the default) or negative IWAE-k bound (k>1) of the discrete data, nats per example."""
+        k = 1 if k is None else k
         if k == 1:
             return -self.log_weights(x, y, 1)[0]
         parts = [self.log_weights(x, y, min(chunk, k - i)) for i in range(0, k, chunk)]

@@ -48,6 +48,7 @@ class WaveNetConfig(ModelConfig):
 class WaveNetModel(GenerativeModel):
     """WaveNet over mu-law codes with optional global conditioning."""
 
+    predictions = frozenset({"nll", "sample"})
     nll_kind = "exact"
 
     def __init__(self, cfg: WaveNetConfig, optim: OptimConfig, data: DataSpec) -> None:
@@ -73,7 +74,8 @@ class WaveNetModel(GenerativeModel):
                             f"or model.levels to the data's mu-law levels")
         return x.long().reshape(x.shape[0], -1)
 
-    def _condition(self, batch: dict[str, Tensor]) -> Tensor | None:
+    def condition(self, batch: dict[str, Tensor]) -> Tensor | None:
+        """The global condition of this batch: none, the label, or the `speaker` field."""
         if self.cfg.condition == "none":
             return None
         if self.cfg.condition == "label":
@@ -82,22 +84,16 @@ class WaveNetModel(GenerativeModel):
             raise UserError("model.condition=speaker but the batches have no `speaker` field")
         return batch["speaker"].long().reshape(-1)
 
-    def nll(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+    def nll(self, x: Tensor, y: Tensor | None = None, k: int | None = None) -> Tensor:
         """Exact -log p(codes [| g]) in nats [B]; y is the conditioning id (label or speaker) if any."""
         codes = self.codes(x)
         g = y if self.cfg.condition != "none" else None
         return categorical_nll(self.net(codes, g), codes)
 
     def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        nll = self.nll(batch["x"], self._condition(batch))
+        nll = self.nll(batch["x"], self.condition(batch))
         bits_per_sample = nll.mean() / (nll.new_tensor(self.data_spec.dims) * math.log(2))
         return bits_per_sample, {"bits_per_sample": bits_per_sample.detach()}
-
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        # The base class scores nll(x, batch["y"]); hand it the id this model is conditioned on.
-        if self.cfg.condition == "speaker":
-            batch = {**batch, "y": self._condition(batch)}
-        super().validation_step(batch, batch_idx)
 
     @torch.no_grad()
     def sample(self, n: int, y: Tensor | None = None, temperature: float | None = None,

@@ -18,10 +18,15 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 import torch
+from omegaconf import OmegaConf
 
+import scalegen.families  # noqa: F401  (registers the built-in families a release may hold)
 from scalegen import fetch
+from scalegen.config.loader import config_from_container
+from scalegen.dataspec import DataSpec
 from scalegen.errors import UserError
 from scalegen.hub.checksums import SUMS, read_sums, sha256_file, verify_folder
+from scalegen.registry import get_family
 
 EMA_WEIGHTS, WEIGHTS = "model_ema.safetensors", "model.safetensors"
 
@@ -170,12 +175,6 @@ def init_from_release(model: torch.nn.Module, finetune_cfg: Any) -> list[str]:
 
 def load_release_model(source: str | Path, use_ema: bool = True) -> tuple[Any, Any]:
     """(model in eval mode, typed config) from a release alone, for sampling and evaluation."""
-    from omegaconf import OmegaConf
-
-    from scalegen.config.loader import config_from_container
-    from scalegen.dataspec import DataSpec
-    from scalegen.registry import get_family
-
     folder = fetch_release(source)
     cfg = config_from_container(OmegaConf.to_container(OmegaConf.load(folder / "config.yaml")))
     spec_fields = json.loads((folder / "data_spec.json").read_text())

@@ -25,9 +25,9 @@ import torch
 from omegaconf import OmegaConf
 
 import scalegen
+from scalegen.checkpoints import read_checkpoint, resolve_checkpoint
 from scalegen.errors import UserError
 from scalegen.hub.checksums import SUMS, write_sums
-from scalegen.runtime.checkpoint import read_checkpoint, resolve_checkpoint
 
 FORMAT = 1
 WEIGHTS, EMA_WEIGHTS = "model.safetensors", "model_ema.safetensors"

@@ -13,6 +13,7 @@ Plain single-device modules: no Lightning, no config imports.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -111,8 +112,10 @@ class ActNorm(FlowLayer):
     """Per-channel affine y = (x + bias) * exp(log_scale) (Glow Sec. 3.1, Table 1 row 1).
 
     Data-dependent initialization: the first forward pass in training mode sets bias and scale so
-    that the post-ActNorm activations of that batch have zero mean and unit variance per channel
-    (averaged over ranks when torch.distributed is initialized, so DDP replicas stay identical).
+    that the post-ActNorm activations of that batch have zero mean and unit variance per channel.
+    Under data parallelism the replicas must agree: the caller passes `initialize` an `average` that
+    means the statistics over ranks (the flow family does, before its first step); the network itself
+    never calls collectives.
     """
 
     def __init__(self, channels: int) -> None:
@@ -125,16 +128,15 @@ class ActNorm(FlowLayer):
         return p.view(1, -1, *([1] * (x.dim() - 2)))
 
     @torch.no_grad()
-    def initialize(self, x: Tensor) -> None:
+    def initialize(self, x: Tensor, average: Callable[[Tensor], Tensor] | None = None) -> None:
+        """Set bias and scale from the statistics of `x`; `average` maps this batch's [2, C] (mean, mean of
+        squares) to the values to use (e.g. their mean over ranks)."""
         dims = [d for d in range(x.dim()) if d != 1]
         xf = x.float()
-        mean = xf.mean(dims)
-        sq = (xf**2).mean(dims)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            stats = torch.stack([mean, sq])
-            torch.distributed.all_reduce(stats)
-            stats /= torch.distributed.get_world_size()
-            mean, sq = stats[0], stats[1]
+        stats = torch.stack([xf.mean(dims), (xf**2).mean(dims)])
+        if average is not None:
+            stats = average(stats)
+        mean, sq = stats[0], stats[1]
         std = (sq - mean**2).clamp_min(0).sqrt()
         self.bias.copy_(-mean)
         self.log_scale.copy_(-torch.log(std + 1e-6))

@@ -1,21 +1,15 @@
-"""Checkpoints: atomic writes, the config inside every checkpoint, finding and loading them."""
+"""Writing checkpoints: atomic writes and the config inside every checkpoint (reading them: scalegen.checkpoints)."""
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.fabric.utilities.cloud_io import _atomic_save
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from omegaconf import DictConfig
-
-from scalegen.errors import UserError
-from scalegen.fetch import sha256_file
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -27,7 +21,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         try:
-            _atomic_save(checkpoint, tmp)
+            torch.save(checkpoint, tmp)
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -43,79 +37,3 @@ class SaveConfigInCheckpoint(L.Callback):
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         checkpoint["scalegen"] = self.payload
-
-
-def newest_checkpoint(run_dir: Path) -> Path | None:
-    """last.ckpt if present, else the most recently written checkpoint in run_dir/checkpoints.
-
-    A checkpoint is a file, or a folder when DeepSpeed wrote it sharded (ZeRO)."""
-    folder = Path(run_dir) / "checkpoints"
-    if (folder / "last.ckpt").exists():
-        return folder / "last.ckpt"
-    ckpts = sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
-    return ckpts[-1] if ckpts else None
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """The checkpoint a user means by `path`: a checkpoint file, a ZeRO checkpoint folder, or a run folder
-    (its newest checkpoint); a clear error otherwise."""
-    from scalegen.distributed.deepspeed import is_zero_checkpoint
-
-    given = path = Path(path)
-    if path.is_dir() and (path / "checkpoints").is_dir():  # a run folder
-        found = newest_checkpoint(path)
-        if found is None:
-            raise UserError(f"run folder {path} has no checkpoint yet; train it first")
-        path = found
-    if path.is_file() or is_zero_checkpoint(path):
-        return path
-    if not path.exists():
-        raise UserError(f"checkpoint {given} does not exist")
-    raise UserError(f"{given} is neither a checkpoint (file or ZeRO folder) nor a run folder with checkpoints")
-
-
-def checkpoint_sha256(path: str | Path) -> str:
-    """sha256 of a checkpoint file; for a ZeRO folder, of its files' names and sha256s in sorted order."""
-    path = Path(path)
-    if path.is_file():
-        return sha256_file(path)
-    lines = [f"{sha256_file(f)}  {f.relative_to(path)}" for f in sorted(path.rglob("*")) if f.is_file()]
-    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
-
-
-def read_checkpoint(path: str | Path) -> dict:
-    """The checkpoint dict (state_dict, ema_state_dict, the scalegen config...) of a checkpoint file, a ZeRO
-    folder (weights consolidated to fp32 through DeepSpeed's utilities) or a run folder's newest checkpoint.
-
-    Files load without executing pickled code (tensors and plain containers only)."""
-    from scalegen.distributed.deepspeed import consolidate_zero_checkpoint, is_zero_checkpoint, zero_client_state
-
-    path = resolve_checkpoint(path)
-    if is_zero_checkpoint(path):
-        ckpt = zero_client_state(path)
-        ckpt["state_dict"] = consolidate_zero_checkpoint(path)
-    else:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if "scalegen" not in ckpt:
-        raise UserError(f"{path} is not a scalegen checkpoint (no config inside)")
-    return ckpt
-
-
-def load_model(path: str | Path, use_ema: bool = True) -> tuple[Any, DictConfig]:
-    """(model in eval mode, its typed config) from a checkpoint or run folder alone.
-
-    With use_ema and EMA weights in the checkpoint, the averaged weights are loaded."""
-    from scalegen.config.loader import config_from_container
-    from scalegen.dataspec import DataSpec
-    from scalegen.registry import get_family
-
-    ckpt = read_checkpoint(path)
-    cfg = config_from_container(ckpt["scalegen"]["config"])
-    spec_fields = dict(ckpt["scalegen"]["data_spec"])
-    spec_fields["shape"] = tuple(spec_fields["shape"])
-    spec = DataSpec(**spec_fields)
-    model = get_family(cfg.model.family).module(cfg.model, cfg.optim, spec)
-    weights = ckpt["ema_state_dict"] if use_ema and "ema_state_dict" in ckpt else ckpt["state_dict"]
-    model.load_state_dict(weights)
-    model.eval()
-    return model, cfg

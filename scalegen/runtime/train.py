@@ -11,18 +11,23 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from omegaconf import DictConfig, OmegaConf
 
+import scalegen.families  # noqa: F401  (registers the built-in families)
 from scalegen.callbacks.data_audit import DataAudit
 from scalegen.callbacks.figures import RunFigures
-from scalegen.config.loader import resolved
+from scalegen.callbacks.periodic_eval import PeriodicEval
+from scalegen.callbacks.rank_state import RankState
+from scalegen.callbacks.resume import scale_out_callbacks
+from scalegen.checkpoints import newest_checkpoint
+from scalegen.config.loader import resolved, run_dir_of
+from scalegen.data import build_datamodule
+from scalegen.distributed import scaled_optim
+from scalegen.distributed import trainer_kwargs as distributed_kwargs
 from scalegen.distributed.deepspeed import is_zero_checkpoint
 from scalegen.errors import UserError
+from scalegen.hub import init_from_release
 from scalegen.registry import get_family
-from scalegen.runtime.checkpoint import AtomicCheckpointIO, SaveConfigInCheckpoint, newest_checkpoint
+from scalegen.runtime.checkpoint import AtomicCheckpointIO, SaveConfigInCheckpoint
 from scalegen.runtime.metrics_file import JsonLinesLogger
-
-
-def run_dir_of(cfg: DictConfig) -> Path:
-    return Path(os.path.expanduser(cfg.run.dir)) / cfg.run.name
 
 
 def _resume_path(cfg: DictConfig, run_dir: Path) -> str | None:
@@ -55,38 +60,53 @@ def _wandb_logger(cfg: DictConfig, run_dir: Path) -> Any:
                        config=OmegaConf.to_container(cfg, resolve=True))
 
 
-def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
-    """Strategy, precision and accumulation for Lightning's Trainer."""
-    from scalegen.distributed import trainer_kwargs as distributed_kwargs
+def trainer_kwargs(cfg: DictConfig, family: type | None = None) -> dict[str, Any]:
+    """Strategy, precision and accumulation for Lightning's Trainer (the family's DDP settings included)."""
+    return distributed_kwargs(cfg.trainer, cfg.data.batch_size, family=family)
 
-    return distributed_kwargs(cfg.trainer, cfg.data.batch_size)
+
+def ck_monitor(cfg: DictConfig, model: Any) -> str | None:
+    """The metric that picks the best checkpoint: `checkpoint.monitor`, or the family's (`monitor`) when
+    it is null; None = no best checkpoint (only last and periodic ones)."""
+    if cfg.checkpoint.monitor is not None:
+        return str(cfg.checkpoint.monitor)
+    return model.monitor if model is not None else "val/loss"
+
+
+def ck_mode(cfg: DictConfig, model: Any) -> str:
+    """`checkpoint.mode` for a monitor the recipe names; the family's `monitor_mode` for the family's."""
+    if cfg.checkpoint.monitor is not None or model is None:
+        return str(cfg.checkpoint.mode)
+    return model.monitor_mode
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, spec: Any, extra_callbacks: list | None = None,
-                  manual_model: Any = None) -> L.Trainer:
+                  model: Any = None) -> L.Trainer:
     t = cfg.trainer
-    kwargs, clip = trainer_kwargs(cfg), t.gradient_clip_val
-    if manual_model is not None:
-        # Lightning rejects Trainer-level accumulation and clipping under manual optimization; a family
-        # that optimizes manually (GANs) takes them over (see families/gan.py).
-        manual_model.configure_manual_optimization(kwargs.get("accumulate_grad_batches", 1), clip)
+    kwargs, clip = trainer_kwargs(cfg, type(model) if model is not None else None), t.gradient_clip_val
+    if model is not None and not model.automatic_optimization:
+        # Lightning rejects Trainer-level accumulation and clipping under manual optimization; the shared
+        # mechanism in families/base.py (`manual_update`) does them instead.
+        model.configure_manual_optimization(kwargs.get("accumulate_grad_batches", 1), clip)
         kwargs["accumulate_grad_batches"], clip = 1, None
+    monitor = ck_monitor(cfg, model)
     metrics_file = run_dir / cfg.logging.metrics_file
     loggers: list[Any] = [JsonLinesLogger(metrics_file)]
     if cfg.logging.wandb and cfg.logging.mode != "disabled":
         loggers.append(_wandb_logger(cfg, run_dir))
     ck = cfg.checkpoint
     callbacks: list[L.Callback] = [
-        ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best-{step}", monitor=ck.monitor, mode=ck.mode,
-                        save_top_k=ck.save_top_k, save_last=ck.save_last,
+        ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best-{step}" if monitor else "step-{step}",
+                        monitor=monitor, mode=ck_mode(cfg, model),
+                        save_top_k=ck.save_top_k if monitor else 0,
+                        save_last=ck.save_last,
                         every_n_train_steps=ck.every_n_train_steps, every_n_epochs=ck.every_n_epochs),
         SaveConfigInCheckpoint(OmegaConf.to_container(resolved(cfg)), spec),
+        RankState(),
         RunFigures(run_dir, metrics_file),
         DataAudit(run_dir, record_keys=t.record_sample_keys),
     ]
     if cfg.eval.every_n_steps:
-        from scalegen.callbacks.periodic_eval import PeriodicEval
-
         callbacks.append(PeriodicEval(cfg))
     if t.progress_bar:
         callbacks.append(RichProgressBar(leave=True))
@@ -107,23 +127,17 @@ def build_trainer(cfg: DictConfig, run_dir: Path, spec: Any, extra_callbacks: li
 
 def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> Path:
     """Train the recipe's family on its data; returns the run folder. `callbacks` are added to the defaults."""
-    from scalegen.callbacks.resume import scale_out_callbacks
-    from scalegen.data import build_datamodule
-    from scalegen.distributed import scaled_optim
-
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
-    datamodule = build_datamodule(cfg.data)
+    family = get_family(cfg.model.family).module
+    datamodule = build_datamodule(cfg.data, family.labelled_stream)
     spec = datamodule.spec
-    model = get_family(cfg.model.family).module(cfg.model, scaled_optim(cfg), spec)
+    model = family(cfg.model, scaled_optim(cfg), spec)
     if cfg.finetune.init_from:  # start from a release's weights (a resumed run then loads its checkpoint)
-        from scalegen.hub import init_from_release
-
         init_from_release(model, cfg.finetune)
     extra = [*scale_out_callbacks(cfg, run_dir), *(callbacks or [])]
-    trainer = build_trainer(cfg, run_dir, spec, extra_callbacks=extra,
-                            manual_model=None if model.automatic_optimization else model)
+    trainer = build_trainer(cfg, run_dir, spec, extra_callbacks=extra, model=model)
     if trainer.is_global_zero:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved(cfg)))
     trainer.fit(model, datamodule=datamodule, ckpt_path=_resume_path(cfg, run_dir))

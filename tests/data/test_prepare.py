@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -83,9 +84,9 @@ def test_crash_mid_preparation_leaves_no_partial_shard_and_resumes(tmp_path: Pat
 
 
 def _png(arr: np.ndarray) -> bytes:
-    from scalegen.data.decode import encode_png
-
-    return encode_png(arr)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def _image_folder(root: Path, labelled: bool = True, sizes: tuple = ((10, 12),)) -> dict[str, np.ndarray]:

@@ -94,14 +94,16 @@ def test_ranks_and_workers_read_every_digit_once(digits_root: Path, world: int, 
 
 
 def test_batch_size_one_with_an_uneven_split_keeps_steps_equal(digits_root: Path) -> None:
-    """150 val samples over 4 ranks at batch 1: ranks of 37 samples get one repeated step to match 38."""
+    """150 val samples over 4 ranks at batch 1: ranks of 37 samples get one stand-in step to match 38."""
     dm = build_datamodule(DataConfig(root=str(digits_root), batch_size=1, prepare=False))
     urls, counts = dm._shards("val")
-    keys, steps = [], []
+    keys, steps, replaced = [], [], []
     for rank in range(4):
         loader = dm.val_dataloader()
         loader.stream = ShardStream(urls, counts, loader.stream.opts, rank=rank, world=4)
         batches = [b["key"] for b in loader]
         steps.append(len(batches))
+        replaced.append(loader.replaced)
         keys += [k for b in batches for k in b]
     assert steps == [38] * 4 and len(set(keys)) == 150 and len(keys) == 152
+    assert sorted(replaced) == [0, 0, 1, 1]  # counted as stand-ins

@@ -13,6 +13,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+import scalegen.families  # noqa: F401  (registers the built-in families)
 from scalegen.config.schema import Config, DataConfig
 from scalegen.dataspec import DataSpec
 

@@ -54,7 +54,7 @@ def run_deepspeed(name: str, args: argparse.Namespace, rank: int, world: int) ->
     from scalegen.callbacks.ema import EMAState
     from scalegen.distributed import batch_plan, deepspeed_config
     from scalegen.distributed.gather import full_parameters
-    from scalegen.runtime.optim import make_optimizer
+    from scalegen.optim import make_optimizer
 
     stage = int(name.split("-")[0][-1])
     cfg = trainer_config(
@@ -68,7 +68,7 @@ def run_deepspeed(name: str, args: argparse.Namespace, rank: int, world: int) ->
     model = build_model(cfg)
     batches = digit_batches(rank, world, args.micro, plan.accumulation * args.steps)
     optimizer = make_optimizer(model.parameters(), cfg.optim, lr=plan.lr)
-    from scalegen.runtime.optim import lr_factor
+    from scalegen.optim import lr_factor
 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.optim, args.steps))
     engine, _, _, _ = deepspeed.initialize(
@@ -114,7 +114,7 @@ def run_deepspeed(name: str, args: argparse.Namespace, rank: int, world: int) ->
 def run_ddp(args: argparse.Namespace, rank: int, world: int) -> dict:
     from scalegen.callbacks.ema import EMAState
     from scalegen.distributed import batch_plan
-    from scalegen.runtime.optim import lr_factor, make_optimizer
+    from scalegen.optim import lr_factor, make_optimizer
 
     cfg = trainer_config(strategy="ddp", global_batch_size=args.global_batch, gradient_clip_val=args.clip)
     plan = batch_plan(cfg.trainer, args.micro, cfg.optim, world=world)

@@ -82,8 +82,8 @@ def test_zero_checkpoint_is_read_by_load_model_eval_and_release(engines, tmp_pat
     """A sharded checkpoint (Lightning's layout) is what `scalegen sample/eval/release` read like a file."""
     from safetensors.torch import load_file
 
+    from scalegen.checkpoints import checkpoint_sha256, load_model, read_checkpoint
     from scalegen.hub import make_release
-    from scalegen.runtime.checkpoint import checkpoint_sha256, load_model, read_checkpoint
 
     folder = engines / "zero3" / "last.ckpt"
     expected = load(engines, "zero3")

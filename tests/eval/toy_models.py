@@ -25,6 +25,7 @@ class ToyConfig(ModelConfig):
 class FactorizedCategorical(GenerativeModel):
     """Independent categorical over `levels` values per dimension: exact NLL, ancestral samples."""
 
+    predictions = frozenset({"nll", "sample", "encode"})
     nll_kind = "exact"
 
     def __init__(self, cfg: ToyConfig, optim: OptimConfig, data: DataSpec) -> None:
@@ -39,7 +40,7 @@ class FactorizedCategorical(GenerativeModel):
     def log_probs(self) -> Tensor:
         return torch.log_softmax(self.logits, dim=-1)
 
-    def nll(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+    def nll(self, x: Tensor, y: Tensor | None = None, k: int | None = None) -> Tensor:
         idx = x.long().flatten(1)  # [B, D]
         lp = self.log_probs()  # [D, L]
         return -lp.gather(1, idx.T).T.sum(1)
@@ -57,6 +58,8 @@ class FactorizedCategorical(GenerativeModel):
 
 class WithClassifier(FactorizedCategorical):
     """The same, plus the semi-supervised hook `classify(x) -> logits` (a nearest-class-mean rule)."""
+
+    predictions = frozenset({"nll", "sample", "encode", "classify"})
 
     def __init__(self, cfg: ToyConfig, optim: OptimConfig, data: DataSpec) -> None:
         super().__init__(cfg, optim, data)

@@ -12,8 +12,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from scalegen.config.schema import OptimConfig
+from scalegen.config.schema import OptimConfig, TrainerConfig
 from scalegen.dataspec import DataSpec
+from scalegen.distributed import strategy
 from scalegen.families.gan import GAN, GANConfig
 
 
@@ -42,13 +43,15 @@ def main(out: str) -> None:
     model.seen = []
     model.configure_manual_optimization(accumulate_grad_batches=2, gradient_clip_val=1.0)
     initial = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
-    trainer = L.Trainer(max_steps=6, strategy="ddp", devices=2, accelerator="cpu", logger=False,
+    # The strategy as the runtime builds it: DDP with the family's find_unused_parameters.
+    ddp = strategy(TrainerConfig(strategy="ddp", accelerator="cpu", devices=2), 4, world=2, family=Recording)
+    trainer = L.Trainer(max_steps=6, strategy=ddp, devices=2, accelerator="cpu", logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0)
     trainer.fit(model, DataLoader(Indexed(), batch_size=4))
     params = torch.cat([p.detach().flatten() for p in model.parameters()])
     torch.save({"params": params, "initial": initial, "batches": sorted(model.seen),
-                "d_updates": model._d_updates, "global_step": trainer.global_step},
+                "d_updates": model.optimizer_steps[0], "global_step": trainer.global_step},
                f"{out}/rank{trainer.global_rank}.pt")
 
 

@@ -152,7 +152,7 @@ def test_alternating_updates_with_k_discriminator_steps_and_accumulation() -> No
     d_steps = {int(s["step"]) for s in opt_d.state.values()}
     g_steps = {int(s["step"]) for s in opt_g.state.values()}
     assert d_steps == {4} and g_steps == {2} and trainer.global_step == 6
-    assert model._micro_batches == 8  # 4 D updates x 2 micro-batches
+    assert model.micro_batches == [8, 4]  # 4 D updates x 2 micro-batches; 2 G updates x 2
 
 
 def test_accumulation_equals_one_larger_batch() -> None:

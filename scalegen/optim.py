@@ -1,4 +1,4 @@
-"""One optimizer + LR-schedule builder for every family (GANs call it once per network)."""
+"""One optimizer + LR-schedule builder for every family (a family with several optimizers calls it once each)."""
 
 from __future__ import annotations
 
