@@ -153,7 +153,7 @@ class VQVAE(GenerativeModel):
         logs["code_usage"] = (counts > 0).float().mean()  # fraction of the K codes used by this batch
         return loss.mean(), logs
 
-    def nll(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+    def nll(self, x: Tensor, y: Tensor | None = None, k: int | None = None) -> Tensor:
         """-log p(x | z_q) + n log K: an upper bound on -log p(x) under the uniform prior, nats [B]."""
         z_q = self.quantizer.quantize(self.encoder(images_to_unit(x)))[1]
         n = z_q.shape[-1] * z_q.shape[-2]

@@ -42,17 +42,6 @@ class VQVAEPriorConfig(ModelConfig):
     temperature: float = ranged(1.0, ge=0)  # sampling temperature of the code softmax (0 = argmax)
 
 
-def load_stage1_until_contract(path: str) -> GenerativeModel:
-    """The frozen first stage, read from its checkpoint. Temporary: replaced by the contract's
-    `GenerativeModel.load_stage1` (one checkpoint reader, sha256 recorded) once that branch is merged."""
-    # The runtime imports the families; importing it at module top would be a cycle until the contract
-    # moves the checkpoint reader below the families.
-    from scalegen.runtime.checkpoint import load_model
-
-    model, _ = load_model(path)
-    return model
-
-
 @register_family("vqvae_prior", VQVAEPriorConfig, "PixelCNN prior over a frozen VQ-VAE's codes (second stage)")
 class VQVAEPrior(GenerativeModel):
     """Second stage: an autoregressive prior over the codes of a frozen VQ-VAE."""
@@ -63,9 +52,7 @@ class VQVAEPrior(GenerativeModel):
 
     def __init__(self, cfg: VQVAEPriorConfig, optim: OptimConfig, data: DataSpec) -> None:
         super().__init__(cfg, optim, data)
-        if not cfg.stage1:
-            raise ConfigError("model.stage1 is not set: name the trained VQ-VAE (checkpoint or run folder)")
-        stage1 = load_stage1_until_contract(cfg.stage1)
+        stage1 = self.load_stage1()  # frozen, through the one checkpoint reader; its sha256 is recorded
         if stage1.family_name != "vqvae":
             raise ConfigError(f"model.stage1 is a {stage1.family_name!r} model; the prior needs a vqvae checkpoint")
         if tuple(stage1.data_spec.shape) != tuple(data.shape):
@@ -73,7 +60,7 @@ class VQVAEPrior(GenerativeModel):
                               f"{tuple(data.shape)}: train the prior on the first stage's dataset")
         if cfg.conditional and data.num_classes <= 0:
             raise ConfigError("model.conditional=true needs a labelled dataset (data spec has no classes)")
-        self.stage1 = stage1.requires_grad_(False).eval()
+        self.stage1 = stage1
         self.num_codes = int(stage1.cfg.num_codes)
         with torch.no_grad():
             self.code_shape = tuple(stage1.encode_codes(torch.zeros(1, *data.shape, dtype=torch.uint8)).shape[1:])
@@ -108,7 +95,7 @@ class VQVAEPrior(GenerativeModel):
         return bits_per_code, {"prior_bits_per_code": bits_per_code.detach(),
                                "uniform_bits_per_code": torch.tensor(math.log2(self.num_codes))}
 
-    def nll(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+    def nll(self, x: Tensor, y: Tensor | None = None, k: int | None = None) -> Tensor:
         """-log p(x | z_q) - log p_prior(z_q): the two-stage upper bound on -log p(x), nats [B]."""
         with torch.no_grad():
             codes = self.stage1.encode_codes(x)
