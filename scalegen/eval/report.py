@@ -65,6 +65,8 @@ def write_figures(
         figs["reconstructions"] = save_image_grid(
             torch.cat([x, r.to(x.dtype)]), out / "reconstructions.png", nrow=len(x)
         )
+    for name, (images, nrow) in artifacts.get("extra_figures", {}).items():  # the family's own figures
+        figs[name] = save_image_grid(images, out / f"{name}.png", nrow=nrow)
     if run_dir is not None and (run_dir / "metrics.jsonl").is_file():
         keys = ("val/bpd", "eval/bpd", "eval/bpd_elbo")
         path = save_curves(run_dir / "metrics.jsonl", out / "bpd_curve.png", keys=keys, title="bits/dim")
@@ -207,6 +209,7 @@ def markdown(results: dict, figures: dict[str, Path]) -> str:
             "reconstructions": "Reconstructions (originals above)",
             "bpd_curve": "Bits/dim over training",
             "probe_accuracy": "Probe accuracy against labels per class",
+            "analogies": "Analogies: each test image (left), its style decoded with every label",
         }
         for key, path in figures.items():
             lines += [f"### {captions.get(key, key)}", "", f"![{key}]({path.name})", ""]

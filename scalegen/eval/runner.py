@@ -433,6 +433,12 @@ class Evaluation:
                 recon = self.model.reconstruct(x.to(self.device), y.to(self.device)).cpu()
             if keep:
                 self.artifacts["reconstructions"] = (x, recon)
+        if self.spec.kind == "image":
+            x, y = self._eval_split()
+            with torch.no_grad():
+                extra = self.model.extra_figures(x[:16].to(self.device), y[:16].to(self.device))
+            if keep and extra:
+                self.artifacts["extra_figures"] = {k: (v.cpu(), nrow) for k, (v, nrow) in extra.items()}
 
 
 def flat_summary(results: dict) -> dict[str, float]:

@@ -198,3 +198,8 @@ class VAE(GenerativeModel):
         inp, _ = self._targets(x, train=False)
         y1h = self._onehot(y, len(x))
         return self._mean_image(self._decode(self._posterior(inp, y1h)[0], y1h))
+
+    @torch.no_grad()
+    def decode_latent(self, z: Tensor, y: Tensor | None = None) -> Tensor:
+        """uint8 decoder-mean images of latents z [B, latent_dim] (M1+M2 decodes its z1 with this)."""
+        return self._mean_image(self._decode(z, self._onehot(y, len(z))))
