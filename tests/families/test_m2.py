@@ -145,3 +145,24 @@ def test_m2_tiny_recipe_trains_and_evaluates_with_its_own_classifier(tmp_path: P
     assert metrics["semisup"]["value"] > 0.5, metrics["semisup"]  # 100 labels, 3 epochs; chance is 0.1
     assert metrics["bpd"]["value"] < 1.0  # bits/dim of the binarized digits, a bound; uniform is 1 bit
     assert (out / "analogies.png").exists()
+
+
+@pytest.mark.slow  # trains the quickstart VAE (shared fixture), then M1+M2 over it, and evaluates
+def test_m1m2_trains_over_a_frozen_m1_and_evaluates_from_its_own_checkpoint(tmp_path: Path, train_recipe,
+                                                                            trained_vae: Path) -> None:
+    from scalegen.checkpoints import load_model
+
+    run = train_recipe("m2/tiny-m1m2", tmp_path / "m1m2", f"model.stage1={trained_vae}")
+    model, cfg = load_model(run)
+    m1, _ = load_model(trained_vae)
+    for name, p in m1.state_dict().items():  # the first stage stayed frozen through training
+        torch.testing.assert_close(model.stage1.state_dict()[name], p)
+    x, y = _digits()
+    torch.testing.assert_close(model.features(x[:8]), m1.encode(x[:8]))  # M2 sees M1's posterior means
+    out = tmp_path / "eval"
+    proc = subprocess.run([sys.executable, "-m", "scalegen", "eval", str(run), "--out", str(out), "--no-wandb"],
+                          cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    semisup = json.loads((out / "metrics.json").read_text())["metrics"]["semisup"]
+    assert "classify" in semisup["method"] and semisup["value"] > 0.5, semisup
+    assert model.sample(4, torch.tensor([0, 1, 2, 3])).shape == (4, 1, 8, 8)
