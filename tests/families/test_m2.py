@@ -152,7 +152,7 @@ def test_m1m2_trains_over_a_frozen_m1_and_evaluates_from_its_own_checkpoint(tmp_
                                                                             trained_vae: Path) -> None:
     from scalegen.checkpoints import load_model
 
-    run = train_recipe("m2/tiny-m1m2", tmp_path / "m1m2", f"model.stage1={trained_vae}")
+    run = train_recipe("m2/m1m2-tiny", tmp_path / "m1m2", f"model.stage1={trained_vae}")
     model, cfg = load_model(run)
     m1, _ = load_model(trained_vae)
     for name, p in m1.state_dict().items():  # the first stage stayed frozen through training

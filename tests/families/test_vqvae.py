@@ -138,7 +138,7 @@ def test_vqvae_and_its_prior_train_sample_and_evaluate_from_their_own_checkpoint
                                                                                   train_recipe) -> None:
     stage1 = train_recipe("vqvae/tiny", tmp_path / "vq")
     first = _eval(stage1, tmp_path / "eval1", "eval.probe_seeds=1")["metrics"]
-    prior_run = train_recipe("vqvae/tiny-prior", tmp_path / "prior", f"model.stage1={stage1}")
+    prior_run = train_recipe("vqvae/prior-tiny", tmp_path / "prior", f"model.stage1={stage1}")
     second = _eval(prior_run, tmp_path / "eval2", "--metrics", "bpd")["metrics"]
     # The learned prior beats the uniform one on held-out digits: a tighter two-stage bound.
     assert second["bpd"]["value"] < first["bpd"]["value"] - 0.05, (second["bpd"], first["bpd"])
