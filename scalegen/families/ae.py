@@ -35,7 +35,7 @@ class AEConfig(ModelConfig):
     noise_std: float = ranged(0.3, ge=0)  # denoise=gaussian: std of the added noise on [0,1] pixels
     mask_prob: float = ranged(0.25, ge=0, lt=1)  # denoise=mask: probability a pixel is set to 0
     sparsity: str = choice("none", "l1", "topk")  # L1 penalty on the code, or keep its k largest entries
-    l1_weight: float = ranged(1e-3, ge=0)  # sparsity=l1: weight of sum_j |h_j| in the loss
+    l1_weight: float = ranged(1e-3, ge=0)  # sparsity=l1: weight of the L1 norm of the code in the loss
     topk: int = ranged(8, ge=1)  # sparsity=topk: entries of the code kept (the rest set to 0)
 
 
