@@ -88,7 +88,7 @@ def test_ae_tiny_recipe_trains_and_evaluates(tmp_path: Path, train_recipe) -> No
     run = train_recipe("ae/tiny", tmp_path / "ae")
     out = tmp_path / "eval"
     proc = subprocess.run([sys.executable, "-m", "scalegen", "eval", str(run), "--out", str(out), "--no-wandb",
-                           "eval.probe_seeds=1"], cwd=REPO, capture_output=True, text=True)
+                           "--metrics", "linear_probe", "eval.probe_seeds=1"], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert "bpd" not in metrics["metrics"]  # no likelihood
