@@ -5,20 +5,17 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from scalegen.cli.main import main
 from scalegen.config.schema import OptimConfig
 from scalegen.dataspec import DataSpec, images_to_unit
 from scalegen.families.vqvae import VQVAE, VQVAEConfig
 from scalegen.nets.vq import VectorQuantizer, assignment_statistics, nearest_codes, perplexity, straight_through
 from scalegen.runtime import load_model
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _tiny(**kw) -> VQVAE:
@@ -128,9 +125,7 @@ def test_first_stage_bound_adds_log_k_per_code() -> None:
 
 
 def _eval(run: Path, out: Path, *extra: str) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "scalegen", "eval", str(run), "--out", str(out), "--no-wandb",
-                           *extra], cwd=REPO, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert main(["eval", str(run), "--out", str(out), "--no-wandb", *extra]) == 0  # `scalegen eval`, in this process
     return json.loads((out / "metrics.json").read_text())
 
 
