@@ -179,9 +179,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads for every loop")
     # On a shared VM a whole loop (15-30 s for the big nets) can run 10-15% slower than the next one; CPU
     # time does not count the time the machine takes away. It counts every thread of the process, so it is
-    # a fair clock only for the inline loader (the default; not data.prefetch>0 or data.num_workers>0).
+    # a fair clock only for the inline loader (the default; not data.num_workers>0).
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="wall time or CPU time")
-    parser.add_argument("overrides", nargs="*", help="extra recipe overrides for every config (e.g. data.prefetch=0)")
+    parser.add_argument("overrides", nargs="*", help="extra recipe overrides for every config (e.g. data.seed=1)")
     args = parser.parse_args()
     names = list(CONFIGS) if args.config == "all" else [args.config]
     torch.set_num_threads(args.threads)

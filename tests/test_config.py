@@ -24,7 +24,7 @@ def test_every_recipe_validates(recipe: Path) -> None:
 
 def test_extends_chain_and_override_order(tmp_path: Path) -> None:
     base = tmp_path / "parent.yaml"
-    base.write_text("model: {family: vae, latent_dim: 4}\noptim: {lr: 0.5}\n")
+    base.write_text("model: {family: vae, latent_dim: 4}\noptim: {lr: 0.5}\ntrainer: {max_epochs: 1}\n")
     child = tmp_path / "child.yaml"
     child.write_text("extends: parent.yaml\ndescription: child\noptim: {lr: 0.25}\n")
     cfg = load_config(child, ["model.latent_dim=7"])

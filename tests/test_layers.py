@@ -51,13 +51,17 @@ def import_graph(root: Path = PACKAGE) -> dict[str, set[str]]:
         deps: set[str] = set()
         for name in imported_names(path, module, path.name == "__init__.py"):
             parts = name.split(".")
-            for i in range(1, len(parts) + 1):
-                candidate = ".".join(parts[:i])
-                if candidate in files:
-                    deps.add(candidate)
+            prefixes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+            found = [p for p in prefixes if p in files]
+            if not found:
+                continue
+            # The module named is a dependency, and so are the packages Python initializes on the way;
+            # but not this module's own parent packages, unless named (`from pkg import name`): they are
+            # already running when it is imported through them.
+            deps.add(found[-1])
+            deps.update(p for p in found[:-1] if not module.startswith(p + "."))
         deps.discard(module)
-        # A module's own parent packages are already running when it is imported: not a dependency.
-        graph[module] = {d for d in deps if not module.startswith(d + ".")}
+        graph[module] = deps
     return graph
 
 
@@ -93,10 +97,12 @@ def test_graph_counts_imports_inside_functions_and_parent_packages(tmp_path: Pat
     (pkg / "sub").mkdir(parents=True)
     (pkg / "__init__.py").write_text("")
     (pkg / "sub" / "__init__.py").write_text("from pkg import top\n")
-    (pkg / "sub" / "leaf.py").write_text("def f():\n    from ..top import x\n")
+    (pkg / "sub" / "leaf.py").write_text("import pkg.sub.other\n\ndef f():\n    from ..top import x\n")
+    (pkg / "sub" / "other.py").write_text("from pkg.sub import leaf\n")
     (pkg / "top.py").write_text("import pkg.sub.leaf\n")
     graph = import_graph(pkg)
-    assert graph["pkg.sub.leaf"] == {"pkg.top"}
+    assert graph["pkg.sub.leaf"] == {"pkg.top", "pkg.sub.other"}  # not its own parent package pkg.sub
+    assert graph["pkg.sub.other"] == {"pkg.sub", "pkg.sub.leaf"}  # a parent it names is a dependency
     assert graph["pkg.top"] == {"pkg.sub", "pkg.sub.leaf"}  # importing pkg.sub.leaf runs pkg/sub/__init__
     assert find_cycle(graph) == ["pkg.sub", "pkg.top", "pkg.sub"]
 

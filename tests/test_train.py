@@ -10,6 +10,7 @@ import torch
 import yaml
 from PIL import Image
 
+from scalegen.errors import UserError
 from scalegen.runtime import load_model, read_checkpoint
 from scalegen.runtime.checkpoint import AtomicCheckpointIO
 
@@ -51,7 +52,10 @@ def test_checkpoint_carries_config_and_rebuilds_the_model(quickstart_run: Path) 
 
 def test_resume_auto_continues_from_the_last_checkpoint(quickstart_run: Path, train_recipe) -> None:
     before = read_checkpoint(quickstart_run / "checkpoints" / "last.ckpt")["global_step"]
-    train_recipe("quickstart", quickstart_run, "trainer.max_epochs=4", "logging.wandb=true")
+    with pytest.raises(UserError, match=r"recipe changed in trainer\.max_epochs.*resume_allow_changes"):
+        train_recipe("quickstart", quickstart_run, "trainer.max_epochs=4", "logging.wandb=true")
+    train_recipe("quickstart", quickstart_run, "trainer.max_epochs=4", "logging.wandb=true",
+                 "trainer.resume_allow_changes=[trainer.max_epochs]")
     after = read_checkpoint(quickstart_run / "checkpoints" / "last.ckpt")
     assert after["epoch"] >= 3 and after["global_step"] > before  # epochs 0-2 were not re-run
     steps = [json.loads(line)["step"] for line in (quickstart_run / "metrics.jsonl").read_text().splitlines()]
@@ -70,7 +74,7 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path: Path, monk
         Path(filepath).write_bytes(b"half a checkpoint")
         raise OSError("disk full")
 
-    monkeypatch.setattr("scalegen.runtime.checkpoint._atomic_save", crash)
+    monkeypatch.setattr("scalegen.runtime.checkpoint.torch.save", crash)  # the write itself fails
     with pytest.raises(OSError):
         io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}}, path)
     assert torch.equal(torch.load(path, weights_only=True)["state_dict"]["w"], torch.ones(3))

@@ -10,12 +10,14 @@ are evaluated.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 
 from scalegen.eval.data import EvalData
+from scalegen.eval.runner import evaluate
 
 
 class PeriodicEval(L.Callback):
@@ -42,7 +44,6 @@ class PeriodicEval(L.Callback):
         self.evaluate(trainer, pl_module, step)
 
     def evaluate(self, trainer: L.Trainer, pl_module: Any, step: int) -> dict:
-        from scalegen.eval.runner import evaluate
 
         run_dir = Path(trainer.default_root_dir)
         out = Path(self.cfg.eval.out_dir) if self.cfg.eval.out_dir else run_dir / "eval"
@@ -65,7 +66,6 @@ class PeriodicEval(L.Callback):
     @staticmethod
     def _averaged_weights(trainer: L.Trainer, pl_module: Any) -> Any:
         """The EMA callback's averaged weights for the duration (when it is there and ema.use_for_eval)."""
-        from contextlib import nullcontext
 
         for cb in trainer.callbacks:
             if hasattr(cb, "swapped") and hasattr(cb, "use_for_eval"):

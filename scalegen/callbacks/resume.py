@@ -25,8 +25,10 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_warn
 
+from scalegen.callbacks.ema import EMA
 from scalegen.errors import UserError
 
 PREEMPTED_MARKER = ".preempted"
@@ -104,7 +106,6 @@ class RNGState(L.Callback):
             return
         states, self._pending = self._pending, None
         if len(states) != trainer.world_size:
-            from lightning.pytorch.utilities import rank_zero_warn
 
             rank_zero_warn(
                 f"checkpoint has RNG states of {len(states)} ranks, this run has "
@@ -180,7 +181,6 @@ class Preemption(Checkpoint):
             return
         # Save where ModelCheckpoint keeps `last`, and tell it so: after the resume it then overwrites this
         # file instead of starting a `last-v1.ckpt` beside it (trainer.resume=auto reads last.ckpt).
-        from lightning.pytorch.callbacks import ModelCheckpoint
 
         here = self.checkpoint_path.parent
         for cb in trainer.checkpoint_callbacks:
@@ -207,7 +207,6 @@ class Preemption(Checkpoint):
 
 def scale_out_callbacks(cfg: Any, run_dir: str | Path) -> list[L.Callback]:
     """The callbacks the runtime adds for exact resume: RNG states, preemption, and EMA when enabled."""
-    from scalegen.callbacks.ema import EMA
 
     callbacks: list[L.Callback] = [RNGState(), Preemption(run_dir, str(cfg.trainer.requeue_signal))]
     if cfg.ema.enabled:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from scalegen.data import prepare_dataset
+from scalegen.data.pack import pack_folder
+
 HELP = "prepare a built-in dataset, or pack your own folder of images/audio, as WebDataset shards"
 
 
@@ -43,11 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.data_command == "prepare":
-        from scalegen.data import prepare_dataset
 
         manifest = prepare_dataset(args.name, args.out, source=args.source, shard_size=args.shard_size)
     else:
-        from scalegen.data.pack import pack_folder
 
         manifest = pack_folder(
             args.src,

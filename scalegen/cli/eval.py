@@ -8,8 +8,14 @@ import os
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
 
-from scalegen.errors import UserError
+from scalegen.checkpoints import checkpoint_sha256, load_model, resolve_checkpoint
+from scalegen.config.loader import apply_overrides
+from scalegen.eval.data import EvalData
+from scalegen.eval.dist import rank_world
+from scalegen.eval.runner import evaluate, parse_metrics
 
 HELP = "evaluate a checkpoint: bits/dim, FID/KID/IS, linear and semi-supervised probes, with a report"
 
@@ -34,7 +40,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _init_distributed() -> None:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1); work is then split across ranks."""
-    import torch.distributed as dist
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -58,21 +63,12 @@ def _resume_wandb(cfg, run_dir: Path | None):
 
 
 def run(args: argparse.Namespace) -> int:
-    from omegaconf import OmegaConf
 
-    from scalegen.checkpoints import checkpoint_sha256, load_model, resolve_checkpoint
-    from scalegen.config.loader import _merge
-    from scalegen.eval.data import EvalData
-    from scalegen.eval.dist import rank_world
-    from scalegen.eval.runner import evaluate, parse_metrics
 
     _init_distributed()
     ckpt = resolve_checkpoint(args.checkpoint)
     model, cfg = load_model(ckpt, use_ema=not args.raw)
-    for item in args.overrides:
-        if "=" not in item:
-            raise UserError(f"override {item!r} is not key=value (for example eval.iwae_k=100)")
-        cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override {item!r}")
+    cfg = apply_overrides(cfg, args.overrides)
     if args.data:
         cfg.data.root, cfg.data.train, cfg.data.val, cfg.data.test = args.data, "", "", ""
     if args.num_samples is not None:

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+from scalegen.config import load_config
+from scalegen.errors import UserError
+from scalegen.hub import fetch_release
+from scalegen.hub.load import release_info
+from scalegen.runtime.train import train
+
 HELP = "train a recipe starting from a release (folder, file:// or https:// URL; checksums verified)"
 
 
@@ -21,11 +27,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from scalegen.config import load_config
-    from scalegen.errors import UserError
-    from scalegen.hub import fetch_release
-    from scalegen.hub.load import release_info
-    from scalegen.runtime.train import train
 
     cfg = load_config(args.recipe, [*args.overrides, f"finetune.init_from={args.release}"])
     folder = fetch_release(args.release, cfg.finetune.sha256)  # verify (and download) before anything trains

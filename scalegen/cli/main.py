@@ -45,7 +45,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args._run(args) or 0)
     except UserError as err:
-        print(f"scalegen {args.command}: error: {err}", file=sys.stderr)
+        one_line = " ".join(part.strip() for part in str(err).splitlines())  # e.g. a YAML error's context lines
+        print(f"scalegen {args.command}: error: {one_line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"scalegen {args.command}: interrupted", file=sys.stderr)

@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from scalegen.config.loader import RECIPES_DIR
+from scalegen.config.loader import RECIPES_DIR, recipe_chain
 
 HELP = "list the recipes with their one-line descriptions"
 
@@ -19,7 +19,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def describe(path) -> tuple[str, str]:
     """(family, description) of a recipe, following `extends:` for whichever it leaves out."""
-    from scalegen.config.loader import recipe_chain
 
     layers = recipe_chain(path.resolve())
     family = description = ""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from scalegen.hub import make_release
+
 HELP = "write a self-contained release of a run: safetensors (EMA and raw), recipe, model card, SHA256SUMS"
 
 
@@ -23,7 +25,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from scalegen.hub import make_release
 
     out = make_release(args.run_dir, args.out, licence=args.licence, overwrite=args.overwrite)
     print(f"release: {out}")

@@ -7,6 +7,9 @@ import argparse
 import torch
 
 from scalegen.errors import UserError
+from scalegen.plots import save_image_grid
+from scalegen.runtime import load_model
+from scalegen.samplers.wav import write_wavs
 
 HELP = "draw samples from a checkpoint (or run folder) into an image grid"
 
@@ -22,8 +25,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from scalegen.plots import save_image_grid
-    from scalegen.runtime import load_model
 
     if args.n < 1:
         raise UserError("--n must be at least 1")
@@ -34,7 +35,6 @@ def run(args: argparse.Namespace) -> int:
     y = None if args.label is None else torch.full((args.n,), args.label, dtype=torch.long)
     samples = model.sample(args.n, y)
     if model.data_spec.kind == "audio":  # one 16-bit WAV per clip: {out stem}_000.wav, ...
-        from scalegen.samplers.wav import write_wavs
 
         paths = write_wavs(args.out, samples, model.data_spec.sample_rate or 8000)
         print(f"wrote {len(paths)} WAV files: {paths[0]} ... {paths[-1]}")

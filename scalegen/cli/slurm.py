@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from scalegen.distributed.slurm import load_profile, render, submit
+
 HELP = "submit a recipe to SLURM (sbatch script from cluster/sbatch.template + a cluster profile)"
 
 
@@ -43,7 +45,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from scalegen.distributed.slurm import load_profile, render, submit
 
     sub = render(
         args.recipe,

@@ -6,6 +6,7 @@ import argparse
 
 from scalegen.cli.common import add_recipe_arguments
 from scalegen.config import load_config
+from scalegen.runtime.train import train
 
 HELP = "train a model from a recipe (the config is validated before anything starts)"
 
@@ -16,7 +17,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.recipe, args.overrides)
-    from scalegen.runtime.train import train
 
     run_dir = train(cfg)
     print(f"run folder: {run_dir}")

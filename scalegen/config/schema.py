@@ -2,8 +2,8 @@
 
 A recipe is merged onto these dataclasses in OmegaConf struct mode, so an unknown key or a value of
 the wrong type fails before anything runs. A field restricted to a few values is declared with
-`choice(...)`; the loader checks it. Each family registers its own `model` schema (see
-`scalegen.registry`), which subclasses `ModelConfig`.
+`choice(...)`, a numeric field with its valid range by `ranged(...)`; the loader checks both.
+Each family registers its own `model` schema (see `scalegen.registry`), which subclasses `ModelConfig`.
 """
 
 from __future__ import annotations
@@ -17,14 +17,36 @@ def choice(default: str, *others: str) -> Any:
     return field(default=default, metadata={"choices": (default, *others)})
 
 
-def ranged(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
-           lt: float | None = None, default_factory: Any = None) -> Any:
+Bound = float | str | None
+
+
+def ranged(default: Any = None, *, ge: Bound = None, gt: Bound = None, le: Bound = None, lt: Bound = None,
+           default_factory: Any = None) -> Any:
     """A numeric field with its valid range beside its definition (checked when a recipe is loaded;
-    None always passes for an Optional field). `ranged(64, ge=1)`, `ranged(0.999, ge=0, le=1)`."""
+    None always passes for an Optional field). `ranged(64, ge=1)`, `ranged(0.999, ge=0, le=1)`.
+
+    A list field (`betas`) is checked element by element. A bound may name a sibling field of the same
+    section, `ranged(50, ge=1, le="timesteps")`: checked against the final value of that field. A float
+    must also be finite. `ranged(x)` without bounds declares a number that may take any finite value."""
     bounds = {name: v for name, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
     if default_factory is not None:
         return field(default_factory=default_factory, metadata={"range": bounds})
     return field(default=default, metadata={"range": bounds})
+
+
+def describe_range(bounds: dict[str, Any]) -> str:
+    """`{"ge": 0, "lt": 1}` -> "in [0, 1)", `{"gt": 0}` -> "> 0", `{}` -> "finite": a `ranged` field's range."""
+    lo = next(((op, v) for op, v in bounds.items() if op in ("ge", "gt")), None)
+    hi = next(((op, v) for op, v in bounds.items() if op in ("le", "lt")), None)
+    if lo and hi:
+        return f"in {'[' if lo[0] == 'ge' else '('}{lo[1]}, {hi[1]}{']' if hi[0] == 'le' else ')'}"
+    if lo or hi:
+        op, v = lo or hi  # type: ignore[misc]
+        return f"{_SYMBOLS[op]} {v}"
+    return "finite"
+
+
+_SYMBOLS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
 
 
 @dataclass
@@ -41,73 +63,76 @@ class DataConfig:
     test: str = ""  # shard URLs for the test split; "" = the manifest's test shards
     prepare: bool = True  # prepare a built-in dataset into `root` on first use when it has no manifest
     source: str | None = None  # local copy in the upstream format to prepare from (no download)
-    batch_size: int = 64  # per device, per step (at most; see docs/data.md); see trainer.global_batch_size
-    num_workers: int = 0  # DataLoader worker processes per rank
+    batch_size: int = ranged(64, ge=1)  # per device and step (at most; see docs/data.md); see trainer.global_batch_size
+    num_workers: int = ranged(0, ge=0)  # DataLoader worker processes per rank (streaming only)
     cache_bytes: int = ranged(4 << 30, ge=0)  # decode a split once into memory when a rank's share fits (0 = stream)
-    shuffle_buffer: int = 1000  # samples in each worker's shuffle buffer (0: shard order is still shuffled)
+    shuffle_buffer: int = ranged(1000, ge=0)  # samples in each worker's shuffle buffer (0: shard order still shuffled)
     resampled: bool = False  # infinite stream of shards sampled with replacement, for step-counted runs
-    seed: int | None = None  # shard order, shuffle and augmentation seed; None = trainer.seed
+    seed: int | None = ranged(None, ge=0)  # shard order, shuffle and augmentation seed; None = trainer.seed
     on_bad_sample: str = choice("warn", "raise")  # skip corrupt shards/samples with a warning, or fail
     # Partly labelled training data (docs/data.md): y = -1 for all but N examples per class.
     labels_per_class: int | None = ranged(None, ge=1)  # keep the labels of exactly N training examples per class
     label_seed: int = ranged(0, ge=0)  # which examples keep their labels (the same on every rank and resume)
     # Image transforms, applied to training batches only.
     random_flip: bool = False  # horizontal flip with probability 1/2
-    random_crop_padding: int = 0  # pad by this many pixels (reflect) and crop back at random
-    resize: int | None = None  # resize the shorter side to this many pixels (bilinear)
-    center_crop: int | None = None  # centre crop to a square of this size
+    random_crop_padding: int = ranged(0, ge=0)  # pad by this many pixels (reflect) and crop back at random
+    resize: int | None = ranged(None, ge=1)  # resize the shorter side to this many pixels (bilinear)
+    center_crop: int | None = ranged(None, ge=1)  # centre crop to a square of this size
     # Audio.
-    clip_samples: int = 4000  # crop (random in training) or zero-pad every clip to this many samples
-    mu_law: int = 0  # >0: quantize audio to this many mu-law levels (x becomes int64 codes)
+    clip_samples: int = ranged(4000, ge=1)  # crop (random in training) or zero-pad every clip to this length
+    mu_law: int = ranged(0, ge=0, le=65536)  # >= 2: quantize audio to this many mu-law levels (int64 codes); 0 = off
 
 
 @dataclass
 class OptimConfig:
     name: str = choice("adamw", "adam", "sgd")
-    lr: float = 1e-3  # peak learning rate, for the reference global batch (see scale_lr)
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam(W) moment decays
-    momentum: float = 0.9  # SGD only
-    eps: float = 1e-8  # Adam(W) denominator epsilon
+    lr: float = ranged(1e-3, gt=0)  # peak learning rate, for the reference global batch (see scale_lr)
+    weight_decay: float = ranged(0.0, ge=0)  # decoupled (adamw) or L2 (adam, sgd) weight decay
+    betas: list[float] = ranged(ge=0, lt=1, default_factory=lambda: [0.9, 0.999])  # Adam(W) moment decays
+    momentum: float = ranged(0.9, ge=0, lt=1)  # SGD only (a decay: 1 would never forget a gradient)
+    eps: float = ranged(1e-8, gt=0)  # Adam(W) denominator epsilon
     schedule: str = choice("constant", "cosine", "linear")  # decay after warm-up, to min_lr_ratio * lr
-    warmup_steps: int = 0  # linear warm-up from 0 over this many optimizer steps
-    min_lr_ratio: float = 0.0  # final lr as a fraction of the peak, for cosine and linear
+    warmup_steps: int = ranged(0, ge=0)  # linear warm-up from 0 over this many optimizer steps
+    min_lr_ratio: float = ranged(0.0, ge=0, le=1)  # final lr as a fraction of the peak, for cosine and linear
     scale_lr: str = choice("none", "linear", "sqrt")  # scale lr with global batch / reference_batch_size
-    reference_batch_size: int = 0  # global batch the lr was tuned for (0 = no scaling)
+    reference_batch_size: int = ranged(0, ge=0)  # global batch the lr was tuned for (0 = no scaling)
 
 
 @dataclass
 class TrainerConfig:
     accelerator: str = "auto"  # auto | cpu | gpu
     devices: Any = 1  # processes per node: an int, or "auto"
-    num_nodes: int = 1
+    num_nodes: int = ranged(1, ge=1)
     strategy: str = choice(
         "auto", "ddp", "fsdp", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3",
     )
     precision: str = choice("32-true", "bf16-mixed", "16-mixed", "bf16-true")
-    max_steps: int = -1  # optimizer steps; -1 = bounded by max_epochs
-    max_epochs: int | None = None
-    global_batch_size: int | None = None  # fixed across world sizes: accumulation is derived from it
-    accumulate_grad_batches: int = 1  # ignored when global_batch_size is set
-    gradient_clip_val: float | None = None  # clip the global gradient norm to this value
+    max_steps: int = ranged(-1, ge=-1)  # optimizer steps; -1 = bounded by max_epochs
+    max_epochs: int | None = ranged(None, ge=-1)  # -1 = until stopped; None = bounded by max_steps (one must be set)
+    global_batch_size: int | None = ranged(None, ge=1)  # fixed across world sizes: accumulation derives from it
+    accumulate_grad_batches: int = ranged(1, ge=1)  # ignored when global_batch_size is set
+    gradient_clip_val: float | None = ranged(None, ge=0)  # clip the global gradient norm to this value (0 = off)
     # Scale-out options (read only by scalegen.distributed; see docs/cluster.md).
     find_unused_parameters: bool = False  # DDP: allow parameters without a gradient in a step (slower)
     offload_optimizer: bool = False  # DeepSpeed ZeRO 1-3: keep optimizer state in CPU memory (ZeRO-Offload)
     offload_parameters: bool = False  # DeepSpeed ZeRO-3 / FSDP: keep parameters in CPU memory between uses
-    loss_scale: float = 0.0  # 16-mixed only: 0 = dynamic loss scaling, > 0 = this fixed scale
-    initial_scale_power: int = 16  # 16-mixed, dynamic: the loss scale starts at 2**this
-    loss_scale_window: int = 1000  # 16-mixed, dynamic: steps without overflow before the scale doubles
-    hysteresis: int = 2  # 16-mixed, dynamic: consecutive overflows before the scale is halved
-    min_loss_scale: float = 1.0  # 16-mixed, dynamic: the scale never drops below this
+    loss_scale: float = ranged(0.0, ge=0)  # 16-mixed only: 0 = dynamic loss scaling, > 0 = this fixed scale
+    initial_scale_power: int = ranged(16, ge=0, le=64)  # 16-mixed, dynamic: the loss scale starts at 2**this
+    loss_scale_window: int = ranged(1000, ge=1)  # 16-mixed, dynamic: steps without overflow before scale doubles
+    hysteresis: int = ranged(2, ge=1)  # 16-mixed, dynamic: consecutive overflows before the scale is halved
+    min_loss_scale: float = ranged(1.0, gt=0)  # 16-mixed, dynamic: the scale never drops below this
     requeue_signal: str = choice("SIGUSR1", "SIGUSR2")  # SLURM: checkpoint + requeue on this signal
-    val_check_interval: int | None = None  # validate every N training batches (None = each epoch)
-    check_val_every_n_epoch: int | None = 1
-    limit_val_batches: float | None = None  # int = batches, float = fraction of the val split
-    num_sanity_val_steps: int = 0
-    log_every_n_steps: int = 10
-    seed: int = 0
+    val_check_interval: int | None = ranged(None, ge=1)  # validate every N training batches (None = each epoch)
+    check_val_every_n_epoch: int | None = ranged(1, ge=1)  # validate every N epochs (unused with val_check_interval)
+    limit_val_batches: float | None = ranged(None, ge=0)  # <= 1: fraction of the val split; whole > 1: batches
+    num_sanity_val_steps: int = ranged(0, ge=-1)  # validation batches run before training (-1 = all)
+    log_every_n_steps: int = ranged(10, ge=0)  # write training scalars every N steps (0 = never)
+    seed: int = ranged(0, ge=0, le=2**32 - 1)  # global seed (lightning.seed_everything: a uint32)
     deterministic: bool = False  # torch deterministic algorithms (bitwise reproducible on CPU)
     resume: str = "auto"  # auto = newest checkpoint in the run folder, never, or a checkpoint path
+    # Recipe keys (glob patterns, e.g. optim.lr, trainer.max_steps, optim.*) a resume may change; any
+    # other difference from the checkpoint's recipe is refused, naming the keys.
+    resume_allow_changes: list[str] = field(default_factory=list)
     progress_bar: bool = True  # Rich progress bar
     record_sample_keys: bool = False  # write each rank's training sample keys to {run}/sample_keys (audit sharding)
 
@@ -127,17 +152,18 @@ class CheckpointConfig:
     monitor: str | None = None  # metric that picks the best checkpoint; null = the family's (none for GANs)
     mode: str = choice("min", "max")  # for a `monitor` set here; the family's own has its own mode
     save_last: bool = True  # checkpoints/last.ckpt, what trainer.resume=auto continues from
-    save_top_k: int = 1  # best checkpoints kept by `monitor`
-    every_n_train_steps: int | None = None  # also checkpoint every N optimizer steps
-    every_n_epochs: int | None = 1
+    save_top_k: int = ranged(1, ge=-1)  # best checkpoints kept by `monitor` (-1 = all, 0 = none)
+    # Set at most one of the two below; with neither, checkpoints are taken at the end of every epoch.
+    every_n_train_steps: int | None = ranged(None, ge=0)  # checkpoint every N optimizer steps (not with every_n_epochs)
+    every_n_epochs: int | None = ranged(None, ge=0)  # checkpoint every N epochs (both null: every epoch; 0 = never)
 
 
 @dataclass
 class EMAConfig:
     enabled: bool = False  # keep an exponential moving average of the weights
-    decay: float = 0.999
-    warmup_steps: int = 0  # decay ramps as min(decay, (1+t)/(10+t)) until then
-    every_n_steps: int = 1  # update the average every N optimizer steps
+    decay: float = ranged(0.999, ge=0, le=1)  # average <- decay * average + (1 - decay) * weights
+    warmup_steps: int = ranged(0, ge=0)  # decay ramps as min(decay, (1+t)/(10+t)) until then
+    every_n_steps: int = ranged(1, ge=1)  # update the average every N optimizer steps
     use_for_eval: bool = True  # sample and evaluate with the averaged weights
     update_on_cpu: bool = False  # keep the average in CPU memory (saves accelerator memory, slower updates)
 
@@ -155,30 +181,30 @@ class FinetuneConfig:
 class EvalConfig:
     """The evaluation pipeline: `scalegen eval`, and during training (see docs/evaluation.md)."""
 
-    every_n_steps: int | None = None  # evaluate during training every N optimizer steps (None = never)
+    every_n_steps: int | None = ranged(None, ge=1)  # evaluate in training every N optimizer steps (None = never)
     metrics: list[str] = field(default_factory=list)  # of bpd,fid,kid,is,linear_probe,semisup; [] = all that apply
     split: str = "test"  # split that bits/dim and probe accuracies are measured on
-    max_examples: int | None = None  # only the first N examples of `split` (None = all)
-    batch_size: int = 256  # examples per forward pass and rank (nll, sample, encode, features)
-    seed: int = 0  # sampling and probe seed (rank r samples with seed + 7919 r)
+    max_examples: int | None = ranged(None, ge=1)  # only the first N examples of `split` (None = all)
+    batch_size: int = ranged(256, ge=1)  # examples per forward pass and rank (nll, sample, encode, features)
+    seed: int = ranged(0, ge=0)  # sampling and probe seed (rank r samples with seed + 7919 r)
     # Bits/dim.
-    iwae_k: int = 1000  # IWAE-k bound when the family's nll accepts k (VAEs); 1 = the ELBO only
+    iwae_k: int = ranged(1000, ge=1)  # IWAE-k bound when the family's nll accepts k (VAEs); 1 = the ELBO only
     # FID, KID, Inception Score.
-    num_samples: int = 1000  # generated samples for FID/KID/IS (50000 for reporting)
+    num_samples: int = ranged(1000, ge=2)  # generated samples for FID/KID/IS (50000 for reporting; FID needs 2)
     reference_split: str = "train"  # split the generated samples are compared with
-    reference_examples: int | None = 50000  # reference statistics from its first N examples (None = all)
+    reference_examples: int | None = ranged(50000, ge=2)  # reference statistics from its first N (None = all)
     inception_weights: str | None = None  # path/URL of the FID Inception weights; None = $SCALEGEN_INCEPTION_WEIGHTS
     domain_fid: bool = True  # also domain FID (a classifier trained on the data) for small grey images
-    kid_subsets: int = 100  # KID: random subsets averaged
-    kid_subset_size: int = 1000  # KID: examples per subset (capped by the smaller set)
-    is_splits: int = 10  # Inception Score: equal chunks the score is averaged over
+    kid_subsets: int = ranged(100, ge=1)  # KID: random subsets averaged
+    kid_subset_size: int = ranged(1000, ge=2)  # KID: examples per subset (capped by the smaller set)
+    is_splits: int = ranged(10, ge=1)  # Inception Score: equal chunks the score is averaged over
     # Probes.
     probe_split: str = "train"  # split the probes are trained on (tested on `split`)
-    probe_train_examples: int | None = None  # only the first N examples of probe_split (None = all)
-    probe_seeds: int = 3  # seeds per probe (validation part, init, batch order, labelled examples)
-    probe_steps: int = 300  # optimizer steps per probe fit
-    labels_per_class: int = 10  # semi-supervised accuracy: labels per class
-    label_curve: list[int] = field(default_factory=lambda: [1, 10, 100])  # labels/class, accuracy figure
+    probe_train_examples: int | None = ranged(None, ge=1)  # only the first N of probe_split (None = all)
+    probe_seeds: int = ranged(3, ge=1)  # seeds per probe (validation part, init, batch order, labelled examples)
+    probe_steps: int = ranged(300, ge=1)  # optimizer steps per probe fit
+    labels_per_class: int = ranged(10, ge=1)  # semi-supervised accuracy: labels per class
+    label_curve: list[int] = ranged(ge=1, default_factory=lambda: [1, 10, 100])  # labels/class, figure
     out_dir: str | None = None  # periodic eval reports go here (None = {run}/eval/step-XXXXXXX)
     log_wandb: bool = True  # also log metrics and report figures to the active W&B run
 

@@ -25,7 +25,7 @@ def encode_npy(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-_NPY_HEADERS: dict[bytes, tuple[np.dtype, tuple[int, ...], int]] = {}  # header bytes -> dtype, shape, offset
+_NPY_HEADERS: dict[bytes, tuple[np.dtype, tuple[int, ...], int, int]] = {}  # header -> dtype, shape, offset, count
 
 
 def decode_npy(data: bytes) -> np.ndarray:
@@ -41,23 +41,23 @@ def decode_npy(data: bytes) -> np.ndarray:
         if arr.dtype.hasobject or not arr.flags.c_contiguous:
             return arr
         if len(_NPY_HEADERS) < 64:
-            _NPY_HEADERS[header] = (arr.dtype, arr.shape, end)
+            _NPY_HEADERS[header] = (arr.dtype, arr.shape, end, arr.size)
         return arr
-    dtype, shape, offset = known
-    count = int(np.prod(shape))
+    dtype, shape, offset, count = known
     if len(data) != offset + count * dtype.itemsize:
         raise ValueError(f"truncated .npy: {len(data)} bytes for {shape} {dtype}")
     return np.frombuffer(data, dtype, count, offset).reshape(shape)
 
 
-def decode_image(data: bytes, channels: int | None, ext: str = "png") -> Tensor:
+def decode_image(data: bytes, channels: int | None, ext: str = "png", tensor: bool = True) -> Tensor | np.ndarray:
     """uint8 [C, H, W]: a `.npy` as stored ([C, H, W] uint8), anything else through PIL, converted to
-    `channels` (1 = greyscale, 3 = RGB) when given."""
+    `channels` (1 = greyscale, 3 = RGB) when given. `tensor=False`: a numpy array (for a `.npy`, a read-only
+    view of `data`)."""
     if ext == "npy":
         arr = decode_npy(data)
         if arr.dtype != np.uint8 or arr.ndim != 3 or (channels is not None and arr.shape[0] != channels):
             raise ValueError(f".npy image of {arr.dtype} {arr.shape}, expected uint8 [{channels or 'C'}, H, W]")
-        return torch.from_numpy(arr.copy())  # a writable copy: the bytes may be a view of a shard
+        return torch.from_numpy(arr.copy()) if tensor else arr  # a writable copy: `data` is immutable
     with Image.open(io.BytesIO(data)) as img:
         img.load()  # raises on truncated or corrupt data instead of returning garbage later
         mode = {1: "L", 3: "RGB", 4: "RGBA"}.get(channels or 0)
@@ -65,8 +65,8 @@ def decode_image(data: bytes, channels: int | None, ext: str = "png") -> Tensor:
             grey = img.mode in ("1", "L", "I", "I;16", "P") and "transparency" not in img.info
             mode = "L" if grey else "RGB"
         arr = np.array(img.convert(mode) if img.mode != mode else img, dtype=np.uint8)  # a writable copy
-    arr = arr[:, :, None] if arr.ndim == 2 else arr
-    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+    arr = np.ascontiguousarray((arr[:, :, None] if arr.ndim == 2 else arr).transpose(2, 0, 1))
+    return torch.from_numpy(arr) if tensor else arr
 
 
 def decode_wav(data: bytes, sample_rate: int | None) -> Tensor:
@@ -105,9 +105,9 @@ def encode_wav(x: np.ndarray, sample_rate: int) -> bytes:
 
 
 def decode_sample(sample: dict, kind: str, channels: int | None, sample_rate: int | None,
-                  checked: bool = False) -> dict:
+                  checked: bool = False, tensor: bool = True) -> dict:
     """One raw tar sample -> {"x": tensor, "y": int, "key": str, **numeric json fields}; ValueError when its
-    checksum fails (or, `checked`: it has none) or it cannot be decoded."""
+    checksum fails (or, `checked`: it has none) or it cannot be decoded. `tensor=False`: images as numpy."""
     if "crc32" in sample:
         if sample["crc32"].decode("ascii", "replace") != sample_crc(sample):
             raise ValueError("checksum mismatch (damaged bytes)")
@@ -118,7 +118,7 @@ def decode_sample(sample: dict, kind: str, channels: int | None, sample_rate: in
     if ext is None:
         members = sorted(k for k in sample if not k.startswith("__"))
         raise ValueError(f"no {'/'.join(exts)} member (has {members})")
-    x = decode_image(sample[ext], channels, ext) if kind == "image" else decode_wav(sample[ext], sample_rate)
+    x = decode_image(sample[ext], channels, ext, tensor) if kind == "image" else decode_wav(sample[ext], sample_rate)
     out = {"x": x, "y": int(sample["cls"]) if "cls" in sample else -1, "key": sample["__key__"]}
     if "json" in sample:
         for k, v in json.loads(sample["json"]).items():

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
@@ -183,11 +184,13 @@ class ShardStream(IterableDataset):
             shard = rng.choices(population, weights=self.counts)[0]
             yield Slice(shard, 0, self.counts[shard])
 
-    def prepare(self, raw: Raw) -> dict[str, Any]:
-        """Decode a sample and apply the deterministic transforms (resize, centre crop)."""
+    def prepare(self, raw: Raw, tensor: bool = True) -> dict[str, Any]:
+        """Decode a sample and apply the deterministic transforms (resize, centre crop). `tensor=False`
+        leaves an image without those transforms a numpy array (stacked in one copy by `DecodedSplit`)."""
         o = self.opts
-        s = decode_sample(raw, o.kind, o.channels, o.sample_rate, o.checked)
-        if o.kind == "image":
+        plain = o.kind == "image" and not (o.resize or o.center_crop)
+        s = decode_sample(raw, o.kind, o.channels, o.sample_rate, o.checked, tensor=tensor or not plain)
+        if o.kind == "image" and not plain:
             if o.resize:
                 s["x"] = T.resize(s["x"], o.resize)
             if o.center_crop:
@@ -241,7 +244,7 @@ class DecodedSplit:
         for chunk in read_slices(stream.urls, plan.slices, self.skips):
             for raw in chunk:
                 try:
-                    samples.append(stream.prepare(raw))
+                    samples.append(stream.prepare(raw, tensor=False))
                 except DataError:
                     raise
                 except Exception as err:  # noqa: BLE001  any decoding error means "this sample is bad"
@@ -268,7 +271,9 @@ class DecodedSplit:
                 mix = torch.randperm(planned, generator=gen)
                 order, stand_in = order[mix], stand_in[mix]
         ends = torch.tensor(self.sizes).cumsum(0).tolist()
-        skipped, self.skips.skipped = self.skips.skipped, 0  # reported once, in the first batch after decoding
+        # Damage is counted once, in the run's first batch: a resumed run restored the total from its checkpoint.
+        skipped = self.skips.skipped if (epoch, start) == (0, 0) else 0
+        self.skips.skipped = 0
         for g in range(start, len(self.sizes)):
             a, b = ends[g] - self.sizes[g], ends[g]
             idx = order[a:b]
@@ -429,8 +434,9 @@ def collate_samples(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
             f"examples of different shapes {sorted(shapes)} in a batch (first key {samples[0]['key']}): "
             "set data.resize and data.center_crop (images) or data.clip_samples (audio)"
         )
+    xs = [s["x"] for s in samples]
     batch: dict[str, Any] = {
-        "x": torch.stack([s["x"] for s in samples]),
+        "x": torch.stack(xs) if isinstance(xs[0], torch.Tensor) else torch.from_numpy(np.stack(xs)),
         "y": torch.tensor([s["y"] for s in samples], dtype=torch.int64),
         "key": [s["key"] for s in samples],
     }

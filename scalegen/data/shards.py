@@ -116,15 +116,16 @@ _ZERO_BLOCK = bytes(512)
 def _header_ok(header: bytes) -> bool:
     """Whether a 512-byte block is a tar header: its checksum (the byte sum with the checksum field counted
     as spaces) matches. Adler-32's low half is 1 + the byte sum mod 65521: the same test, in C."""
+    field = header[148:156]
     try:
-        stored = int(header[148:156].split(b"\0", 1)[0].strip(), 8)
+        stored = int(field[:7].rstrip(b"\0"), 8)  # 6 or 7 octal digits, then NUL and/or space (int() strips spaces)
     except ValueError:
         return False
-    return zlib.adler32(header) & 0xFFFF == (1 + stored - 256 + sum(header[148:156])) % 65521
+    return zlib.adler32(header) & 0xFFFF == (1 + stored - 256 + sum(field)) % 65521
 
 
 def read_members(
-    stream: IO[bytes], on_damage: Callable[[str], None], chunk: int = 1 << 20
+    stream: IO[bytes], on_damage: Callable[[str], None], chunk: int = 16 << 20
 ) -> Iterator[tuple[str, bytes]]:
     """(name, data) of every regular file in an uncompressed tar stream (ustar, pax and GNU long names).
 
@@ -144,17 +145,28 @@ def read_members(
         return len(buf) - pos >= n
 
     long_name: str | None = None
-    while refill(512) or len(buf) > pos:
+    adler = zlib.adler32
+    while True:
+        if len(buf) - pos < 512 and not refill(512):
+            if len(buf) != pos:  # part of a header, or a member's padding, is missing
+                on_damage(f"truncated at byte {base + len(buf) - pos} (not a multiple of 512)"
+                          if len(buf) > pos else "truncated inside the padding of its last member")
+            return  # (a writer that omitted the end-of-archive blocks ends here too)
         header = buf[pos : pos + 512]
         if header == _ZERO_BLOCK:
             return  # end of archive
-        if len(header) < 512 or not _header_ok(header):
+        field = header[148:156]  # the checksum, inline (the per-member cost of reading): see _header_ok
+        try:
+            ok = adler(header) & 0xFFFF == (1 + int(field[:7].rstrip(b"\0"), 8) - 256 + sum(field)) % 65521
+        except ValueError:
+            ok = False
+        if not ok:
             bad = base + pos
             pos += 512
             while refill(512) and (buf[pos : pos + 512] == _ZERO_BLOCK or not _header_ok(buf[pos : pos + 512])):
                 pos += 512
             if len(buf) - pos < 512:
-                on_damage(f"corrupt or truncated tar header at byte {bad}, no valid header after it")
+                on_damage(f"corrupt tar header at byte {bad}, no valid header after it")
                 return
             on_damage(f"corrupt tar header at byte {bad}, reading on from the next valid one at byte {base + pos}")
             long_name = None
@@ -163,9 +175,9 @@ def read_members(
         if size_field[0] & 0x80:  # GNU base-256 for members of 8 GiB and more
             size = int.from_bytes(size_field[1:], "big")
         else:
-            size = int(size_field.split(b"\0", 1)[0].strip() or b"0", 8)
+            size = int(size_field.rstrip(b"\0 ") or b"0", 8)
         padded = size + (-size % 512)
-        if not refill(512 + padded) and len(buf) - pos < 512 + size:
+        if len(buf) - pos < 512 + padded and not refill(512 + padded) and len(buf) - pos < 512 + size:
             on_damage(f"truncated at byte {base + len(buf) - pos}, inside a member of {size} bytes")
             return
         data = buf[pos + 512 : pos + 512 + size]
@@ -175,7 +187,7 @@ def read_members(
             if long_name is not None:
                 name, long_name = long_name, None
             else:
-                name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+                name = header[:100].rstrip(b"\0").decode("utf-8", "replace")
                 if header[257:262] == b"ustar" and header[345]:
                     name = header[345:500].split(b"\0", 1)[0].decode("utf-8", "replace") + "/" + name
             yield name, data
@@ -197,19 +209,23 @@ def _pax_path(data: bytes) -> str | None:
 def group_members(members: Iterable[tuple[str, bytes]]) -> Iterator[Sample]:
     """Adjacent members with the same key (the path up to the first dot of the file name) form a sample
     (WebDataset's rule); members without an extension and WebDataset metadata (`__*`) are ignored."""
-    sample: Sample | None = None
+    sample: Sample = {}
+    key = None
     for name, data in members:
         slash = name.rfind("/") + 1
         dot = name.find(".", slash)
         if dot < 0 or name.startswith("__", slash):
             continue
-        key, ext = name[:dot], name[dot + 1 :].lower()
-        if sample is None or sample["__key__"] != key or ext in sample:
-            if sample is not None:
+        ext = name[dot + 1 :]
+        if not ext.islower():
+            ext = ext.lower()
+        if key is None or not name.startswith(key) or len(key) != dot or ext in sample:
+            if key is not None:
                 yield sample
+            key = name[:dot]
             sample = {"__key__": key}
         sample[ext] = data
-    if sample is not None:
+    if key is not None:
         yield sample
 
 
@@ -282,8 +298,3 @@ def _sha256(data: bytes) -> str:
     import hashlib
 
     return hashlib.sha256(data).hexdigest()
-
-
-def verify_shards(folder: Path, split: SplitInfo) -> list[str]:
-    """Names of shards that are missing or whose sha256 differs from the manifest."""
-    return [s.name for s in split.shards if not (folder / s.name).is_file() or sha256_file(folder / s.name) != s.sha256]

@@ -21,6 +21,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from scalegen.errors import UserError
 
 
@@ -34,7 +36,6 @@ def devices_per_node(trainer_cfg: Any) -> int:
     if devices == "auto" or devices == -1:
         accelerator = str(trainer_cfg.accelerator)
         if accelerator in ("auto", "gpu", "cuda"):
-            import torch
 
             if torch.cuda.is_available():
                 return torch.cuda.device_count()

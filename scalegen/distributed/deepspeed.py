@@ -11,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from scalegen.distributed.batching import batch_plan
 from scalegen.errors import UserError
 
@@ -91,7 +93,7 @@ def deepspeed_config(
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}
     config: dict[str, Any] = {
         "zero_optimization": zero,
-        # scalegen builds torch optimizers (runtime.optim); allow them under ZeRO and with offload.
+        # scalegen builds torch optimizers (scalegen.optim); allow them under ZeRO and with offload.
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
         "gradient_clipping": float(trainer_cfg.gradient_clip_val or 0.0),
@@ -142,7 +144,6 @@ def zero_client_state(path: str | Path, tag: str | None = None) -> dict[str, Any
     Read with `weights_only=True` like every other checkpoint here. (The optimizer shards, which hold
     DeepSpeed's own classes, are only read by DeepSpeed's `zero_to_fp32` during consolidation.)
     """
-    import torch
 
     path = Path(path)
     tag_dir = path / tag if tag else None

@@ -7,6 +7,7 @@ from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
 
 def is_zero3_partitioned(module: torch.nn.Module) -> bool:
@@ -15,10 +16,6 @@ def is_zero3_partitioned(module: torch.nn.Module) -> bool:
 
 
 def _fsdp_root(module: torch.nn.Module, root: Any) -> Any:
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-    except ImportError:  # pragma: no cover - torch without distributed
-        return None
     for candidate in (root, module):
         if isinstance(candidate, torch.nn.Module) and any(isinstance(m, FSDP) for m in candidate.modules()):
             return candidate
@@ -44,7 +41,6 @@ def full_parameters(module: torch.nn.Module, modify: bool = False, root: Any = N
         return
     fsdp = _fsdp_root(module, root)
     if fsdp is not None:
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
         with FSDP.summon_full_params(fsdp, writeback=modify, recurse=True):
             yield

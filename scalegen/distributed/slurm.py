@@ -20,6 +20,9 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from scalegen.config import load_config
+from scalegen.config.loader import find_recipe, run_dir_of
+from scalegen.distributed.batching import batch_plan
 from scalegen.errors import UserError
 
 CLUSTER_DIR = Path(os.environ.get("SCALEGEN_CLUSTER_DIR", Path(__file__).resolve().parents[2] / "cluster"))
@@ -111,9 +114,6 @@ def render(
     job_name: str | None = None,
 ) -> Submission:
     """The sbatch script for training `recipe` on nodes x tasks_per_node processes (one per GPU)."""
-    from scalegen.config import load_config
-    from scalegen.config.loader import run_dir_of
-    from scalegen.distributed.batching import batch_plan
 
     profile = profile or load_profile(None)
     if nodes < 1:
@@ -138,7 +138,6 @@ def render(
     pinned += [f"run.dir={run_dir.parent}", f"run.name={run_dir.name}", "trainer.resume=auto"]
     cfg = load_config(recipe, list(overrides) + pinned)
     batch_plan(cfg.trainer, cfg.data.batch_size, cfg.optim, world=nodes * tasks)  # global batch must divide
-    from scalegen.config.loader import find_recipe
 
     recipe_path = str(find_recipe(recipe))
     command = " ".join(

@@ -10,7 +10,12 @@ import os
 import signal
 from typing import Any
 
-from scalegen.distributed.batching import batch_plan
+import torch
+from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy
+from omegaconf import OmegaConf
+
+from scalegen.distributed.batching import batch_plan, world_size
 from scalegen.distributed.deepspeed import deepspeed_config, zero_stage
 from scalegen.errors import UserError
 
@@ -34,7 +39,6 @@ def cluster_environment(trainer_cfg: Any) -> Any | None:
     """
     if not under_slurm():
         return None
-    from lightning.pytorch.plugins.environments import SLURMEnvironment
 
     return SLURMEnvironment(
         auto_requeue=False, requeue_signal=getattr(signal, str(trainer_cfg.requeue_signal))
@@ -52,14 +56,12 @@ def strategy(trainer_cfg: Any, per_device_batch_size: int, world: int, family: t
     env_kw = {"cluster_environment": env} if env is not None else {}
     if zero_stage(name):
         accelerator = str(trainer_cfg.accelerator)
-        import torch
 
         if accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available()):
             raise UserError(
                 f"trainer.strategy={name} needs GPUs: Lightning runs DeepSpeed on CUDA only. On CPU use "
                 "trainer.strategy=ddp (scalegen checks its DeepSpeed config on CPU in tests/distributed)"
             )
-        from lightning.pytorch.strategies import DeepSpeedStrategy
 
         config = deepspeed_config(trainer_cfg, per_device_batch_size, world=world, for_lightning=True)
         fp16 = config.get("fp16", {})
@@ -73,7 +75,6 @@ def strategy(trainer_cfg: Any, per_device_batch_size: int, world: int, family: t
             **env_kw,
         )
     if name == "fsdp":
-        from lightning.pytorch.strategies import FSDPStrategy
 
         return FSDPStrategy(
             sharding_strategy="FULL_SHARD",
@@ -82,7 +83,6 @@ def strategy(trainer_cfg: Any, per_device_batch_size: int, world: int, family: t
             **env_kw,
         )
     if name == "ddp" or (name == "auto" and world > 1):
-        from lightning.pytorch.strategies import DDPStrategy
 
         find_unused = bool(trainer_cfg.find_unused_parameters or getattr(family, "ddp_find_unused_parameters", False))
         return DDPStrategy(find_unused_parameters=find_unused, **env_kw)
@@ -104,7 +104,6 @@ def trainer_kwargs(trainer_cfg: Any, per_device_batch_size: int, optim_cfg: Any 
     num_nodes and gradient clipping go to the Trainer straight from the `trainer` section (under
     DeepSpeed the clipping value is also in the engine config, and Lightning leaves clipping to it).
     """
-    from scalegen.distributed.batching import world_size
 
     world = world_size(trainer_cfg)
     plan = batch_plan(trainer_cfg, per_device_batch_size, optim_cfg, world=world)
@@ -127,7 +126,6 @@ def trainer_kwargs(trainer_cfg: Any, per_device_batch_size: int, optim_cfg: Any 
 def scaled_optim(cfg: Any) -> Any:
     """`cfg.optim` with the peak learning rate scaled for this world size (`optim.scale_lr`); the recipe
     itself (saved with the run) keeps the rate it was tuned with."""
-    from omegaconf import OmegaConf
 
     plan = batch_plan(cfg.trainer, cfg.data.batch_size, cfg.optim)
     if plan.lr == float(cfg.optim.lr):

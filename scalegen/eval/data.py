@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from scalegen.data import build_datamodule
+from scalegen.data.pipeline import ShardStream, StreamOptions
 from scalegen.dataspec import DataSpec
 
 Loader = Callable[[str, "int | None"], "tuple[Tensor, Tensor]"]
@@ -61,8 +63,6 @@ class EvalData:
     @classmethod
     def from_config(cls, data_cfg) -> EvalData:
         """The recipe's data (shards + manifest) through the data pipeline, read without rank splitting."""
-        from scalegen.data import build_datamodule
-        from scalegen.data.pipeline import ShardStream, StreamOptions
 
         dm = build_datamodule(data_cfg)
         m = dm.manifest

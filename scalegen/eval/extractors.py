@@ -17,6 +17,9 @@ import torch
 from torch import Tensor, nn
 
 from scalegen.eval.dist import barrier, gather_rows, rank_world, shard_bounds
+from scalegen.metrics.domain import load_or_train
+from scalegen.metrics.fid import feature_statistics
+from scalegen.metrics.inception import load_inception, preprocessing_id
 
 # Grey image datasets up to this size also get a domain FID.
 DOMAIN_MAX_SIZE = 64
@@ -37,7 +40,6 @@ class Extractor:
 
 
 def inception_extractor(weights: str | None, device: torch.device) -> Extractor:
-    from scalegen.metrics.inception import load_inception, preprocessing_id
 
     net, sha = load_inception(weights, device)
     return Extractor(
@@ -54,7 +56,6 @@ def wants_domain(spec) -> bool:
 
 def domain_extractor(data, device: torch.device, train_split: str = "train", recipe=None) -> Extractor:
     """The dataset's own classifier: trained once (rank 0 first, the others then load the cache)."""
-    from scalegen.metrics.domain import load_or_train
 
     x, y = data.split(train_split)
     rank, _ = rank_world()
@@ -100,7 +101,6 @@ def reference_statistics(
     The file name carries the dataset, split and a key over the data checksum, the shards' checksum
     and the preprocessing checksum, so a change to any of them computes new statistics.
     """
-    from scalegen.metrics.fid import feature_statistics
 
     x, _ = data.split(split, limit)
     data_sum = data.checksum(split, limit)

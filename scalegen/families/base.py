@@ -17,7 +17,7 @@ offers in class attributes and implements those methods:
   of `manual_update(index, closure)` per optimizer per micro-batch; accumulation, clipping of the
   global gradient norm, mixed precision and each optimizer's LR schedule are handled there, once.
 - A first stage (`stage1` in the family's config): `load_stage1()` returns it frozen, read through the
-  one checkpoint reader and verified against the sha256 recorded when this model was first built.
+  one checkpoint reader; its sha256 goes into every checkpoint and is verified when one is loaded.
 """
 
 from __future__ import annotations
@@ -83,10 +83,11 @@ class GenerativeModel(L.LightningModule):
         # Manual optimization (see `manual_update`); the runtime sets the first two.
         self.accumulate_grad_batches = 1
         self.gradient_clip_val: float | None = None
-        self.manual_batches = 0  # training batches seen (the logging clock under manual optimization)
+        self.manual_batches = 0  # training batches begun (the logging clock under manual optimization)
         self.micro_batches: list[int] = []  # per optimizer: micro-batches backpropagated
         self.optimizer_steps: list[int] = []  # per optimizer: steps taken
         self.stage1_source: dict[str, str] | None = None  # {"path", "sha256"} once load_stage1 has run
+        self.frozen_stages: list[torch.nn.Module] = []  # kept in eval mode by `train`
 
     # ---- the named predictions; a family implements what it declares in `predictions` --------
     def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
@@ -120,6 +121,10 @@ class GenerativeModel(L.LightningModule):
         """Unnormalized energy E(x), [B] (p(x) proportional to exp(-E(x)))."""
         raise NotImplementedError(f"{self.family_name} has no energy")
 
+    def complete(self, x: Tensor, observed: Tensor, y: Tensor | None = None) -> Tensor:
+        """x with its unobserved entries (`observed` False, same shape as x) filled in by the model."""
+        raise NotImplementedError(f"{self.family_name} cannot complete partial data")
+
     def extra_figures(self, x: Tensor, y: Tensor) -> dict[str, tuple[Tensor, int]]:
         """Family-specific figures eval writes beside the report: {name: (uint8 images [N, C, H, W], images
         per row)} from a few test examples x, y (e.g. M2's analogies). Default: none."""
@@ -145,25 +150,32 @@ class GenerativeModel(L.LightningModule):
                             f"{saved_world_size} processes")
 
     # ---- stages ------------------------------------------------------------------------------
-    def load_stage1(self, expected_sha256: str | None = None) -> GenerativeModel:
+    def load_stage1(self) -> GenerativeModel:
         """The first-stage model named by `self.cfg.stage1` (a checkpoint file or run folder), frozen and
         in eval mode, through the one checkpoint reader (EMA weights where it has them).
 
-        Its sha256 is kept in `stage1_source` and saved in this model's checkpoints; a model rebuilt
-        from such a checkpoint passes it as `expected_sha256` and a changed first stage is refused."""
+        Its path and sha256 are kept in `stage1_source` and saved in this model's checkpoints (and
+        releases); `load_model` / `load_release_model` refuse a second stage whose first stage has
+        changed since."""
         source = getattr(self.cfg, "stage1", None)
         if not source:
             raise UserError(f"the {self.family_name} family needs model.stage1 (a first-stage checkpoint "
                             "or run folder)")
         path = resolve_checkpoint(source)
         digest = checkpoint_sha256(path)
-        if expected_sha256 and digest != expected_sha256:
-            raise UserError(f"model.stage1={source}: its sha256 {digest[:12]}... is not the "
-                            f"{expected_sha256[:12]}... this model was trained on; point it at that checkpoint")
         first, _ = load_model(path)
         first.requires_grad_(False)
         self.stage1_source = {"path": str(path), "sha256": digest}
+        self.frozen_stages.append(first)
         return first
+
+    def train(self, mode: bool = True) -> GenerativeModel:
+        """As nn.Module.train, except that frozen first stages stay in eval mode (Lightning calls
+        `train()` on the whole module when fitting starts and after each validation)."""
+        super().train(mode)
+        for stage in self.frozen_stages:
+            stage.eval()
+        return self
 
     # ---- Lightning plumbing -----------------------------------------------------------------
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
@@ -187,7 +199,7 @@ class GenerativeModel(L.LightningModule):
         trainer = self.trainer
         # Lightning's loggers write when (optimizer-stepping batches so far + 1) % log_every_n_steps == 0;
         # that count is global_step under automatic optimization and the batch count under manual.
-        step = trainer.global_step if self.automatic_optimization else self.manual_batches
+        step = trainer.global_step if self.automatic_optimization else self.manual_batches - 1
         every = trainer.log_every_n_steps
         return (step == self.fit_start_step or 0 < trainer.max_steps <= trainer.global_step + 1
                 or trainer.should_stop or (every > 0 and (step + 1) % every == 0))
@@ -293,7 +305,9 @@ class GenerativeModel(L.LightningModule):
         self.untoggle_optimizer(optimizer)
         return loss.detach(), stepped
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Counted at the start (Lightning runs callbacks' batch-end hooks, a preemption checkpoint among
+        # them, before the module's): a checkpoint taken at a batch's end then includes that batch.
         if not self.automatic_optimization:
             self.manual_batches += 1
 

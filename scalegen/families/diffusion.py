@@ -8,13 +8,14 @@ from the shared EMA callback (the recipe's `ema:` section), not from here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from scalegen.config.schema import ModelConfig, OptimConfig, choice
+from scalegen.config.schema import ModelConfig, OptimConfig, choice, ranged
 from scalegen.dataspec import DataSpec, images_to_unit, unit_to_images
+from scalegen.errors import UserError
 from scalegen.families.base import GenerativeModel
 from scalegen.nets.unet import UNet
 from scalegen.objectives.diffusion import NoiseSchedule, diffusion_loss, q_sample, vlb
@@ -26,29 +27,29 @@ from scalegen.samplers.diffusion import ddim_sample, ddpm_sample
 class DiffusionConfig(ModelConfig):
     family: str = "diffusion"
     # Forward process.
-    timesteps: int = 1000  # T, number of noising steps (Ho et al. 2020: 1000)
+    timesteps: int = ranged(1000, ge=1)  # T, number of noising steps (Ho et al. 2020: 1000)
     schedule: str = choice("linear", "cosine")  # beta_t: linear (Ho et al. sec. 4) or cosine (Nichol & Dhariwal)
-    beta_start: float = 1e-4  # linear schedule's beta_1 at T = 1000 (rescaled by 1000/T otherwise)
-    beta_end: float = 0.02  # linear schedule's beta_T at T = 1000 (rescaled by 1000/T otherwise)
+    beta_start: float = ranged(1e-4, gt=0, lt=1)  # linear schedule's beta_1 at T = 1000 (rescaled by 1000/T otherwise)
+    beta_end: float = ranged(0.02, gt=0, lt=1)  # linear schedule's beta_T at T = 1000 (rescaled by 1000/T otherwise)
     # Objective.
     prediction: str = choice("eps", "v")  # target: eps (Ho et al. eq. 14) or v (Salimans & Ho 2022)
     variance: str = choice("beta", "posterior")  # fixed reverse variance: beta_t or beta-tilde_t (sec. 3.2)
     # UNet (Ho et al. appendix B: CIFAR-10 uses 128 channels, mult 1,2,2,2, 2 blocks, attention at 16x16).
-    base_channels: int = 128  # channels at full resolution
-    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2, 2])  # width multiplier per level
-    num_res_blocks: int = 2  # residual blocks per level
-    attn_resolutions: list[int] = field(default_factory=lambda: [16])  # feature-map sizes with self-attention
-    num_heads: int = 1  # attention heads
-    dropout: float = 0.1  # residual-block dropout (0.1 on CIFAR-10 in Ho et al.)
+    base_channels: int = ranged(128, ge=1)  # channels at full resolution
+    channel_mult: list[int] = ranged(ge=1, default_factory=lambda: [1, 2, 2, 2])  # width multiplier per level
+    num_res_blocks: int = ranged(2, ge=1)  # residual blocks per level
+    attn_resolutions: list[int] = ranged(ge=1, default_factory=lambda: [16])  # feature-map sizes with attention
+    num_heads: int = ranged(1, ge=1)  # attention heads
+    dropout: float = ranged(0.1, ge=0, le=1)  # residual-block dropout (0.1 on CIFAR-10 in Ho et al.)
     class_conditional: bool = False  # add a label embedding (y = -1 or none = unconditional)
     # Sampling.
     sampler: str = choice("ddpm", "ddim")  # ancestral (Ho et al. Alg. 2) or DDIM (Song et al. 2021 eq. 12)
-    sample_steps: int = 50  # DDIM steps (ignored by ddpm, which always takes T)
-    ddim_eta: float = 0.0  # DDIM stochasticity: 0 = deterministic, 1 = DDPM-like (eq. 16)
+    sample_steps: int = ranged(50, ge=1, le="timesteps")  # DDIM steps, at most T (ignored by ddpm, which takes all T)
+    ddim_eta: float = ranged(0.0, ge=0, le=1)  # DDIM stochasticity: 0 = deterministic, 1 = DDPM-like (eq. 16)
     clip_denoised: bool = True  # clip x0-hat to [-1, 1] at every sampling step
     # Likelihood.
-    nll_timesteps: int = 0  # terms of the bound per example: 0 = all T; k > 0 = unbiased stratified estimate
-    encode_timestep: int = 0  # `encode`: pooled UNet bottleneck of x noised to this timestep index
+    nll_timesteps: int = ranged(0, ge=0)  # bound terms per example: 0 = all T; k > 0 = unbiased stratified estimate
+    encode_timestep: int = ranged(0, ge=0, lt="timesteps")  # `encode`: pooled UNet bottleneck of x noised to this index
 
 
 @register_family("diffusion", DiffusionConfig)
@@ -61,7 +62,7 @@ class Diffusion(GenerativeModel):
     def __init__(self, cfg: DiffusionConfig, optim: OptimConfig, data: DataSpec) -> None:
         super().__init__(cfg, optim, data)
         if data.kind != "image":
-            raise ValueError(f"the diffusion family models images; got {data.kind!r} data")
+            raise UserError(f"the diffusion family models images; data {data.kind!r} is not supported")
         channels, height, width = data.shape
         self.net = UNet(
             in_channels=channels, resolution=min(height, width), base_channels=cfg.base_channels,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from scalegen.config.schema import ModelConfig, OptimConfig, choice
+from scalegen.config.schema import ModelConfig, OptimConfig, choice, ranged
 from scalegen.dataspec import DataSpec
 from scalegen.errors import UserError
 from scalegen.families.base import GenerativeModel
@@ -26,16 +26,16 @@ from scalegen.registry import register_family
 class FlowConfig(ModelConfig):
     family: str = "flow"
     architecture: str = choice("glow", "realnvp")  # Glow (1x1 convs, ActNorm) or RealNVP (masked couplings)
-    num_scales: int = 3  # RealNVP scales / Glow levels L; H, W must divide by 2^(L-1) (RealNVP) or 2^L (Glow)
-    steps_per_scale: int = 32  # Glow: flow steps K per level; RealNVP: fixed 3 + 3 per scale
-    hidden_channels: int = 512  # channels of each coupling's s,t network
-    num_blocks: int = 8  # RealNVP: residual blocks per s,t network (Glow uses its 3-conv NN(), i.e. 0)
+    num_scales: int = ranged(3, ge=1)  # RealNVP scales / Glow levels L; H, W divide by 2^(L-1) (RealNVP) or 2^L (Glow)
+    steps_per_scale: int = ranged(32, ge=1)  # Glow: flow steps K per level; RealNVP: fixed 3 + 3 per scale
+    hidden_channels: int = ranged(512, ge=1)  # channels of each coupling's s,t network
+    num_blocks: int = ranged(8, ge=0)  # RealNVP: residual blocks per s,t network (Glow uses its 3-conv NN(), i.e. 0)
     coupling: str = choice("affine", "additive")  # Glow: affine (sigmoid scale) or additive (NICE)
     lu: bool = True  # Glow: LU-parameterized 1x1 conv (O(C) log-det, Eq. 10) instead of slogdet of a full W
     learned_prior: bool = True  # Glow: factored-out halves scored under N(mu(h), sigma(h)) from the kept half
     actnorm: bool = False  # RealNVP: ActNorm before every coupling (in place of the paper's batch norm)
-    logit_alpha: float = 0.05  # RealNVP: model logit(alpha + (1 - 2 alpha) u), Dinh et al. 2017 Sec. 4.1
-    temperature: float = 1.0  # default sampling temperature: latents ~ N(0, T^2) (Glow Sec. 5)
+    logit_alpha: float = ranged(0.05, gt=0, lt=0.5)  # RealNVP: model logit(alpha + (1 - 2 alpha) u) (Dinh et al. 4.1)
+    temperature: float = ranged(1.0, ge=0)  # default sampling temperature: latents ~ N(0, T^2) (Glow Sec. 5)
 
 
 @register_family("flow", FlowConfig, "normalizing flows: RealNVP and Glow, exact bits/dim")
@@ -64,6 +64,7 @@ class FlowModel(GenerativeModel):
         return flow_nll(self.net.log_prob, x, LEVELS)
 
     def on_train_batch_start(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
         self.initialize_actnorm(batch["x"])
 
     def initialize_actnorm(self, x: Tensor) -> None:

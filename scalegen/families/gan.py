@@ -33,8 +33,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from scalegen.config.schema import ModelConfig, OptimConfig, choice
+from scalegen.config.schema import ModelConfig, OptimConfig, choice, ranged
 from scalegen.dataspec import DataSpec, images_to_unit, unit_to_images
+from scalegen.errors import UserError
 from scalegen.families.base import GenerativeModel
 from scalegen.nets.dcgan import Discriminator, Generator
 from scalegen.objectives.gan import discriminator_loss, generator_loss, gradient_penalty, r1_penalty
@@ -48,16 +49,16 @@ class GANConfig(ModelConfig):
     family: str = "gan"
     loss: str = choice("non_saturating", "hinge")  # Goodfellow et al. 2014 sec. 3, or hinge (Lim & Ye 2017)
     penalty: str = choice("none", "r1", "gp")  # R1 on reals (Mescheder et al. 2018 eq. 9) or WGAN-GP
-    penalty_weight: float = 10.0  # gamma for R1 (the penalty is gamma/2 E||grad D||^2), lambda for gp
-    d_steps: int = 1  # discriminator updates per generator update (k in Goodfellow et al. Algorithm 1)
-    latent_dim: int = 100  # z ~ N(0, I) of this size (Radford et al.: 100, uniform)
-    g_channels: int = 64  # generator width at its last hidden layer; doubles per halving of the resolution
-    d_channels: int = 64  # discriminator width at its first layer; doubles per halving of the resolution
+    penalty_weight: float = ranged(10.0, ge=0)  # gamma for R1 (the penalty is gamma/2 E||grad D||^2), lambda for gp
+    d_steps: int = ranged(1, ge=1)  # discriminator updates per generator update (k in Goodfellow et al. Algorithm 1)
+    latent_dim: int = ranged(100, ge=1)  # z ~ N(0, I) of this size (Radford et al.: 100, uniform)
+    g_channels: int = ranged(64, ge=1)  # generator width at its last hidden layer; doubles per halving of resolution
+    d_channels: int = ranged(64, ge=1)  # discriminator width at its first layer; doubles per halving of the resolution
     g_norm: str = choice("batch", "none")  # generator normalization (Radford et al.: batch norm)
     d_norm: str = choice("batch", "none")  # discriminator normalization; use "none" with gp
-    min_resolution: int = 4  # smallest feature map (32 -> 4, 28 -> 7, 8 -> 4)
-    lr_g: float | None = None  # generator learning rate; None = optim.lr
-    lr_d: float | None = None  # discriminator learning rate; None = optim.lr
+    min_resolution: int = ranged(4, ge=1)  # smallest feature map (32 -> 4, 28 -> 7, 8 -> 4)
+    lr_g: float | None = ranged(None, gt=0)  # generator learning rate; None = optim.lr
+    lr_d: float | None = ranged(None, gt=0)  # discriminator learning rate; None = optim.lr
 
 
 @register_family("gan", GANConfig)
@@ -71,12 +72,10 @@ class GAN(GenerativeModel):
     def __init__(self, cfg: GANConfig, optim: OptimConfig, data: DataSpec) -> None:
         super().__init__(cfg, optim, data)
         if data.kind != "image":
-            raise ValueError(f"the GAN family models images; got {data.kind!r} data")
-        if cfg.d_steps < 1:
-            raise ValueError(f"model.d_steps must be >= 1, got {cfg.d_steps}")
+            raise UserError(f"the gan family models images; data {data.kind!r} is not supported")
         channels, height, width = data.shape
         if height != width:
-            raise ValueError(f"DCGAN needs square images, got {height}x{width}")
+            raise UserError(f"the gan family (DCGAN) needs square images [C, H, H]; the data are {height}x{width}")
         self.automatic_optimization = False
         self.generator = Generator(cfg.latent_dim, channels, height, cfg.g_channels, cfg.g_norm,
                                    cfg.min_resolution)

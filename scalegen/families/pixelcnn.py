@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from scalegen.config.schema import ModelConfig, OptimConfig, choice
+from scalegen.config.schema import ModelConfig, OptimConfig, choice, ranged
 from scalegen.dataspec import DataSpec
 from scalegen.errors import UserError
 from scalegen.families.base import GenerativeModel
@@ -28,14 +28,14 @@ class PixelCNNConfig(ModelConfig):
     family: str = "pixelcnn"
     architecture: str = choice("gated", "pixelcnn")  # Gated PixelCNN (2016b, no blind spot) or PixelCNN
     output: str = choice("softmax", "binary")  # 256-way softmax per sub-pixel, or Bernoulli
-    binarize_threshold: int = 128  # output=binary: pixel -> 1 if value >= threshold (static binarization)
-    hidden_channels: int = 128  # feature maps per layer (a multiple of the image channels); 2016a uses 2h=256
-    num_layers: int = 15  # gated layers / residual blocks after the first masked convolution
-    kernel_size: int = 3  # kernel n of later layers (gated: n x n vertical, 1 x n//2+1 horizontal)
-    first_kernel_size: int = 7  # kernel of the first, type-A masked layer
-    out_hidden_channels: int = 1024  # channels of the 1x1 output head before the logits
+    binarize_threshold: int = ranged(128, ge=1, le=255)  # output=binary: pixel -> 1 if value >= threshold (static)
+    hidden_channels: int = ranged(128, ge=1)  # feature maps per layer (a multiple of the image channels); 2016a: 2h=256
+    num_layers: int = ranged(15, ge=1)  # gated layers / residual blocks after the first masked convolution
+    kernel_size: int = ranged(3, ge=1)  # kernel n of later layers (gated: n x n vertical, 1 x n//2+1 horizontal)
+    first_kernel_size: int = ranged(7, ge=1)  # kernel of the first, type-A masked layer
+    out_hidden_channels: int = ranged(1024, ge=1)  # channels of the 1x1 output head before the logits
     conditional: bool = False  # class-conditional p(x | y) (2016b Eq. 4): label embedding biases every layer
-    temperature: float = 1.0  # default sampling temperature (softmax logits / T; 0 = argmax)
+    temperature: float = ranged(1.0, ge=0)  # default sampling temperature (softmax logits / T; 0 = argmax)
 
 
 @register_family("pixelcnn", PixelCNNConfig, "PixelCNN / Gated PixelCNN: exact bits/dim, ancestral sampling")

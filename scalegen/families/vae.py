@@ -3,13 +3,13 @@ discretized Gaussian likelihoods; beta-VAE, conditional VAE and the IWAE bound b
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from scalegen.config.schema import ModelConfig, OptimConfig, choice
+from scalegen.config.schema import ModelConfig, OptimConfig, choice, ranged
 from scalegen.dataspec import DataSpec
 from scalegen.errors import ConfigError
 from scalegen.families.base import GenerativeModel
@@ -29,15 +29,15 @@ from scalegen.registry import register_family
 class VAEConfig(ModelConfig):
     family: str = "vae"
     net: str = choice("mlp", "conv")  # encoder/decoder architecture
-    hidden: list[int] = field(default_factory=lambda: [512, 256])  # MLP widths, or conv channels per stride-2 stage
-    latent_dim: int = 16  # dimension of the Gaussian latent z
+    hidden: list[int] = ranged(ge=1, default_factory=lambda: [512, 256])  # MLP widths, or conv channels per stride 2
+    latent_dim: int = ranged(16, ge=1)  # dimension of the Gaussian latent z
     likelihood: str = choice("bernoulli", "logistic", "gaussian")  # p(x|z); logistic/gaussian are discretized to 8 bits
     binarize: str = choice("dynamic", "static", "threshold")  # bernoulli: how pixels become {0,1} in training
-    beta: float = 1.0  # weight of the KL term (beta-VAE, Higgins et al. 2017); 1 = the ELBO
-    kl_warmup_steps: int = 0  # ramp the KL weight linearly from 0 to beta over this many steps
+    beta: float = ranged(1.0, ge=0)  # weight of the KL term (beta-VAE, Higgins et al. 2017); 1 = the ELBO
+    kl_warmup_steps: int = ranged(0, ge=0)  # ramp the KL weight linearly from 0 to beta over this many steps
     conditional: bool = False  # condition encoder, decoder and prior on the label (Sohn et al. 2015)
-    iwae_k: int = 1  # importance samples in the training objective; 1 = ELBO, >1 = IWAE (Burda et al. 2016)
-    min_log_scale: float = -7.0  # floor of the decoder's per-pixel log-scale (logistic/gaussian)
+    iwae_k: int = ranged(1, ge=1)  # importance samples in training: 1 = ELBO, >1 = IWAE (Burda et al. 2016)
+    min_log_scale: float = ranged(-7.0)  # floor of the decoder's per-pixel log-scale (logistic/gaussian)
 
 
 def _static_uniform(x: Tensor) -> Tensor:
@@ -86,7 +86,8 @@ class VAE(GenerativeModel):
         if not self.cfg.conditional:
             return None
         if y is None or (y < 0).any():
-            raise ValueError("a conditional VAE needs a label for every example")
+            raise ConfigError("model.conditional=true needs a label for every example (data without labels: "
+                              "set model.conditional=false)")
         return F.one_hot(y, self.data_spec.num_classes).float()
 
     def _posterior(self, x01: Tensor, y1h: Tensor | None) -> tuple[Tensor, Tensor]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from scalegen.config.schema import ModelConfig, OptimConfig, choice
+from scalegen.config.schema import ModelConfig, OptimConfig, choice, ranged
 from scalegen.data.transforms import mu_law_decode, mu_law_encode
 from scalegen.dataspec import DataSpec
 from scalegen.errors import UserError
@@ -30,18 +30,18 @@ from scalegen.samplers.wav import write_wavs
 @dataclass
 class WaveNetConfig(ModelConfig):
     family: str = "wavenet"
-    levels: int = 256  # mu-law levels Q of the softmax (2016c Sec. 2.2); = data.mu_law if coded
-    residual_channels: int = 64  # channels of the residual stream
-    dilation_channels: int = 64  # channels of each gated activation (filter and gate have this many each)
-    skip_channels: int = 256  # channels of the skip connections summed into the output head
-    kernel_size: int = 2  # kernel of the dilated causal convolutions
-    layers_per_stack: int = 10  # dilations 1, 2, ..., 2^(L-1) per stack
-    num_stacks: int = 3  # stacks of dilated layers (2016c: several, receptive field = R below)
-    input_kernel_size: int = 2  # kernel k0 of the first causal conv; R = k0 + (k-1) * sum(dilations)
+    levels: int = ranged(256, ge=2, le=65536)  # mu-law levels Q of the softmax (2016c Sec. 2.2); = data.mu_law if coded
+    residual_channels: int = ranged(64, ge=1)  # channels of the residual stream
+    dilation_channels: int = ranged(64, ge=1)  # channels of each gated activation (filter and gate have this many each)
+    skip_channels: int = ranged(256, ge=1)  # channels of the skip connections summed into the output head
+    kernel_size: int = ranged(2, ge=1)  # kernel of the dilated causal convolutions
+    layers_per_stack: int = ranged(10, ge=1)  # dilations 1, 2, ..., 2^(L-1) per stack
+    num_stacks: int = ranged(3, ge=1)  # stacks of dilated layers (2016c: several, receptive field = R below)
+    input_kernel_size: int = ranged(2, ge=1)  # kernel k0 of the first causal conv; R = k0 + (k-1) * sum(dilations)
     condition: str = choice("none", "label", "speaker")  # global condition: none, label y, or `speaker`
-    num_speakers: int = 6  # condition=speaker: speaker ids in the batches' `speaker` field (FSDD: 6)
-    temperature: float = 1.0  # default sampling temperature (softmax logits / T; 0 = argmax)
-    sample_length: int = 0  # samples per generated clip; 0 = the data's clip length
+    num_speakers: int = ranged(6, ge=1)  # condition=speaker: speaker ids in the batches' `speaker` field (FSDD: 6)
+    temperature: float = ranged(1.0, ge=0)  # default sampling temperature (softmax logits / T; 0 = argmax)
+    sample_length: int = ranged(0, ge=0)  # samples per generated clip; 0 = the data's clip length
 
 
 @register_family("wavenet", WaveNetConfig, "WaveNet on mu-law audio: exact bits/sample, WAV generation")

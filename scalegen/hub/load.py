@@ -180,6 +180,10 @@ def load_release_model(source: str | Path, use_ema: bool = True) -> tuple[Any, A
     spec_fields = json.loads((folder / "data_spec.json").read_text())
     spec_fields["shape"] = tuple(spec_fields["shape"])
     model = get_family(cfg.model.family).module(cfg.model, cfg.optim, DataSpec(**spec_fields))
+    recorded = release_info(folder).get("stage1")
+    if recorded and (model.stage1_source or {}).get("sha256") != recorded["sha256"]:
+        raise UserError(f"release {source}: its first stage {recorded['path']} had sha256 "
+                        f"{recorded['sha256'][:12]}..., the model.stage1 found now differs; restore that checkpoint")
     state, _ = release_weights(folder, use_ema)
     model.load_state_dict(state)
     model.eval()

@@ -27,6 +27,7 @@ from omegaconf import OmegaConf
 import scalegen
 from scalegen.checkpoints import read_checkpoint, resolve_checkpoint
 from scalegen.errors import UserError
+from scalegen.hub.card import model_card
 from scalegen.hub.checksums import SUMS, write_sums
 
 FORMAT = 1
@@ -94,9 +95,11 @@ def make_release(
         "ema_weights": EMA_WEIGHTS if has_ema else None,
         "licence": licence,
         "files": sorted(files),
+        # A second stage: its first stage's weights are in the weights files (`stage1.*`); this names the
+        # first-stage checkpoint the config points at and its sha256, checked when the release is loaded.
+        "stage1": ckpt.get("stage1"),
     }
     (out / "release.json").write_text(json.dumps(info, indent=2) + "\n")
-    from scalegen.hub.card import model_card
 
     (out / "README.md").write_text(model_card(config, spec, info, metrics))
     write_sums(out, files)

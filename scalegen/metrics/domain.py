@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from scalegen.metrics.weights import cache_dir
+
 INPUT_SIZE = 28  # every input is resized to this (bilinear), so 8x8 digits and 28x28 MNIST share the net
 FEATURE_DIM = 64
 
@@ -126,7 +128,6 @@ def load_or_train(
     cache: Path | None = None,
 ) -> tuple[DomainClassifier, str]:
     """The cached domain classifier for this training data, training it on first use; and its checksum."""
-    from scalegen.metrics.weights import cache_dir
 
     recipe = recipe or DomainTraining()
     if recipe.max_examples is not None:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from scalegen.errors import UserError
+from scalegen.metrics.weights import fetch, sha256_file
 
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{WEIGHTS_FILE}"
@@ -276,7 +277,6 @@ def weights_hint() -> str:
 
 def resolve_weights(spec: str | None = None) -> Path:
     """The weights file: `spec` (path or URL), else $SCALEGEN_INCEPTION_WEIGHTS; UserError if neither."""
-    from scalegen.metrics.weights import fetch
 
     spec = spec or os.environ.get(WEIGHTS_ENV)
     if not spec:
@@ -289,7 +289,6 @@ def resolve_weights(spec: str | None = None) -> Path:
 
 def load_inception(spec: str | None = None, device: str | torch.device = "cpu") -> tuple[FIDInceptionV3, str]:
     """The FID Inception network with the reference weights, and the weights file's sha256."""
-    from scalegen.metrics.weights import sha256_file
 
     path = resolve_weights(spec)
     state = torch.load(path, map_location="cpu", weights_only=True)

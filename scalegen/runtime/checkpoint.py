@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
+import fnmatch
 import os
+import shutil
+import socket
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from scalegen.errors import UserError
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -19,14 +25,105 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp = temporary_path(path)
         try:
             torch.save(checkpoint, tmp)
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+        except OSError as err:
+            if err.errno == errno.ENOSPC:  # one line naming the space needed; the previous checkpoint is intact
+                raise DiskFullError(_disk_full_message(checkpoint, path)) from None
+            raise
         finally:
             tmp.unlink(missing_ok=True)
+
+
+class DiskFullError(UserError):
+    """A checkpoint that did not fit on its disk."""
+
+
+def temporary_path(path: Path, pid: int | None = None) -> Path:
+    """Where a checkpoint is written before the rename: beside it, named by host and process (this one
+    unless `pid`), so a later start can tell a stale one (its writer was killed) from one being written."""
+    return path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid() if pid is None else pid}")
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete the temporary checkpoints in `folder` left by processes of this host that no longer run (a
+    save killed by SIGKILL); another host's, and a live process's, are left alone. Returns those removed."""
+    removed = []
+    host = socket.gethostname()
+    for tmp in Path(folder).glob(f".*.tmp-{host}-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def _disk_full_message(checkpoint: dict[str, Any], path: Path) -> str:
+    def nbytes(obj: Any) -> int:
+        if isinstance(obj, torch.Tensor):
+            return obj.numel() * obj.element_size()
+        if isinstance(obj, dict):
+            return sum(nbytes(v) for v in obj.values())
+        if isinstance(obj, (list, tuple)):
+            return sum(nbytes(v) for v in obj)
+        return 0
+
+    free = shutil.disk_usage(path.parent).free
+    return (f"disk full: checkpoint {path} needs about {nbytes(checkpoint) / 2**20:.1f} MiB "
+            f"(its tensors) and {path.parent} has {free / 2**20:.1f} MiB free; the previous checkpoint is "
+            "intact: free space (or point the run folder elsewhere) and resume")
+
+
+# Keys that say how to run, not what is trained: a resume may always change them.
+ALWAYS_ALLOWED = ("trainer.resume", "trainer.resume_allow_changes", "trainer.progress_bar")
+
+
+def recipe_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The dotted keys whose values differ between two resolved recipes (added and removed keys too)."""
+    def flat(d: Any, prefix: str = "") -> dict[str, Any]:
+        if not isinstance(d, dict):
+            return {prefix[:-1]: d}
+        return {k: v for key, value in d.items() for k, v in flat(value, f"{prefix}{key}.").items()}
+
+    a, b = flat(saved), flat(current)
+    return sorted(k for k in a.keys() | b.keys() if a.get(k, _MISSING) != b.get(k, _MISSING))
+
+
+_MISSING = object()
+
+
+def check_resume_recipe(ckpt: str | Path, current: dict[str, Any], allowed: list[str]) -> None:
+    """Refuse (one line) to resume `ckpt` with a recipe that differs from the one it was trained with,
+    except in keys matching `allowed` (glob patterns) or `ALWAYS_ALLOWED`. A ZeRO checkpoint folder and a
+    checkpoint without a saved recipe are not checked."""
+    if Path(ckpt).is_dir():
+        return
+    saved = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True).get("scalegen", {}).get("config")
+    if saved is None:
+        return
+    patterns = (*ALWAYS_ALLOWED, *allowed)
+    changed = [k for k in recipe_changes(saved, current) if not any(fnmatch.fnmatchcase(k, p) for p in patterns)]
+    if changed:
+        raise UserError(
+            f"cannot resume {ckpt}: the recipe changed in {', '.join(changed)}; run with the recipe it was "
+            f"trained with, or allow the change: trainer.resume_allow_changes=[{','.join(changed)}] "
+            "(or trainer.resume=never to start afresh)"
+        )
 
 
 class SaveConfigInCheckpoint(L.Callback):

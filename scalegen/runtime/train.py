@@ -26,7 +26,12 @@ from scalegen.distributed.deepspeed import is_zero_checkpoint
 from scalegen.errors import UserError
 from scalegen.hub import init_from_release
 from scalegen.registry import get_family
-from scalegen.runtime.checkpoint import AtomicCheckpointIO, SaveConfigInCheckpoint
+from scalegen.runtime.checkpoint import (
+    AtomicCheckpointIO,
+    SaveConfigInCheckpoint,
+    check_resume_recipe,
+    remove_stale_temporaries,
+)
 from scalegen.runtime.metrics_file import JsonLinesLogger
 
 
@@ -138,9 +143,13 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> Path:
         init_from_release(model, cfg.finetune)
     extra = [*scale_out_callbacks(cfg, run_dir), *(callbacks or [])]
     trainer = build_trainer(cfg, run_dir, spec, extra_callbacks=extra, model=model)
+    remove_stale_temporaries(run_dir / "checkpoints")  # left by a save that was killed (this host's only)
     if trainer.is_global_zero:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved(cfg)))
-    trainer.fit(model, datamodule=datamodule, ckpt_path=_resume_path(cfg, run_dir))
+    ckpt = _resume_path(cfg, run_dir)
+    if ckpt is not None:
+        check_resume_recipe(ckpt, OmegaConf.to_container(resolved(cfg)), list(cfg.trainer.resume_allow_changes))
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt)
     if cfg.checkpoint.save_last and not trainer.interrupted:
         # ModelCheckpoint writes at epoch/validation ends; a run stopped by max_steps mid-epoch would
         # otherwise leave last.ckpt without its final steps.

@@ -92,6 +92,17 @@ def test_three_damages_on_digits_cost_only_the_damaged_samples(digits_small_shar
     assert 1347 - 100 - 60 - 4 <= len(undamaged) <= 1347 - 100 - 60 - 1  # ~60 truncated, 1-4 garbled
     # Streaming fills short batches from a reservoir of 4 batches of good samples: batch 64 covers this damage.
     _check(root, undamaged, 1347, cache, batch_size=64)
+    if cache:  # decoded once, a resume continues exactly, stand-ins included
+        cfg = DataConfig(root=str(root), batch_size=64, seed=5, prepare=False)
+        full = [(b["key"], int(b["replaced"])) for b in build_datamodule(cfg).train_dataloader()]
+        dm = build_datamodule(cfg)
+        it = iter(dm.train_dataloader())
+        first = [next(it)["key"] for _ in range(5)]
+        resumed = build_datamodule(cfg)
+        resumed.load_state_dict(dm.state_dict())
+        rest = [(b["key"], int(b["replaced"])) for b in resumed.train_dataloader()]
+        assert first == [k for k, _ in full[:5]] and [k for k, _ in rest] == [k for k, _ in full[5:]]
+        assert rest[-1][1] == full[-1][1]  # the running count of stand-ins continues from the checkpoint
 
 
 @pytest.mark.slow
