@@ -73,7 +73,7 @@ def write_figures(
         figs["reconstructions"] = save_image_grid(
             torch.cat([x, r.to(x.dtype)]), out / "reconstructions.png", nrow=len(x)
         )
-    for name, (images, nrow) in artifacts.get("grids", {}).items():  # e.g. scalegen.eval.latents
+    for name, (images, nrow) in artifacts.get("extra_figures", {}).items():  # the family's own figures
         figs[name] = save_image_grid(images, out / f"{name}.png", nrow=nrow)
     if run_dir is not None and (run_dir / "metrics.jsonl").is_file():
         keys = ("val/bpd", "eval/bpd", "eval/bpd_elbo")
@@ -231,6 +231,7 @@ def markdown(results: dict, figures: dict[str, Path]) -> str:
             "latent_interpolation": "Interpolations between encoded test images (ends: the images)",
             "latent_manifold": "The decoder over the 2-D latent space (Phi^-1 grid)",
             "latent_labels": "One latent decoded with every label (first column: the image)",
+            "analogies": "Analogies: each test image (left), its style decoded with every label",
         }
         for key, path in figures.items():
             lines += [f"### {captions.get(key, key)}", "", f"![{key}]({path.name})", ""]

@@ -76,6 +76,8 @@ BOUND_NAMES = {
     "elbo": "negative ELBO (an upper bound on the NLL)",
     "iwae": "negative IWAE bound (an upper bound on the NLL)",
     "vlb": "variational bound (an upper bound on the NLL)",
+    "bound": "upper bound on the NLL (deterministic posterior: reconstruction term plus the prior's NLL of "
+    "the code; see the family)",
 }
 
 
@@ -477,11 +479,16 @@ class Evaluation:
                 recon = self.model.reconstruct(x.to(self.device), y.to(self.device)).cpu()
             if keep:
                 self.artifacts["reconstructions"] = (x, recon)
-        if has_latents(self.model):  # interpolations, 2-D manifold, every label (scalegen.eval.latents)
+        if self.spec.kind == "image":
+            # Figures beyond the common ones: latent exploration for families with a latent prior and a
+            # decoder (scalegen.eval.latents), and the family's own (`extra_figures`, e.g. M2's analogies).
             x, y = self._eval_split()
-            grids = latent_grids(self.model, x[:16].to(self.device), y[:16].to(self.device))
-            if keep:
-                self.artifacts["grids"] = grids
+            x, y = x[:16].to(self.device), y[:16].to(self.device)
+            extra = latent_grids(self.model, x, y) if has_latents(self.model) else {}
+            with torch.no_grad():
+                extra.update(self.model.extra_figures(x, y))
+            if keep and extra:
+                self.artifacts["extra_figures"] = {k: (v.cpu(), nrow) for k, (v, nrow) in extra.items()}
 
 
 def flat_summary(results: dict) -> dict[str, float]:

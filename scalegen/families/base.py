@@ -125,6 +125,11 @@ class GenerativeModel(L.LightningModule):
         """x with its unobserved entries (`observed` False, same shape as x) filled in by the model."""
         raise NotImplementedError(f"{self.family_name} cannot complete partial data")
 
+    def extra_figures(self, x: Tensor, y: Tensor) -> dict[str, tuple[Tensor, int]]:
+        """Family-specific figures eval writes beside the report: {name: (uint8 images [N, C, H, W], images
+        per row)} from a few test examples x, y (e.g. M2's analogies). Default: none."""
+        return {}
+
     def condition(self, batch: dict[str, Tensor]) -> Tensor | None:
         """The `y` that `nll` and `sample` take for this batch (the label; a family conditioned on
         something else, e.g. WaveNet's speaker, returns that)."""

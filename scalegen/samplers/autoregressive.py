@@ -30,16 +30,19 @@ def draw(logits: Tensor, temperature: float = 1.0, generator: torch.Generator | 
 
 @torch.no_grad()
 def sample_image(net: torch.nn.Module, shape: tuple[int, int, int], n: int, y: Tensor | None = None,
-                 temperature: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
-    """n images [n, C, H, W] (uint8 levels) from a raster-order net: net(x, y) -> logits [n, K, C, H, W]."""
+                 temperature: float = 1.0, generator: torch.Generator | None = None,
+                 dtype: torch.dtype = torch.uint8) -> Tensor:
+    """n images [n, C, H, W] (uint8 levels) from a raster-order net: net(x, y) -> logits [n, K, C, H, W].
+
+    `dtype`: of the drawn levels; int64 for more than 256 (e.g. the codes of a VQ-VAE)."""
     c, h, w = shape
     device = next(net.parameters()).device
-    x = torch.zeros(n, c, h, w, dtype=torch.uint8, device=device)
+    x = torch.zeros(n, c, h, w, dtype=dtype, device=device)
     for row in range(h):
         for col in range(w):
             for ch in range(c):
                 logits = net(x, y)[:, :, ch, row, col]
-                x[:, ch, row, col] = draw(logits, temperature, generator).to(torch.uint8)
+                x[:, ch, row, col] = draw(logits, temperature, generator).to(dtype)
     return x
 
 
