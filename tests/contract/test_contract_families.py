@@ -97,7 +97,10 @@ def preempt(cmd: list[str], env: dict[str, str], run_dir: Path, after: int = 4) 
     with frozen([proc.pid]):
         assert logged_step(run_dir) < STEPS - 1, "the run finished before the signal"
         proc.send_signal(signal.SIGUSR1)
-        while not signal_pending(proc.pid, signal.SIGUSR1):
+        # Pending once the stop has taken effect; if the handler ran just before it did, the flag is set
+        # already and nothing stays pending, so wait a bounded time only.
+        waited = time.monotonic() + 5
+        while not signal_pending(proc.pid, signal.SIGUSR1) and time.monotonic() < waited:
             time.sleep(0.01)
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 3, err[-4000:]
