@@ -102,6 +102,7 @@ def peak_for_name(name: str) -> tuple[float | None, str]:
 
 # ---- 1. the UNet's training speed ---------------------------------------------------------------
 def unet_model(size: dict, device: torch.device) -> Any:
+    import scalegen.families  # noqa: F401  (registers the built-in families)
     from scalegen.config import load_config
     from scalegen.dataspec import DataSpec
     from scalegen.registry import get_family
@@ -114,7 +115,7 @@ def unet_model(size: dict, device: torch.device) -> Any:
 
 def train_step_fn(model: Any, device: torch.device, batch_size: int, shape: tuple[int, ...]):
     """One bf16-mixed training step of the family (loss, backward, optimizer) on a fixed random batch."""
-    from scalegen.runtime.optim import make_optimizer
+    from scalegen.optim import make_optimizer
 
     g = torch.Generator().manual_seed(1)
     batch = {"x": torch.randint(0, 256, (batch_size, *shape), dtype=torch.uint8, generator=g).to(device),
@@ -186,7 +187,7 @@ def strategy_run(name: str, out: Path, device: str, steps: int) -> None:
     import lightning as L
 
     from scalegen.config import load_config
-    from scalegen.runtime import train
+    from scalegen.runtime.train import train
 
     class Losses(L.Callback):
         def __init__(self) -> None:

@@ -17,7 +17,8 @@ import torch
 from scalegen.callbacks.compile import CompileNetworks, compile_networks
 from scalegen.config import load_config
 from scalegen.errors import ConfigError
-from scalegen.runtime import load_model, train
+from scalegen.runtime import load_model
+from scalegen.runtime.train import train
 
 STEPS = 20
 QUIET = ["trainer.progress_bar=false", "logging.wandb=false", "trainer.resume=never",

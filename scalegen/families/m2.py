@@ -236,6 +236,9 @@ class M1M2(M2):
     """M2 over the posterior means E[z1|x] of a frozen M1 (a vae-family checkpoint named by model.stage1)."""
 
     predictions = frozenset({"sample", "encode", "classify"})
+    # M2's bound here is over M1's latents, not the pixels, and there is no pixel reconstruction: withhold both.
+    nll = GenerativeModel.nll
+    reconstruct = GenerativeModel.reconstruct
 
     def feature_dim(self) -> int:
         m1 = self.load_stage1()
