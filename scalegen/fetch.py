@@ -68,6 +68,7 @@ class _progress:
     def __enter__(self):
         if not self.show:
             return lambda n: None
+        # rich only when a progress bar is shown (it is slow to import)
         from rich.progress import (
             BarColumn,
             DownloadColumn,

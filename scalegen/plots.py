@@ -48,7 +48,7 @@ def read_metrics(path: str | Path) -> list[dict]:
 def save_curves(metrics_file: str | Path, path: str | Path, keys: tuple[str, ...] = ("train/loss", "val/loss"),
                 title: str = "loss") -> Path | None:
     """Plot each key of a metrics.jsonl against the step; None when none of them was logged."""
-    import matplotlib
+    import matplotlib  # heavy: only when a figure is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -77,7 +77,7 @@ def save_curves(metrics_file: str | Path, path: str | Path, keys: tuple[str, ...
 def save_bar_chart(labels: list[str], values: list[float], errors: list[float], path: str | Path, ylabel: str,
                    title: str = "") -> Path:
     """One bar per label with +-error bars (e.g. the inference gaps with their standard errors)."""
-    import matplotlib
+    import matplotlib  # heavy: only when a figure is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -55,7 +55,7 @@ def _resume_wandb(cfg, run_dir: Path | None):
     id_file = run_dir / "wandb_run_id"
     if not id_file.is_file():
         return None
-    import wandb
+    import wandb  # heavy: only when the run used W&B
 
     os.environ.setdefault("WANDB_SILENT", "true")
     return wandb.init(project=cfg.logging.project, entity=cfg.logging.entity, id=id_file.read_text().strip(),

@@ -19,6 +19,7 @@ import json
 import pickle
 import re
 import tarfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ DIGIT_NAMES = [str(i) for i in range(10)]
 @preparer("digits")
 def digits(source: str | None) -> Prepared:
     """scikit-learn's 8x8 digits (embedded in the package: no download). 17 grey levels mapped to 0..255."""
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # heavy: only to prepare the digits
 
     data = load_digits()
     # 0..16 -> 0..255 with round(v * 255 / 16): 0 stays 0, 16 becomes 255, levels stay equally spaced.
@@ -220,7 +221,6 @@ _FSDD_NAME = re.compile(r"^(\d)_([a-z]+)_(\d+)\.wav$")
 
 def _fsdd_recordings(source: str | None) -> tuple[dict[str, bytes], dict[str, Any]]:
     if source is None:
-        import zipfile
 
         archive = fetch([FSDD_URL], cache_dir("fsdd") / f"fsdd-{FSDD_COMMIT[:7]}.zip")
         with zipfile.ZipFile(archive) as z:

@@ -34,7 +34,7 @@ import scalegen.data.transforms as T
 from scalegen.data.decode import decode_sample
 from scalegen.data.manifest import DataError
 from scalegen.data.shards import iter_shard
-from scalegen.data.split import Slice, batches_before, plan_worker, worker_batch_range
+from scalegen.data.split import Slice, batches_before, plan_worker, steps_per_epoch, worker_batch_range
 
 Raw = dict[str, Any]
 
@@ -172,7 +172,6 @@ class ShardStream(IterableDataset):
         """Batches per epoch for this rank (the same on every rank)."""
         if self.opts.resampled:
             raise TypeError("a resampled stream has no length")
-        from scalegen.data.split import steps_per_epoch
 
         return steps_per_epoch(sum(self.counts), self.world, self.opts.batch_size)
 

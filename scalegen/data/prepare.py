@@ -175,6 +175,7 @@ def _progress_bar(description: str, total: int, enabled: bool):  # type: ignore[
     if not enabled:
         yield lambda n: None
         return
+    # rich only when a progress bar is shown (it is slow to import)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     with Progress(

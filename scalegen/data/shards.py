@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bz2
 import gzip
+import hashlib
 import io
 import json
 import lzma
@@ -76,7 +77,7 @@ def open_url(url: str) -> IO[bytes]:
     if scheme == "pipe":
         return wds.gopen(url, "rb")  # a Pipe: closing it raises if the command failed
     try:
-        import fsspec
+        import fsspec  # only for remote URLs
     except ImportError:  # pragma: no cover - fsspec ships with lightning
         raise DataError(f"cannot open {url}: install fsspec and its {scheme} backend") from None
     return fsspec.open(url, "rb").open()
@@ -91,7 +92,7 @@ def url_exists(url: str) -> bool:
         return Path(url2pathname(urlparse(url).path)).is_file()
     if scheme == "pipe":
         return True
-    import fsspec
+    import fsspec  # only for remote URLs
 
     fs, path = fsspec.core.url_to_fs(url)
     return bool(fs.exists(path))
@@ -323,6 +324,5 @@ def write_split(
 
 
 def _sha256(data: bytes) -> str:
-    import hashlib
 
     return hashlib.sha256(data).hexdigest()

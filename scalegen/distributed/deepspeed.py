@@ -120,7 +120,7 @@ def consolidate_zero_checkpoint(path: str | Path, tag: str | None = None) -> dic
     Works for the folder written by `engine.save_checkpoint(dir)` and for Lightning's DeepSpeed
     checkpoints (a `.ckpt` folder holding a `checkpoint/` tag); Lightning's wrapper prefix is removed.
     """
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # heavy: ZeRO folders only
 
     path = Path(path)
     if not path.is_dir():

@@ -32,7 +32,7 @@ def full_parameters(module: torch.nn.Module, modify: bool = False, root: Any = N
     All ranks must enter the block together (it gathers).
     """
     if is_zero3_partitioned(module):
-        import deepspeed
+        import deepspeed  # heavy: only for ZeRO-3 partitioned modules
 
         with deepspeed.zero.GatheredParameters(
             list(module.parameters()), modifier_rank=0 if modify else None

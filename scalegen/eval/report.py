@@ -93,7 +93,7 @@ def write_figures(
 
 
 def _waveforms(x: torch.Tensor, path: Path, sample_rate: int | None) -> Path:
-    import matplotlib
+    import matplotlib  # heavy: only when a figure is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -110,7 +110,7 @@ def _waveforms(x: torch.Tensor, path: Path, sample_rate: int | None) -> Path:
 
 
 def _probe_figure(results: dict, path: Path) -> Path:
-    import matplotlib
+    import matplotlib  # heavy: only when a figure is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -257,7 +257,7 @@ def log_to_wandb(results: dict, figures: dict[str, Path]) -> None:
     if not results.get("eval_config", {}).get("log_wandb", True):
         return
     try:
-        import wandb
+        import wandb  # heavy: only with an active W&B run
     except ImportError:
         return
     if wandb.run is None:

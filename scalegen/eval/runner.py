@@ -37,6 +37,7 @@ from scalegen.metrics.fid import feature_statistics, frechet_distance
 from scalegen.metrics.inception import WEIGHTS_ENV, weights_hint
 from scalegen.metrics.inception_score import inception_score
 from scalegen.metrics.kid import kernel_inception_distance
+from scalegen.metrics.prdc import prdc
 from scalegen.metrics.weights import cache_dir
 from scalegen.probes import ProbeSettings, linear_probe
 
@@ -338,7 +339,6 @@ class Evaluation:
 
     def prdc(self, ex: Any, feats: Tensor, ref: dict, common: dict) -> None:
         """Precision, recall, density, coverage on equally many generated and reference features."""
-        from scalegen.metrics.prdc import prdc
 
         n = min(self.cfg.prdc_examples, len(feats), len(ref["prdc_features"]))
         k_pr, k_dc = self.cfg.prdc_k, self.cfg.density_coverage_k

@@ -107,7 +107,7 @@ def release_info(folder: Path) -> dict[str, Any]:
 
 def release_weights(folder: Path, use_ema: bool = True) -> tuple[dict[str, torch.Tensor], str]:
     """(state dict, file name) of a verified release: the EMA weights when asked for and present."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file  # only when reading a release
 
     name = EMA_WEIGHTS if use_ema and (folder / EMA_WEIGHTS).is_file() else WEIGHTS
     return load_file(str(folder / name), device="cpu"), name

@@ -51,7 +51,7 @@ def make_release(
     run_dir: str | Path, out: str | Path, licence: str = "Apache-2.0", overwrite: bool = False
 ) -> Path:
     """Write the release of `run_dir` (or of one checkpoint) into `out`; returns `out`."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # only when writing a release
 
     run_dir, out = Path(run_dir), Path(out)
     ckpt_path = resolve_checkpoint(run_dir)

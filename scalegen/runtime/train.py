@@ -54,7 +54,7 @@ def _resume_path(cfg: DictConfig, run_dir: Path) -> str | None:
 def _wandb_logger(cfg: DictConfig, run_dir: Path) -> Any:
     """W&B through Lightning, offline by default. The run id is kept in the run folder so a resumed or
     requeued job continues the same W&B run."""
-    from lightning.pytorch.loggers import WandbLogger
+    from lightning.pytorch.loggers import WandbLogger  # imports wandb: only when W&B logging is on
 
     id_file = run_dir / "wandb_run_id"
     if not id_file.exists():
