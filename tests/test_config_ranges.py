@@ -355,3 +355,19 @@ def test_training_with_every_n_train_steps_alone(tmp_path: Path, train_recipe) -
                        "checkpoint.monitor=train/loss", "trainer.max_steps=6", "trainer.max_epochs=null")
     saved = sorted(p.name for p in (run / "checkpoints").glob("best-*.ckpt"))
     assert saved == ["best-step=3.ckpt", "best-step=6.ckpt"]
+
+
+@pytest.mark.parametrize("family, overrides, fragment", [
+    ("gan", {"min_resolution": 16}, "cannot be halved"),
+    ("diffusion", {"base_channels": 8, "num_heads": 3}, "heads"),
+    ("pixelcnn", {"architecture": "pixelcnn", "kernel_size": 4}, "odd"),
+])
+def test_network_shape_refusals_are_one_line_user_errors(family: str, overrides: dict, fragment: str) -> None:
+    """Shapes only the network can judge (halvings, heads, kernel parity) are refused by the family's
+    constructor as a ConfigError in one line, not a ValueError traceback."""
+    entry = families()[family]
+    cfg = entry.config(**overrides)
+    with pytest.raises(ConfigError) as caught:
+        entry.module(cfg, OptimConfig(), DataSpec(shape=(1, 8, 8)))
+    message = str(caught.value)
+    assert fragment in message and "\n" not in message and f"the {family} family" in message, message

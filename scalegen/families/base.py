@@ -22,7 +22,8 @@ offers in class attributes and implements those methods:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import lightning as L
@@ -34,7 +35,7 @@ from scalegen.checkpoints import checkpoint_sha256, load_model, resolve_checkpoi
 from scalegen.config.loader import plain
 from scalegen.config.schema import ModelConfig, OptimConfig
 from scalegen.dataspec import DataSpec
-from scalegen.errors import UserError
+from scalegen.errors import ConfigError, UserError
 from scalegen.metrics.bpd import nats_to_bpd
 from scalegen.optim import build_optimizer
 
@@ -44,6 +45,16 @@ PREDICTIONS = frozenset({"nll", "sample", "encode", "reconstruct", "classify", "
 # another upper bound, or the ODE (probability-flow) likelihood.
 NLL_KINDS = ("exact", "elbo", "iwae", "vlb", "ais", "bound", "ode")
 IMPORTANCE_SAMPLED = ("elbo", "iwae")  # kinds whose `nll(x, y, k)` tightens with k importance samples
+
+
+@contextmanager
+def recipe_shapes(family: str) -> Iterator[None]:
+    """Networks refuse impossible shapes with ValueError (they know nothing of recipes); inside a family's
+    constructor those shapes come from the recipe, so the refusal is a one-line user error."""
+    try:
+        yield
+    except ValueError as err:
+        raise ConfigError(f"the {family} family cannot build its networks from these model.* settings: {err}") from None
 
 
 class GenerativeModel(L.LightningModule):

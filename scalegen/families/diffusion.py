@@ -16,7 +16,7 @@ from torch import Tensor
 from scalegen.config.schema import ModelConfig, OptimConfig, choice, ranged
 from scalegen.dataspec import DataSpec, images_to_unit, unit_to_images
 from scalegen.errors import UserError
-from scalegen.families.base import GenerativeModel
+from scalegen.families.base import GenerativeModel, recipe_shapes
 from scalegen.nets.unet import UNet
 from scalegen.objectives.diffusion import NoiseSchedule, diffusion_loss, q_sample, vlb
 from scalegen.registry import register_family
@@ -66,12 +66,13 @@ class Diffusion(GenerativeModel):
         if data.kind != "image":
             raise UserError(f"the diffusion family models images; data {data.kind!r} is not supported")
         channels, height, width = data.shape
-        self.net = UNet(
-            in_channels=channels, resolution=min(height, width), base_channels=cfg.base_channels,
-            channel_mult=tuple(cfg.channel_mult), num_res_blocks=cfg.num_res_blocks,
-            attn_resolutions=tuple(cfg.attn_resolutions), dropout=cfg.dropout, num_heads=cfg.num_heads,
-            num_classes=data.num_classes if cfg.class_conditional else 0,
-        )
+        with recipe_shapes(self.family_name):
+            self.net = UNet(
+                in_channels=channels, resolution=min(height, width), base_channels=cfg.base_channels,
+                channel_mult=tuple(cfg.channel_mult), num_res_blocks=cfg.num_res_blocks,
+                attn_resolutions=tuple(cfg.attn_resolutions), dropout=cfg.dropout, num_heads=cfg.num_heads,
+                num_classes=data.num_classes if cfg.class_conditional else 0,
+            )
         self.schedule = NoiseSchedule.named(cfg.schedule, cfg.timesteps, cfg.beta_start, cfg.beta_end)
 
     def _labels(self, y: Tensor | None) -> Tensor | None:

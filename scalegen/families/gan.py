@@ -36,7 +36,7 @@ from torch import Tensor
 from scalegen.config.schema import ModelConfig, OptimConfig, choice, ranged
 from scalegen.dataspec import DataSpec, images_to_unit, unit_to_images
 from scalegen.errors import UserError
-from scalegen.families.base import GenerativeModel
+from scalegen.families.base import GenerativeModel, recipe_shapes
 from scalegen.nets.dcgan import Discriminator, Generator
 from scalegen.objectives.gan import (
     clip_weights,
@@ -87,9 +87,10 @@ class GAN(GenerativeModel):
         if height != width:
             raise UserError(f"the gan family (DCGAN) needs square images [C, H, H]; the data are {height}x{width}")
         self.automatic_optimization = False
-        self.generator = Generator(cfg.latent_dim, channels, height, cfg.g_channels, cfg.g_norm,
-                                   cfg.min_resolution)
-        self.discriminator = Discriminator(channels, height, cfg.d_channels, cfg.d_norm, cfg.min_resolution)
+        with recipe_shapes(self.family_name):
+            self.generator = Generator(cfg.latent_dim, channels, height, cfg.g_channels, cfg.g_norm,
+                                       cfg.min_resolution)
+            self.discriminator = Discriminator(channels, height, cfg.d_channels, cfg.d_norm, cfg.min_resolution)
 
     def configure_optimizers(self) -> Any:
         total, k = self.total_steps(), self.cfg.d_steps

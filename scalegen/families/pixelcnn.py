@@ -16,7 +16,7 @@ from torch import Tensor
 from scalegen.config.schema import ModelConfig, OptimConfig, choice, ranged
 from scalegen.dataspec import DataSpec
 from scalegen.errors import UserError
-from scalegen.families.base import GenerativeModel
+from scalegen.families.base import GenerativeModel, recipe_shapes
 from scalegen.nets.pixelcnn import GatedPixelCNN, PixelCNN
 from scalegen.objectives.autoregressive import autoregressive_nll, binarize
 from scalegen.registry import register_family
@@ -56,12 +56,13 @@ class PixelCNNModel(GenerativeModel):
         if cfg.hidden_channels % c:
             raise UserError(f"model.hidden_channels={cfg.hidden_channels} must be a multiple of {c} channels")
         net_cls = GatedPixelCNN if cfg.architecture == "gated" else PixelCNN
-        self.net = net_cls(
-            data_channels=c, levels=256, hidden=cfg.hidden_channels, num_layers=cfg.num_layers,
-            kernel_size=cfg.kernel_size, first_kernel_size=cfg.first_kernel_size,
-            out_hidden=cfg.out_hidden_channels, num_classes=data.num_classes if cfg.conditional else 0,
-            binary=cfg.output == "binary",
-        )
+        with recipe_shapes(self.family_name):
+            self.net = net_cls(
+                data_channels=c, levels=256, hidden=cfg.hidden_channels, num_layers=cfg.num_layers,
+                kernel_size=cfg.kernel_size, first_kernel_size=cfg.first_kernel_size,
+                out_hidden=cfg.out_hidden_channels, num_classes=data.num_classes if cfg.conditional else 0,
+                binary=cfg.output == "binary",
+            )
 
     def _target(self, x: Tensor) -> Tensor:
         """The discrete data the model is a distribution over: 8-bit values, or {0, 1} when binary."""
