@@ -72,7 +72,7 @@ class FlowModel(GenerativeModel):
         step, one no-grad pass over this batch in which each ActNorm sets itself from its input's
         statistics averaged over ranks (through the strategy's documented `reduce`), so every DDP
         replica starts from the same parameters. A no-op once initialized (the flag is checkpointed)."""
-        pending = [m for m in self.net.modules() if isinstance(m, ActNorm) and not bool(m.initialized)]
+        pending = [m for m in self.net.modules() if isinstance(m, ActNorm) and not m.is_initialized()]
         if not pending:
             return
         trainer = self.attached_trainer()

@@ -53,6 +53,7 @@ class WaveNetModel(GenerativeModel):
 
     def __init__(self, cfg: WaveNetConfig, optim: OptimConfig, data: DataSpec) -> None:
         super().__init__(cfg, optim, data)
+        self._codes_checked = False  # integer codes' range is checked on the first batch only (a host read)
         if data.kind != "audio":
             raise UserError(f"the wavenet family models audio [1, T], not {data.kind} {data.shape}")
         if cfg.condition == "label" and data.num_classes <= 0:
@@ -69,9 +70,10 @@ class WaveNetModel(GenerativeModel):
         """Batch audio -> int64 codes [B, T]: float [-1, 1] is mu-law encoded; integer codes are checked."""
         if x.is_floating_point():
             return mu_law_encode(x, self.cfg.levels).reshape(x.shape[0], -1)
-        if int(x.max()) >= self.cfg.levels or int(x.min()) < 0:
+        if not self._codes_checked and (int(x.max()) >= self.cfg.levels or int(x.min()) < 0):
             raise UserError(f"audio codes outside [0, {self.cfg.levels}): set data.mu_law={self.cfg.levels} "
                             f"or model.levels to the data's mu-law levels")
+        self._codes_checked = True
         return x.long().reshape(x.shape[0], -1)
 
     def condition(self, batch: dict[str, Tensor]) -> Tensor | None:

@@ -123,6 +123,15 @@ class ActNorm(FlowLayer):
         self.bias = nn.Parameter(torch.zeros(channels))
         self.log_scale = nn.Parameter(torch.zeros(channels))
         self.register_buffer("initialized", torch.tensor(False))
+        # The flag read as a Python bool once (reading the buffer in every forward would make the CPU wait
+        # for the device); reset whenever a state dict is loaded into the module.
+        self._ready: bool | None = None
+        self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_ready", None))
+
+    def is_initialized(self) -> bool:
+        if self._ready is None:
+            self._ready = bool(self.initialized)
+        return self._ready
 
     def _view(self, p: Tensor, x: Tensor) -> Tensor:
         return p.view(1, -1, *([1] * (x.dim() - 2)))
@@ -141,9 +150,10 @@ class ActNorm(FlowLayer):
         self.bias.copy_(-mean)
         self.log_scale.copy_(-torch.log(std + 1e-6))
         self.initialized.fill_(True)
+        self._ready = True
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        if self.training and not bool(self.initialized):
+        if self.training and not self.is_initialized():
             self.initialize(x)
         y = (x + self._view(self.bias, x)) * torch.exp(self._view(self.log_scale, x))
         spatial = math.prod(x.shape[2:]) if x.dim() > 2 else 1

@@ -61,7 +61,10 @@ class WaveNet(nn.Module):
         if codes.dim() == 3:
             codes = codes[:, 0]
         dtype = self.input_conv.weight.dtype
-        return F.one_hot(codes.long(), self.levels).to(dtype).transpose(1, 2)
+        # scatter, not F.one_hot: one_hot checks the codes' range on the host in every call
+        codes = codes.long()
+        onehot = torch.zeros(codes.shape[0], self.levels, codes.shape[1], dtype=dtype, device=codes.device)
+        return onehot.scatter_(1, codes.unsqueeze(1), 1)
 
     def forward(self, codes: Tensor, g: Tensor | None = None) -> Tensor:
         """Codes [B, (1,) T] -> logits [B, Q, T]; logits[..., t] parameterize p(x_t | x_<t, g)."""

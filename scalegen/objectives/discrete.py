@@ -102,7 +102,7 @@ class ControlVariates(nn.Module):
         l = (f - baseline).detach()
         if update:
             with torch.no_grad():
-                a = self.decay if self.steps > 0 else 0.0  # the first batch sets the averages
+                a = (self.steps > 0).float() * self.decay  # the first batch sets the averages (no host read)
                 self.mean.mul_(a).add_((1 - a) * l.mean())
                 self.var.mul_(a).add_((1 - a) * ((l - self.mean) ** 2).mean())
                 self.steps += 1
