@@ -50,12 +50,11 @@ class Autoencoder(GenerativeModel):
     """Deterministic autoencoder x -> h -> x_hat trained on reconstruction error."""
 
     predictions = frozenset({"encode", "reconstruct"})
+    data_kinds = frozenset({"image"})
     monitor = "val/loss"
 
     def __init__(self, cfg: AEConfig, optim: OptimConfig, data: DataSpec) -> None:
         super().__init__(cfg, optim, data)
-        if data.kind != "image":
-            raise ConfigError(f"the ae family models images; data {data.kind!r} is not supported")
         if cfg.sparsity == "topk" and cfg.topk > cfg.code_dim:
             raise ConfigError(f"model.topk={cfg.topk} exceeds model.code_dim={cfg.code_dim}; lower topk")
         c, h, _ = data.shape

@@ -67,6 +67,7 @@ class GenerativeModel(L.LightningModule):
 
     family_name: str = ""  # set by @register_family
     predictions: frozenset[str] = frozenset()
+    data_kinds: frozenset[str] | None = None  # DataSpec.kind values the family models (None: any); checked in __init__
     nll_kind: str = "exact"
     monitor: str | None = "val/loss"
     monitor_mode: str = "min"
@@ -83,6 +84,14 @@ class GenerativeModel(L.LightningModule):
         if cls.monitor_mode not in ("min", "max"):
             raise TypeError(f"{cls.__name__}.monitor_mode={cls.monitor_mode!r}; min or max")
 
+    @classmethod
+    def check_data_kind(cls, data: DataSpec) -> None:
+        """One-line refusal of data the family does not model (a constructor that reads `data.shape`
+        before calling `super().__init__` calls this first)."""
+        if cls.data_kinds is not None and data.kind not in cls.data_kinds:
+            raise ConfigError(f"the {cls.family_name} family models {' or '.join(sorted(cls.data_kinds))}s; "
+                              f"data {data.kind!r} is not supported")
+
     def __init__(self, cfg: ModelConfig, optim: OptimConfig, data: DataSpec) -> None:
         super().__init__()
         # Plain dataclasses, not OmegaConf nodes: a family reads its settings in every step (~0.3 ms a
@@ -90,6 +99,7 @@ class GenerativeModel(L.LightningModule):
         self.cfg = plain(cfg)
         self.optim_cfg = plain(optim)
         self.data_spec = data
+        self.check_data_kind(data)
         self.fit_start_step: int | None = None  # set in on_train_start; None outside a Trainer's fit
         # Manual optimization (see `manual_update`); the runtime sets the first two.
         self.accumulate_grad_batches = 1

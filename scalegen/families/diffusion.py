@@ -15,7 +15,6 @@ from torch import Tensor
 
 from scalegen.config.schema import ModelConfig, OptimConfig, choice, ranged
 from scalegen.dataspec import DataSpec, images_to_unit, unit_to_images
-from scalegen.errors import UserError
 from scalegen.families.base import GenerativeModel, recipe_shapes
 from scalegen.nets.unet import UNet
 from scalegen.objectives.diffusion import NoiseSchedule, diffusion_loss, q_sample, vlb
@@ -60,11 +59,10 @@ class Diffusion(GenerativeModel):
 
     nll_kind = "vlb"
     predictions = frozenset({"nll", "sample", "encode", "complete"})
+    data_kinds = frozenset({"image"})
 
     def __init__(self, cfg: DiffusionConfig, optim: OptimConfig, data: DataSpec) -> None:
         super().__init__(cfg, optim, data)
-        if data.kind != "image":
-            raise UserError(f"the diffusion family models images; data {data.kind!r} is not supported")
         channels, height, width = data.shape
         with recipe_shapes(self.family_name):
             self.net = UNet(

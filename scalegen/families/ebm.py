@@ -25,7 +25,7 @@ from torch import Tensor
 
 from scalegen.config.schema import ModelConfig, OptimConfig, choice, ranged
 from scalegen.dataspec import DataSpec, images_to_unit, unit_to_images
-from scalegen.errors import ConfigError, UserError
+from scalegen.errors import UserError
 from scalegen.families.base import GenerativeModel
 from scalegen.nets.ebm import EnergyCNN
 from scalegen.objectives.ebm import buffer_starts, ml_loss, uniform_images
@@ -60,14 +60,12 @@ class EBM(GenerativeModel):
     """IGEBM-style energy model; samples by Langevin dynamics. No normalized likelihood."""
 
     predictions = frozenset({"sample", "energy"})
+    data_kinds = frozenset({"image"})
     monitor = "val/loss"
     monitor_mode = "min"
 
     def __init__(self, cfg: EBMConfig, optim: OptimConfig, data: DataSpec) -> None:
         super().__init__(cfg, optim, data)
-        if data.kind != "image":
-            raise ConfigError(f"the {self.family_name or 'ebm'} family models images; data {data.kind!r} "
-                              "is not supported")
         self.net = self.build_net(cfg, data)
         self.buffer: Tensor | None = None  # this rank's replay buffer, [buffer_size, C, H, W] in [-1, 1]
 

@@ -76,13 +76,12 @@ class GAN(GenerativeModel):
     """DCGAN with non-saturating/hinge loss, R1/GP, k D-steps per G-step (manual optimization)."""
 
     predictions = frozenset({"sample", "encode"})
+    data_kinds = frozenset({"image"})
     monitor = None  # the discriminator's loss would pick an arbitrary checkpoint
     ddp_find_unused_parameters = True  # each backward reaches one network only
 
     def __init__(self, cfg: GANConfig, optim: OptimConfig, data: DataSpec) -> None:
         super().__init__(cfg, optim, data)
-        if data.kind != "image":
-            raise UserError(f"the gan family models images; data {data.kind!r} is not supported")
         channels, height, width = data.shape
         if height != width:
             raise UserError(f"the gan family (DCGAN) needs square images [C, H, H]; the data are {height}x{width}")

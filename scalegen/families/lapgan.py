@@ -46,6 +46,7 @@ class LAPGAN(GAN):
     has_levels = True  # `sample_levels(n)`: scalegen sample --levels draws every pyramid level
 
     def __init__(self, cfg: LAPGANConfig, optim: OptimConfig, data: DataSpec) -> None:
+        self.check_data_kind(data)
         channels, height, width = data.shape
         if height % 2 ** (cfg.levels - 1) or width % 2 ** (cfg.levels - 1):
             raise ConfigError(f"model.levels={cfg.levels}: the {height}x{width} images must halve "

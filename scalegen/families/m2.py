@@ -59,6 +59,7 @@ class M2(GenerativeModel):
     """M2 on binarized images: classifier q(y|x), encoder q(z|x,y), decoder p(x|y,z)."""
 
     predictions = frozenset({"nll", "sample", "encode", "reconstruct", "classify"})
+    data_kinds = frozenset({"image"})
     nll_kind = "elbo"  # nll(x, k=None/1) = -U(x); k > 1: importance-weighted bound, summing over y
     monitor = "val/loss"
     labelled_stream = True
@@ -78,8 +79,6 @@ class M2(GenerativeModel):
 
     # ---- what the model is over: binarized pixels here, M1 features in m1m2 -------------------
     def feature_dim(self) -> int:
-        if self.data_spec.kind != "image":
-            raise ConfigError(f"the m2 family models images; data {self.data_spec.kind!r} is not supported")
         return self.data_spec.dims
 
     def outputs_per_feature(self) -> int:

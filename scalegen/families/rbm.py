@@ -76,14 +76,13 @@ class RBM(GenerativeModel):
     """RBM on flattened images; nll = F(v) + log Z_AIS in nats."""
 
     predictions = frozenset({"nll", "sample", "encode", "reconstruct", "energy"})
+    data_kinds = frozenset({"image"})
     nll_kind = "ais"
     monitor = "val/loss"
     monitor_mode = "min"
 
     def __init__(self, cfg: RBMConfig, optim: OptimConfig, data: DataSpec) -> None:
         super().__init__(cfg, optim, data)
-        if data.kind != "image":
-            raise ConfigError(f"the rbm family models images; data {data.kind!r} is not supported")
         self.gaussian = cfg.visible == "gaussian"
         if cfg.pt_temperatures > 1 and (self.gaussian or not cfg.persistent):
             raise ConfigError("model.pt_temperatures > 1 (parallel tempering) needs model.persistent=true and "

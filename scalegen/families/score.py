@@ -48,14 +48,13 @@ class ScoreModel(GenerativeModel):
     """NCSN; samples by annealed Langevin. No likelihood."""
 
     predictions = frozenset({"sample"})
+    data_kinds = frozenset({"image"})
     nll_kind = "exact"  # unused: the family has no nll
     monitor = "val/loss"
     monitor_mode = "min"
 
     def __init__(self, cfg: ScoreConfig, optim: OptimConfig, data: DataSpec) -> None:
         super().__init__(cfg, optim, data)
-        if data.kind != "image":
-            raise ConfigError(f"the score family models images; data {data.kind!r} is not supported")
         if cfg.sigma_min >= cfg.sigma_max:
             raise ConfigError(f"model.sigma_min={cfg.sigma_min} must be below model.sigma_max={cfg.sigma_max}")
         c, h, w = data.shape

@@ -90,12 +90,11 @@ class VAE(GenerativeModel):
 
     nll_kind = "elbo"  # nll(x, k=1) is the negative ELBO; nll(x, k>1) the IWAE-k bound
     predictions = frozenset({"nll", "sample", "encode", "reconstruct", "complete"})
+    data_kinds = frozenset({"image"})
     latent_prior = "gaussian"  # decode_latent inverts encode's space, z ~ N: eval's latent figures (slerp)
 
     def __init__(self, cfg: VAEConfig, optim: OptimConfig, data: DataSpec) -> None:
         super().__init__(cfg, optim, data)
-        if data.kind != "image":
-            raise ConfigError(f"the vae family models images; data {data.kind!r} is not supported")
         if cfg.iwae_k > 1 and cfg.beta != 1.0:
             raise ConfigError("model.beta applies to the ELBO only: set model.iwae_k=1 or model.beta=1")
         gaussian = cfg.latent == "gaussian"

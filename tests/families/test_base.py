@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from scalegen.callbacks.figures import RunFigures
 from scalegen.config.schema import Config, ModelConfig, OptimConfig
 from scalegen.dataspec import DataSpec
+from scalegen.errors import ConfigError
 from scalegen.eval.runner import generate
 from scalegen.families.base import PREDICTIONS, GenerativeModel
 from scalegen.registry import families, get_family
@@ -87,3 +88,12 @@ def test_eval_and_figures_leave_gradients_to_the_sampler(tmp_path: Path) -> None
     assert samples.shape == (6, 1, 4, 4) and (samples == 153).all()  # 0.6 * 255, the energy's minimum
     RunFigures(tmp_path, tmp_path / "metrics.jsonl", num_samples=4).write_images(model)
     assert (tmp_path / "samples.png").is_file()
+
+
+@pytest.mark.parametrize("name", sorted(n for n, e in families().items() if e.module.data_kinds))
+def test_a_family_refuses_data_of_a_kind_it_does_not_model(name: str) -> None:
+    entry = get_family(name)
+    other = "audio" if "audio" not in entry.module.data_kinds else "image"
+    spec = DataSpec(kind=other, shape=(1, 4000) if other == "audio" else (1, 8, 8), num_classes=10)
+    with pytest.raises(ConfigError, match=f"^the {name} family models .*; data '{other}' is not supported$"):
+        entry.module(entry.config(), OptimConfig(), spec)
