@@ -170,3 +170,45 @@ def test_latent_chain_is_iterated_encode_decode_with_clamping() -> None:
     torch.testing.assert_close(complete_latent(encode, decode, observed, mask, steps=1, fill=0.5), x1)
     torch.testing.assert_close(complete_latent(encode, decode, observed, mask, steps=2, fill=0.5),
                                torch.where(mask, observed, x1**2))
+
+
+def test_langevin_completion_samples_the_gaussian_conditional() -> None:
+    """E(x) = x^T P x / 2 on 4 values (P a fixed precision matrix), values 2 and 3 missing: the conditional
+    is Gaussian with precision P_mm and mean -P_mm^-1 P_mo x_o. 4,000 chains of unadjusted Langevin
+    (noise sqrt(step), step 0.02, 2,000 steps: the slowest direction, eigenvalue 0.48, has forgotten the
+    start to 1e-4): mean within 0.05 and covariance within 0.06 of the closed form (the discretisation bias
+    of the covariance at this step is ~1.5 %, the Monte-Carlo error of the mean ~0.02); observed values exact."""
+    from scalegen.samplers.completion import complete_langevin
+
+    torch.manual_seed(0)
+    a = torch.tensor([[2.0, 0.5, 0.3, 0.0], [0.5, 1.5, 0.0, 0.4], [0.3, 0.0, 1.2, 0.5], [0.0, 0.4, 0.5, 1.0]])
+    precision = a @ a.T
+    energy = lambda x: 0.5 * torch.einsum("bi,ij,bj->b", x.flatten(1), precision, x.flatten(1))
+    x_obs = torch.tensor([1.0, -0.5, 0.0, 0.0])
+    n = 4000
+    observed = x_obs.expand(n, 4).reshape(n, 1, 2, 2).clone()
+    mask = torch.tensor([True, True, False, False]).view(1, 1, 2, 2)
+    out = complete_langevin(energy, observed, mask, torch.zeros_like(observed), steps=2000, step_size=0.02)
+    flat = out.flatten(1)
+    assert torch.equal(flat[:, :2], observed.flatten(1)[:, :2])
+    p_mm, p_mo = precision[2:, 2:], precision[2:, :2]
+    cov = torch.linalg.inv(p_mm)
+    mean = -(cov @ p_mo @ x_obs[:2])
+    torch.testing.assert_close(flat[:, 2:].mean(0), mean, atol=0.05, rtol=0)
+    torch.testing.assert_close(torch.cov(flat[:, 2:].T), cov, atol=0.06, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["ebm", "jem"])
+def test_energy_models_keep_observed_pixels(family: str) -> None:
+    from scalegen.families.ebm import EBM, EBMConfig
+    from scalegen.families.jem import JEM, JEMConfig
+
+    cls, cfg = (EBM, EBMConfig) if family == "ebm" else (JEM, JEMConfig)
+    model = cls(cfg(widths=[8, 8], sample_steps=5), OptimConfig(), DataSpec(shape=(1, 8, 8), num_classes=10))
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (3, 1, 8, 8), dtype=torch.uint8)
+    mask = _bottom(8, 8)
+    out = model.complete(x, mask)
+    assert out.dtype == torch.uint8 and out.shape == x.shape
+    assert torch.equal(out[..., :4, :], x[..., :4, :])
+    assert not torch.equal(out[..., 4:, :], x[..., 4:, :])

@@ -88,8 +88,8 @@ def test_unconditional_and_non_completing_families_refuse(train_recipe, tmp_path
     assert not (tmp_path / "g.png").exists()
 
 
-@pytest.mark.parametrize("recipe", ["ddpm/tiny", "vae/tiny"])
-def test_diffusion_and_vae_complete_from_the_command_line(train_recipe, tmp_path: Path, recipe: str) -> None:
+@pytest.mark.parametrize("recipe", ["ddpm/tiny", "vae/tiny", "ebm/tiny"])
+def test_diffusion_vae_and_ebm_complete_from_the_command_line(train_recipe, tmp_path: Path, recipe: str) -> None:
     run = train_recipe(recipe, tmp_path / "run", "trainer.max_epochs=null", "trainer.max_steps=3")
     out = tmp_path / "grid.png"
     assert main(["sample", str(run), "--complete", "test:3", "--mask", "right", "--n", "2",

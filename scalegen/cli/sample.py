@@ -22,6 +22,7 @@ from torch import Tensor
 from scalegen.errors import UserError
 from scalegen.eval.data import EvalData
 from scalegen.plots import save_image_grid
+from scalegen.registry import families
 from scalegen.runtime import load_model
 from scalegen.samplers.completion import repeat_each
 from scalegen.samplers.wav import write_wavs
@@ -140,8 +141,8 @@ def load_images(source: str, shape: tuple[int, int, int], data_cfg: object) -> t
 def run_completion(args: argparse.Namespace, model: object, cfg: object) -> int:
     spec = model.data_spec  # type: ignore[attr-defined]
     if "complete" not in model.predictions:
-        raise UserError(f"family {model.family_name!r} cannot complete images (families that can: pixelcnn, "  # type: ignore[attr-defined]
-                        "diffusion, vae)")
+        able = ", ".join(sorted(n for n, e in families().items() if "complete" in e.module.predictions))
+        raise UserError(f"family {model.family_name!r} cannot complete images (families that can: {able})")  # type: ignore[attr-defined]
     shape = tuple(int(s) for s in spec.shape)
     x, y = load_images(args.complete, shape, cfg.data)  # type: ignore[attr-defined]
     mask = parse_mask(args.mask, shape, len(x), args.seed)

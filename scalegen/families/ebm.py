@@ -30,6 +30,7 @@ from scalegen.families.base import GenerativeModel
 from scalegen.nets.ebm import EnergyCNN
 from scalegen.objectives.ebm import buffer_starts, ml_loss, uniform_images
 from scalegen.registry import register_family
+from scalegen.samplers.completion import complete_langevin, paste
 from scalegen.samplers.langevin import sgld
 
 
@@ -59,7 +60,7 @@ class EBMConfig(ModelConfig):
 class EBM(GenerativeModel):
     """IGEBM-style energy model; samples by Langevin dynamics. No normalized likelihood."""
 
-    predictions = frozenset({"sample", "energy"})
+    predictions = frozenset({"sample", "energy", "complete"})
     data_kinds = frozenset({"image"})
     monitor = "val/loss"
     monitor_mode = "min"
@@ -171,3 +172,13 @@ class EBM(GenerativeModel):
         else:
             x0 = uniform_images(n, self.data_spec.shape, self.device)
         return unit_to_images(self.langevin(x0, self.cfg.sample_steps), self.data_spec.levels)
+
+    def complete(self, x: Tensor, observed: Tensor, y: Tensor | None = None) -> Tensor:
+        """x (uint8) completed where `observed` (broadcast to x's shape) is False: the missing pixels start
+        as uniform noise and take `sample_steps` Langevin updates on E with the observed pixels held."""
+        x, m = x.to(self.device), observed.to(self.device).expand_as(x)
+        c = self.cfg
+        out = complete_langevin(self.energy, images_to_unit(x, self.data_spec.levels), m,
+                                uniform_images(len(x), self.data_spec.shape, self.device), c.sample_steps,
+                                c.sgld_step_size, c.sgld_noise, c.sgld_grad_clip, clamp=(-1.0, 1.0))
+        return paste(x, unit_to_images(out, self.data_spec.levels), m)

@@ -36,7 +36,7 @@ class JEMConfig(EBMConfig):
 class JEM(EBM):
     """JEM: classify with softmax f(x), sample with Langevin on E(x) = -logsumexp f(x)."""
 
-    predictions = frozenset({"sample", "energy", "classify"})
+    predictions = frozenset({"sample", "energy", "classify", "complete"})
     monitor = "val/accuracy"
     monitor_mode = "max"
 

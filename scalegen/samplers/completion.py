@@ -20,6 +20,11 @@ Observed values come back unchanged.
   fill value, then iterate x <- paste(observed, decode(encode(x))) with z ~ q(z | x) and x ~ p(x | z);
   a Markov chain whose stationary distribution approximates p(x_missing | x_observed) when q is close
   to the true posterior.
+- `complete_langevin` (energy models): Langevin dynamics on the conditional energy
+  x_missing -> E(paste(observed, x_missing)), whose density exp(-E) restricted to the missing values is
+  p(x_missing | x_observed) up to its normalizer; with noise sqrt(step size) and small steps the chain
+  samples that conditional, with the EBM papers' smaller noise it is a short-run approximation (as their
+  samples are).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from torch import Tensor
 
 from scalegen.objectives.diffusion import Net, NoiseSchedule, p_mean_variance, q_sample
 from scalegen.samplers.autoregressive import draw
+from scalegen.samplers.langevin import EnergyFn, sgld
 
 
 def paste(observed: Tensor, drawn: Tensor, mask: Tensor) -> Tensor:
@@ -120,3 +126,15 @@ def complete_latent(encode: Callable[[Tensor], Tensor], decode: Callable[[Tensor
     for _ in range(steps):
         x = paste(observed, decode(encode(x)).to(observed.dtype), m)
     return x
+
+
+def complete_langevin(energy: EnergyFn, observed: Tensor, mask: Tensor, start: Tensor, steps: int, step_size: float,
+                      noise_scale: float | None = None, grad_clip: float | None = None,
+                      clamp: tuple[float, float] | None = None, generator: torch.Generator | None = None) -> Tensor:
+    """`steps` Langevin updates of the missing values from `start` (the observed ones are held fixed):
+    the energy only ever sees observed values where mask is True, so their gradient is zero and the
+    noise added there is discarded."""
+    m = mask.bool()
+    x = sgld(lambda v: energy(paste(observed, v, m)), paste(observed, start, m), steps, step_size, noise_scale,
+             grad_clip, clamp=clamp, generator=generator)
+    return paste(observed, x, m)
