@@ -15,7 +15,7 @@ from scalegen.checkpoints import checkpoint_sha256, load_model, resolve_checkpoi
 from scalegen.config.loader import apply_overrides
 from scalegen.eval.data import EvalData
 from scalegen.eval.dist import rank_world
-from scalegen.eval.runner import evaluate, parse_metrics
+from scalegen.eval.runner import ALL_METRICS, evaluate, parse_metrics
 
 HELP = "evaluate a checkpoint: bits/dim, FID/KID/IS, linear and semi-supervised probes, with a report"
 
@@ -23,7 +23,7 @@ HELP = "evaluate a checkpoint: bits/dim, FID/KID/IS, linear and semi-supervised 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="a .ckpt file or a run folder (its newest checkpoint)")
     parser.add_argument("--metrics", default=None,
-                        help="comma-separated subset of bpd,fid,kid,is,linear_probe,semisup,inference_gap "
+                        help=f"comma-separated subset of {','.join(ALL_METRICS)} "
                              "(default: the checkpoint's eval.metrics, else all the family supports)")
     parser.add_argument("--data", default=None, metavar="ROOT",
                         help="folder (or URL) of the shards + manifest.json to evaluate on "

@@ -41,7 +41,8 @@ from scalegen.metrics.prdc import prdc
 from scalegen.metrics.weights import cache_dir
 from scalegen.probes import ProbeSettings, linear_probe
 
-ALL_METRICS = ("bpd", "fid", "kid", "is", "linear_probe", "semisup", "inference_gap", *CLASSIFIER_METRICS)
+ALL_METRICS = ("bpd", "fid", "kid", "is", "linear_probe", "semisup", "reconstruction", "inference_gap",
+               *CLASSIFIER_METRICS)
 
 DEFINITIONS = {
     "bpd": "negative log-likelihood of the discrete test data in bits per dimension: nll_nats / (D ln 2), "
@@ -69,6 +70,8 @@ DEFINITIONS = {
     "weight decay chosen on a validation part of the training split, mean (std) over seeds",
     "semisup": "test accuracy with N labelled training examples per class: the family's own classifier "
     "when it has one, else the linear-probe protocol on those labels only; mean (std) over seeds",
+    "reconstruction": "mean squared error between test images and the family's reconstructions, pixel values "
+    "scaled to [0, 1], averaged over values then examples",
     "inference_gap": GAP_DEFINITION,
 }
 
@@ -97,6 +100,7 @@ def parse_metrics(names: list[str] | str | None, model: Any) -> list[str]:
                 ("is", "sample"),
                 ("linear_probe", "encode"),
                 ("semisup", "encode"),
+                ("reconstruction", "reconstruct"),
             )
             if need in caps
         ]
@@ -182,6 +186,8 @@ class Evaluation:
                 self.sample_metrics()
             if {"linear_probe", "semisup"} & set(self.metrics):
                 self.probes()
+            if "reconstruction" in self.metrics:
+                self.reconstruction()
             if "inference_gap" in self.metrics:  # scalegen.eval.gaps (opt-in: per-example optimization)
                 entry, reason = measure_inference_gap(self.model, self.cfg, *self._eval_split(), self.device)
                 self.results.update({"inference_gap": entry} if entry else {})
@@ -237,6 +243,24 @@ class Evaluation:
                 "levels": self.spec.levels,
             }
             self.artifacts.setdefault("nll_" + name, nll)
+
+    # ---- reconstruction error ----------------------------------------------------------------------
+    def reconstruction(self) -> None:
+        if "reconstruct" not in self.caps:
+            return self._skip("reconstruction", "the family does not reconstruct")
+        x, y = self._eval_split()
+        scale = float(self.spec.levels - 1)
+
+        def mse(a: Tensor, b: Tensor) -> Tensor:
+            diff = (self.model.reconstruct(a, b).double() - a.double()) / scale
+            return diff.pow(2).flatten(1).mean(1)
+
+        err = per_example(mse, x, y, self.cfg.batch_size, self.device)
+        n = err.numel()
+        self.results["reconstruction"] = {
+            "value": float(err.mean()), "sem": float(err.std() / math.sqrt(n)) if n > 1 else float("nan"),
+            "unit": "MSE", "definition": DEFINITIONS["reconstruction"], "count": n, "split": self.cfg.split,
+        }
 
     # ---- FID / KID / IS ------------------------------------------------------------------------
     def extractors(self) -> list:
