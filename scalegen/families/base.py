@@ -40,7 +40,7 @@ from scalegen.metrics.bpd import nats_to_bpd
 from scalegen.optim import build_optimizer
 
 # Named predictions a family may declare; each is the method of the same name.
-PREDICTIONS = frozenset({"nll", "sample", "encode", "reconstruct", "classify", "energy", "complete"})
+PREDICTIONS = frozenset({"nll", "sample", "encode", "reconstruct", "classify", "energy", "complete", "velocity"})
 # What `nll` returns: the exact NLL, a variational bound (ELBO, IWAE, diffusion VLB), an AIS estimate,
 # another upper bound, or the ODE (probability-flow) likelihood.
 NLL_KINDS = ("exact", "elbo", "iwae", "vlb", "ais", "bound", "ode")
@@ -145,6 +145,11 @@ class GenerativeModel(L.LightningModule):
     def complete(self, x: Tensor, observed: Tensor, y: Tensor | None = None) -> Tensor:
         """x with its unobserved entries (`observed` False, same shape as x) filled in by the model."""
         raise NotImplementedError(f"{self.family_name} cannot complete partial data")
+
+    def velocity(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        """The ODE field dx/dt at images x in [-1, 1] ([B, C, H, W]) and times t [B] in [0, 1] (t = 0 the
+        prior N(0, I), t = 1 the data); differentiable in x, so a divergence can be taken by autograd."""
+        raise NotImplementedError(f"{self.family_name} has no velocity field")
 
     def extra_figures(self, x: Tensor, y: Tensor) -> dict[str, tuple[Tensor, int]]:
         """Family-specific figures eval writes beside the report: {name: (uint8 images [N, C, H, W], images
