@@ -35,7 +35,7 @@ class FlowMatchingConfig(ModelConfig):
     family: str = "flow_matching"
     # Probability path and objective.
     sigma_min: float = ranged(0.0, ge=0, lt=1)  # path std at the data end (Lipman et al. eq. 20); 0 = rectified flow
-    time_sampling: str = choice("uniform", "logit_normal")  # train t ~ U[0, 1] or sigmoid(N(0, 1)) (Esser 2024)
+    time_sampling: str = choice("uniform", "logit_normal")  # t ~ U[0, 1], or sigmoid(N(0, 1)) (Esser et al. 2024)
     # UNet (the diffusion family's; Ho et al. appendix B sizes by default).
     base_channels: int = ranged(128, ge=1)  # channels at full resolution
     channel_mult: list[int] = ranged(ge=1, default_factory=lambda: [1, 2, 2, 2])  # width multiplier per level
