@@ -81,6 +81,11 @@ class FlowMatching(GenerativeModel):
     def _labels(self, y: Tensor | None) -> Tensor | None:
         return y if self.cfg.class_conditional else None
 
+    @property
+    def num_labels(self) -> int:
+        """Classes the model is conditioned on (0: unconditional); `scalegen sample --class` reads it."""
+        return self.data_spec.num_classes if self.cfg.class_conditional else 0
+
     def velocity(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         """dx/dt at images x in [-1, 1] and times t [B] in [0, 1] (0 = noise, 1 = data)."""
         return self.net(x, t * TIME_SCALE, self._labels(y))

@@ -118,6 +118,7 @@ def test_velocity_is_differentiable_in_x() -> None:
 def test_class_conditioning_and_guidance() -> None:
     spec = DataSpec(shape=(1, 8, 8), num_classes=10)
     model = FlowMatching(_cfg(class_conditional=True, label_dropout=0.5, guidance_scale=2.0), OptimConfig(), spec)
+    assert model.num_labels == 10 and FlowMatching(_cfg(), OptimConfig(), spec).num_labels == 0
     _randomize(model)
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([0.2, 0.7])
     v = model.velocity(x, t, torch.tensor([1, 2]))
