@@ -56,8 +56,9 @@ class GaussianImages(FlowMatching):
 @pytest.mark.parametrize("sampler,steps", [("euler", 100), ("heun", 25), ("adaptive", 1)])
 def test_each_sampler_turns_noise_into_the_target_distribution(sampler: str, steps: int) -> None:
     """`sample` integrates the field from noise (t = 0) to data (t = 1) and quantizes: with the exact
-    field the images' values have mean MU and std S, within 5 standard errors plus the solver's error
-    (Euler with 100 steps: < 0.012 at |x0| = 4, see tests/objectives) and the 8-bit grid's rounding."""
+    field the images' values have mean MU and std S, within 5 standard errors plus an allowance for the
+    solver's error (Euler, first order, 100 steps: 0.006; Heun and dopri5: 0.001; the orders are tested in
+    tests/objectives/test_flow_matching_paths.py) and for the 8-bit grid's rounding."""
     n = 2000
     model = GaussianImages(_cfg(sampler=sampler, sample_steps=steps, sample_rtol=1e-6, sample_atol=1e-6),
                            OptimConfig(), DataSpec(shape=(1, 4, 4)))
@@ -65,7 +66,7 @@ def test_each_sampler_turns_noise_into_the_target_distribution(sampler: str, ste
     images = model.sample(n)
     assert images.shape == (n, 1, 4, 4) and images.dtype == torch.uint8
     values = images_to_unit(images).double().flatten()
-    bias = (0.006 if sampler == "euler" else 1e-3) + 1 / 255  # solver error at |x0| ~ 1, half a grid step
+    bias = (0.006 if sampler == "euler" else 1e-3) + 1 / 255  # solver error, half a grid step
     assert abs(values.mean().item() - MU) < 5 * S / math.sqrt(len(values)) + bias
     assert abs(values.std().item() - S) < 5 * S / math.sqrt(2 * len(values)) + bias
 
