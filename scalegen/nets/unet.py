@@ -22,10 +22,12 @@ from torch import Tensor, nn
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
-    """Sinusoidal embedding [B, dim] of (possibly fractional) timesteps t [B]."""
+    """Sinusoidal embedding [B, dim] of (possibly fractional) timesteps t [B]: float32, or float64 for
+    float64 t (a float64 network, e.g. for an exact ODE likelihood)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = t.float()[:, None] * freqs[None]
+    dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=dtype) / half)
+    args = t.to(dtype)[:, None] * freqs[None]
     emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
     return F.pad(emb, (0, dim % 2))
 
