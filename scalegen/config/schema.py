@@ -184,7 +184,7 @@ class EvalConfig:
     """The evaluation pipeline: `scalegen eval`, and during training (see docs/evaluation.md)."""
 
     every_n_steps: int | None = ranged(None, ge=1)  # evaluate in training every N optimizer steps (None = never)
-    metrics: list[str] = field(default_factory=list)  # names from docs/evaluation.md (scalegen eval --help); [] = all that apply
+    metrics: list[str] = field(default_factory=list)  # metric names (scalegen eval --help); [] = all that apply
     split: str = "test"  # split that bits/dim and probe accuracies are measured on
     max_examples: int | None = ranged(None, ge=1)  # only the first N examples of `split` (None = all)
     batch_size: int = ranged(256, ge=1)  # examples per forward pass and rank (nll, sample, encode, features)
