@@ -211,6 +211,10 @@ class EvalConfig:
     prdc_examples: int = ranged(10000, ge=0)  # real and generated features each (capped by both counts); 0 = off
     prdc_k: int = ranged(3, ge=1)  # k-NN radius of precision and recall (Kynkaanniemi et al. 2019)
     density_coverage_k: int = ranged(5, ge=1)  # k-NN radius of density and coverage (Naeem et al. 2020)
+    # Out-of-distribution detection (families that classify), beyond the built-in corruptions.
+    ood_data: str | None = None  # folder of prepared shards (with manifest.json): its images are one more OOD set
+    ood_split: str = "test"  # split of ood_data that is used
+    ood_examples: int | None = ranged(10000, ge=1)  # only its first N examples (None = all)
     # Probes.
     probe_split: str = "train"  # split the probes are trained on (tested on `split`)
     probe_train_examples: int | None = ranged(None, ge=1)  # only the first N of probe_split (None = all)

@@ -16,11 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from torch import Tensor
 
+from scalegen.config.schema import DataConfig
 from scalegen.dataspec import images_to_unit
+from scalegen.errors import UserError
+from scalegen.eval.data import EvalData
 from scalegen.metrics.calibration import calibration_bins, expected_calibration_error
-from scalegen.metrics.ood import CORRUPTIONS, auroc, corrupt
+from scalegen.metrics.ood import CORRUPTIONS, auroc, corrupt, match_images
 from scalegen.samplers.langevin import energy_grad
 
 CLASSIFIER_METRICS = ("accuracy", "ece", "ood")
@@ -49,6 +53,19 @@ def _scores(ev: Any, per_example: PerExample, x: Tensor, y: Tensor) -> dict[str,
     elif "nll" in ev.caps:
         out["log_px"] = per_example(lambda a, b: -model.nll(a, b), x, y, bs, dev)
     return out
+
+
+def other_dataset(cfg: Any, shape: tuple[int, int, int]) -> tuple[str, Tensor]:
+    """`eval.ood_data`'s images (its `ood_split`, first `ood_examples`) brought to the model's image shape."""
+    folder = DataConfig(dataset=Path(cfg.ood_data).name, root=cfg.ood_data, prepare=False)  # never prepared here
+    try:
+        data = EvalData.from_config(OmegaConf.structured(folder))
+        x, _ = data.split(cfg.ood_split, cfg.ood_examples)
+    except (UserError, KeyError) as err:
+        raise UserError(f"eval.ood_data={cfg.ood_data!r} (split {cfg.ood_split!r}): {err}") from None
+    if data.spec.kind != "image":
+        raise UserError(f"eval.ood_data={cfg.ood_data!r} holds {data.spec.kind} data; OOD detection needs images")
+    return data.name, match_images(x, tuple(int(s) for s in shape))
 
 
 def classifier_metrics(ev: Any, per_example: PerExample, all_by_default: bool) -> None:
@@ -87,10 +104,14 @@ def classifier_metrics(ev: Any, per_example: PerExample, all_by_default: bool) -
         for kind in CORRUPTIONS:
             scores_out = _scores(ev, per_example, corrupt(x, kind, seed=ev.cfg.seed), y)
             table[kind] = {s: auroc(scores_in[s], scores_out[s]) for s in scores_in}
+        if ev.ood_data is not None:
+            name, x_out = ev.ood_data
+            scores_out = _scores(ev, per_example, x_out, torch.zeros(len(x_out), dtype=torch.long))
+            table[f"dataset:{name}"] = {s: auroc(scores_in[s], scores_out[s]) for s in scores_in}
         primary = "log_px" if "log_px" in scores_in else "max_softmax"
         ev.results["ood"] = {"value": sum(t[primary] for t in table.values()) / len(table), "score": primary,
                              "auroc": table, "definition": DEFINITIONS["ood"] + f"; value = mean AUROC of "
-                             f"{primary} over the corruptions", **common}
+                             f"{primary} over the corruptions (and eval.ood_data)", **common}
 
 
 def ais_details(ev: Any) -> None:

@@ -23,7 +23,13 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from scalegen.errors import UserError, did_you_mean
-from scalegen.eval.classifier import CLASSIFIER_METRICS, ais_details, classifier_metrics, write_reliability
+from scalegen.eval.classifier import (
+    CLASSIFIER_METRICS,
+    ais_details,
+    classifier_metrics,
+    other_dataset,
+    write_reliability,
+)
 from scalegen.eval.data import EvalData
 from scalegen.eval.dist import broadcast_object, gather_rows, rank_world, shard_bounds
 from scalegen.eval.extractors import domain_extractor, inception_extractor, reference_statistics, wants_domain
@@ -164,6 +170,9 @@ class Evaluation:
         self.results: dict[str, dict] = {}
         self.skipped: dict[str, str] = {}
         self.artifacts: dict[str, Any] = {}  # tensors for figures
+        # Another dataset's images as OOD negatives, read before any metric runs (a bad folder fails first).
+        self.ood_data = (other_dataset(cfg, self.spec.shape) if getattr(cfg, "ood_data", None)
+                         and "classify" in self.caps else None)
 
     # ---- helpers -----------------------------------------------------------------------------
     def _eval_split(self) -> tuple[Tensor, Tensor]:

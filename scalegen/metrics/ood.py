@@ -41,3 +41,16 @@ def corrupt(x: Tensor, kind: str, seed: int = 0) -> Tensor:
     if kind == "inverted":
         return 255 - x
     raise ValueError(f"unknown corruption {kind!r}; one of {', '.join(CORRUPTIONS)}")
+
+
+def match_images(x: Tensor, shape: tuple[int, int, int]) -> Tensor:
+    """uint8 images [B, C, H, W] of another dataset brought to `shape` (C, H, W), so a model can score them:
+    grey -> colour by repeating the channel, colour -> grey by the mean of the channels, then an
+    antialiased bilinear resize when the size differs."""
+    c, h, w = shape
+    v = x.float()
+    if v.shape[1] != c:
+        v = v.mean(1, keepdim=True) if c == 1 else v.mean(1, keepdim=True).expand(-1, c, -1, -1)
+    if tuple(v.shape[2:]) != (h, w):
+        v = torch.nn.functional.interpolate(v, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
+    return v.round().clamp(0, 255).to(torch.uint8)

@@ -55,3 +55,17 @@ def test_corruptions() -> None:
     assert torch.equal(corrupt(x, "pixel_permuted", seed=3), p) and not torch.equal(p, x)
     u = corrupt(torch.zeros(1000, 1, 8, 8, dtype=torch.uint8), "uniform_noise")
     assert abs(u.float().mean().item() - 127.5) < 3 * 73.9 / math.sqrt(u.numel())
+
+
+def test_match_images_converts_channels_and_size() -> None:
+    from scalegen.metrics.ood import match_images
+
+    rgb = torch.zeros(2, 3, 16, 16, dtype=torch.uint8)
+    rgb[:, 0], rgb[:, 1], rgb[:, 2] = 30, 60, 90
+    grey = match_images(rgb, (1, 8, 8))
+    assert grey.shape == (2, 1, 8, 8) and grey.dtype == torch.uint8 and bool((grey == 60).all())
+    checker = (torch.arange(16)[:, None] + torch.arange(16)[None]) % 2 * 255  # 2x2 blocks average to 127.5
+    down = match_images(checker.to(torch.uint8).expand(1, 1, 16, 16), (3, 8, 8))
+    assert down.shape == (1, 3, 8, 8) and bool(((down.int() - 128).abs() <= 3).all())  # the border: +-3
+    same = torch.randint(0, 256, (2, 1, 8, 8), dtype=torch.uint8)
+    assert torch.equal(match_images(same, (1, 8, 8)), same)
