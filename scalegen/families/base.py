@@ -9,7 +9,7 @@ offers in class attributes and implements those methods:
 - `monitor` / `monitor_mode`: the metric that picks the best checkpoint (`checkpoint.monitor: null`
   means this one); `None` = no "best" checkpoint (a GAN's losses say nothing about its samples).
 - `loss(batch)` for training; `nll(x, y, k)`, `sample(n, y)`, `encode`, `reconstruct`, `classify`,
-  `energy` as declared.
+  `energy`, `complete`, `velocity(x, t, y)` as declared.
 - `rank_state()` / `load_rank_state(...)`: state that differs per rank (a replay buffer, persistent
   chains); the runtime (`scalegen.callbacks.rank_state`) keeps one per rank in every checkpoint.
 - `ddp_find_unused_parameters`: read by `scalegen.distributed` when it builds the DDP strategy.
@@ -40,7 +40,7 @@ from scalegen.metrics.bpd import nats_to_bpd
 from scalegen.optim import build_optimizer
 
 # Named predictions a family may declare; each is the method of the same name.
-PREDICTIONS = frozenset({"nll", "sample", "encode", "reconstruct", "classify", "energy", "complete"})
+PREDICTIONS = frozenset({"nll", "sample", "encode", "reconstruct", "classify", "energy", "complete", "velocity"})
 # What `nll` returns: the exact NLL, a variational bound (ELBO, IWAE, diffusion VLB), an AIS estimate,
 # another upper bound, or the ODE (probability-flow) likelihood.
 NLL_KINDS = ("exact", "elbo", "iwae", "vlb", "ais", "bound", "ode")
@@ -145,6 +145,13 @@ class GenerativeModel(L.LightningModule):
     def complete(self, x: Tensor, observed: Tensor, y: Tensor | None = None) -> Tensor:
         """x with its unobserved entries (`observed` False, same shape as x) filled in by the model."""
         raise NotImplementedError(f"{self.family_name} cannot complete partial data")
+
+    def velocity(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        """The ODE field dx/dt at x [B, C, H, W] in the continuous image domain [-1, 1] (the range of
+        `dataspec.images_to_unit`) and times t [B] in [0, 1]: t = 0 is the prior N(0, I), t = 1 the data.
+        Differentiable in x (no `torch.no_grad` inside: the likelihood takes its divergence by autograd),
+        rows independent, no host reads. The evaluation runner's `bpd_ode` integrates it."""
+        raise NotImplementedError(f"{self.family_name} has no velocity field")
 
     def extra_figures(self, x: Tensor, y: Tensor) -> dict[str, tuple[Tensor, int]]:
         """Family-specific figures eval writes beside the report: {name: (uint8 images [N, C, H, W], images
