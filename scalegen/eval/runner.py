@@ -262,9 +262,13 @@ class Evaluation:
         dtype = next((p.dtype for p in self.model.parameters() if p.dtype == torch.float64), torch.float32)
         settings = dict(divergence=divergence, num_probes=c.ode_probes, probe=c.ode_probe, method=c.ode_method,
                         steps=c.ode_steps, rtol=c.ode_rtol, atol=c.ode_atol)
+        # Its own generator for the dequantization noise and the probes: the metrics after this one draw the
+        # same random numbers whether or not it runs.
+        gen = torch.Generator(self.device).manual_seed(c.seed + 7919 * rank_world()[0])
 
         def nll(a: Tensor, b: Tensor) -> Tensor:
-            return ode_nll(lambda xt, t: self.model.velocity(xt, t, b), a, levels, dtype=dtype, **settings)
+            return ode_nll(lambda xt, t: self.model.velocity(xt, t, b), a, levels, dtype=dtype, generator=gen,
+                           **settings)
 
         values = per_example(nll, x, y, c.batch_size, self.device)
         s = summarize_bpd(values, dims)
