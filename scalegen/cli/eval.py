@@ -23,7 +23,7 @@ HELP = "evaluate a checkpoint: bits/dim, FID/KID/IS, linear and semi-supervised 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="a .ckpt file or a run folder (its newest checkpoint)")
     parser.add_argument("--metrics", default=None,
-                        help="comma-separated subset of bpd,fid,kid,is,linear_probe,semisup,inference_gap "
+                        help="comma-separated subset of bpd,bpd_ode,fid,kid,is,linear_probe,semisup,inference_gap "
                              "(default: the checkpoint's eval.metrics, else all the family supports)")
     parser.add_argument("--data", default=None, metavar="ROOT",
                         help="folder (or URL) of the shards + manifest.json to evaluate on "

@@ -39,7 +39,7 @@ from scalegen.metrics.inception_score import inception_score
 from scalegen.metrics.kid import kernel_inception_distance
 from scalegen.metrics.prdc import prdc
 from scalegen.metrics.weights import cache_dir
-from scalegen.objectives.ode_likelihood import ode_nll
+from scalegen.objectives.ode_likelihood import example_noise, ode_nll
 from scalegen.probes import ProbeSettings, linear_probe
 
 ALL_METRICS = ("bpd", "bpd_ode", "fid", "kid", "is", "linear_probe", "semisup", "inference_gap", *CLASSIFIER_METRICS)
@@ -260,22 +260,20 @@ class Evaluation:
         if divergence == "auto":
             divergence = "exact" if dims <= c.ode_exact_max_dims else "hutchinson"
         dtype = next((p.dtype for p in self.model.parameters() if p.dtype == torch.float64), torch.float32)
-        settings = dict(divergence=divergence, num_probes=c.ode_probes, probe=c.ode_probe, method=c.ode_method,
-                        steps=c.ode_steps, rtol=c.ode_rtol, atol=c.ode_atol)
-        # Its own generator for the dequantization noise and the probes: the metrics after this one draw the
-        # same random numbers whether or not it runs.
-        gen = torch.Generator(self.device).manual_seed(c.seed + 7919 * rank_world()[0])
+        k = c.ode_probes if divergence == "hutchinson" else 0
 
-        def nll(a: Tensor, b: Tensor) -> Tensor:
-            return ode_nll(lambda xt, t: self.model.velocity(xt, t, b), a, levels, dtype=dtype, generator=gen,
-                           **settings)
+        def nll(i: Tensor, b: Tensor) -> Tensor:  # i: the examples' indices, so that their noise is their own
+            i = i.cpu()
+            u, probes = example_noise(i, self.spec.shape, c.seed, k, c.ode_probe)
+            return ode_nll(lambda xt, t: self.model.velocity(xt, t, b), x[i].to(self.device), levels,
+                           u.to(self.device), probes=None if probes is None else probes.to(self.device),
+                           method=c.ode_method, steps=c.ode_steps, rtol=c.ode_rtol, atol=c.ode_atol, dtype=dtype)
 
-        values = per_example(nll, x, y, c.batch_size, self.device)
+        values = per_example(nll, torch.arange(len(x)), y, c.batch_size, self.device)
         s = summarize_bpd(values, dims)
         if divergence == "exact":
             label = "ODE (exact divergence)"
         else:
-            k = c.ode_probes
             label = f"ODE (Hutchinson, {k} {c.ode_probe.capitalize()} probe{'s' if k > 1 else ''})"
         solver = (f"dopri5, rtol {c.ode_rtol:g}, atol {c.ode_atol:g}" if c.ode_method == "adaptive"
                   else f"{c.ode_method}, {c.ode_steps} steps")

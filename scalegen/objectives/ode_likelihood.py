@@ -32,7 +32,6 @@ from scalegen.metrics.bpd import discrete_nll_from_density
 from scalegen.samplers.ode import integrate
 
 Velocity = Callable[[Tensor, Tensor], Tensor]  # (x [B, ...], t [B]) -> dx/dt, shaped like x
-DIVERGENCES = ("exact", "hutchinson")
 PROBES = ("rademacher", "gaussian")
 
 
@@ -98,23 +97,34 @@ def ode_log_prob(velocity: Velocity, x: Tensor, *, probes: Tensor | None = None,
     return standard_normal_log_prob(x0) + delta
 
 
-def dequantize(x: Tensor, levels: int, generator: torch.Generator | None = None) -> Tensor:
-    """uint8 x holding `levels` grey levels -> y = c + w (u - 1/2) with c = images_to_unit(x), w = 2/(levels-1)."""
-    centre = images_to_unit(x, levels)
-    u = torch.rand(centre.shape, generator=generator, device=centre.device)
-    return centre + (u - 0.5) * (2.0 / (levels - 1))
+def dequantize(x: Tensor, levels: int, u: Tensor) -> Tensor:
+    """uint8 x holding `levels` grey levels and noise u in [0, 1) shaped like x -> y = c + w (u - 1/2), with
+    c = images_to_unit(x) and w = 2/(levels-1)."""
+    return images_to_unit(x, levels).to(u.dtype) + (u - 0.5) * (2.0 / (levels - 1))
 
 
-def ode_nll(velocity: Velocity, x: Tensor, levels: int, *, divergence: str = "exact", num_probes: int = 1,
-            probe: str = "rademacher", method: str = "adaptive", steps: int = 100, rtol: float = 1e-5,
-            atol: float = 1e-5, dtype: torch.dtype = torch.float32, generator: torch.Generator | None = None
-            ) -> Tensor:
-    """Upper bound (in expectation over the dequantization noise) on -log P(x) of discrete data x, per
-    example [B] in nats: -log p_1(y) - D log(2/(levels-1)) with y the dequantized x (module docstring)."""
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"divergence {divergence!r}; one of {', '.join(DIVERGENCES)}")
-    y = dequantize(x, levels, generator).to(dtype)
-    probes = None if divergence == "exact" else draw_probes(y, num_probes, probe, generator)
+def example_noise(indices: Tensor, shape: tuple[int, ...], seed: int, num_probes: int = 0,
+                  probe: str = "rademacher") -> tuple[Tensor, Tensor | None]:
+    """Dequantization noise u [B, *shape] and Hutchinson probes [num_probes, B, *shape] (None for 0) of the
+    examples with these global indices, each from its own generator seeded by (seed, index): the same
+    numbers whatever the batch or the rank that solves the example."""
+    us, zs = [], []
+    for i in indices.tolist():
+        gen = torch.Generator().manual_seed((seed << 32) + int(i))
+        us.append(torch.rand(shape, generator=gen))
+        if num_probes:
+            zs.append(draw_probes(us[-1], num_probes, probe, gen))
+    return torch.stack(us), (torch.stack(zs, dim=1) if num_probes else None)
+
+
+def ode_nll(velocity: Velocity, x: Tensor, levels: int, u: Tensor, *, probes: Tensor | None = None,
+            method: str = "adaptive", steps: int = 100, rtol: float = 1e-5, atol: float = 1e-5,
+            dtype: torch.dtype = torch.float32) -> Tensor:
+    """Upper bound (in expectation over the dequantization noise u ~ U[0, 1)) on -log P(x) of discrete data
+    x, per example [B] in nats: -log p_1(y) - D log(2/(levels-1)) with y = dequantize(x, levels, u) (module
+    docstring); the exact divergence when `probes` is None, else Hutchinson's with those probes."""
+    y = dequantize(x, levels, u).to(dtype)
+    probes = None if probes is None else probes.to(y)
     log_p = ode_log_prob(velocity, y, probes=probes, method=method, steps=steps, rtol=rtol, atol=atol)
     # The grid's `levels` bins of width 2/(levels-1) tile a box of side 2 levels/(levels-1).
     return discrete_nll_from_density(-log_p.double(), y[0].numel(), levels, data_range=2 * levels / (levels - 1))

@@ -12,14 +12,18 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import socket
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 from torch import Tensor, nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 from toy_models import FactorizedCategorical, make_model  # noqa: E402
 
 from scalegen.cli.main import main  # noqa: E402
@@ -92,7 +96,8 @@ def test_continuous_schedule_interpolates_alpha_bar_with_a_positive_rate(name: s
 def test_probability_flow_log_density_of_gaussian_data_is_the_closed_form(prediction: str) -> None:
     model = gaussian_ddpm(prediction)
     mu, s = model.net.mu.detach(), model.net.s.detach()
-    y = dequantize(gaussian_data(model, 32), 256, torch.Generator().manual_seed(2)).to(DT)
+    x = gaussian_data(model, 32)
+    y = dequantize(x, 256, torch.rand(x.shape, generator=torch.Generator().manual_seed(2), dtype=DT))
     got = ode_log_prob(lambda x, t: model.velocity(x, t), y, rtol=1e-7, atol=1e-7)
     ab = model.schedule.array("alphas_cumprod")
     (a0, ab0), (aT, abT) = (ab[0].sqrt(), ab[0]), (ab[-1].sqrt(), ab[-1])
@@ -159,3 +164,41 @@ def test_scalegen_eval_of_a_ddpm_checkpoint_reports_bpd_ode(tmp_path: Path, trai
     report = (out / "report.md").read_text()
     assert "| bpd_ode |" in report and "ODE (Hutchinson, 2 Rademacher probes)" in report
     assert "| bpd |" in report
+
+
+def _two_rank_worker(rank: int, port: int, out: str) -> None:
+    sys.path.insert(0, str(HERE))
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        torch.set_num_threads(1)
+        model = gaussian_ddpm("eps", timesteps=100)
+        data = EvalData.from_arrays("g", model.data_spec, {"test": (gaussian_data(model, 13), torch.zeros(13).long())})
+        cfg = EvalConfig(batch_size=4, ode_max_examples=None, ode_divergence="hutchinson", ode_probes=2,
+                     ode_method="heun", ode_steps=20)
+        res = evaluate(model, cfg, data, None, metrics="bpd_ode")
+        torch.save(res["metrics"]["bpd_ode"], f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_bpd_ode_on_two_ranks_equals_one_process(tmp_path: Path) -> None:
+    """13 examples in batches of 4 split over a real 2-process gloo group: every example keeps its own
+    dequantization noise and probes (seeded by its index), so with a fixed-step solver the result is one
+    process's up to round-off (an adaptive solver chooses its steps per batch, and the batches differ)."""
+    model = gaussian_ddpm("eps", timesteps=100)
+    data = EvalData.from_arrays("g", model.data_spec, {"test": (gaussian_data(model, 13), torch.zeros(13).long())})
+    cfg = EvalConfig(batch_size=4, ode_max_examples=None, ode_divergence="hutchinson", ode_probes=2,
+                     ode_method="heun", ode_steps=20)
+    want = evaluate(model, cfg, data, None, metrics="bpd_ode")["metrics"]["bpd_ode"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_two_rank_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert got["count"] == 13 and got["quantity"] == want["quantity"]
+        assert got["value"] == pytest.approx(want["value"], abs=1e-10)
+        assert got["sem"] == pytest.approx(want["sem"], abs=1e-10)
