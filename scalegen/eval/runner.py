@@ -1,10 +1,11 @@
 """The evaluation runner: every metric through the family contract only.
 
 `evaluate(model, cfg.eval, data, out_dir)` uses the predictions the family declares in
-`model.predictions` (`nll`, `sample`, `encode`, `reconstruct`, `classify`), `model.nll_kind` and
+`model.predictions` (`nll`, `sample`, `encode`, `reconstruct`, `classify`, `velocity`), `model.nll_kind` and
 `model.data_spec`; it never looks at the family's name, a method's signature or whether a method
-exists. Likelihoods, features and classifiers run under `torch.no_grad`; sampling does not (a
-Langevin sampler needs gradients; a family turns them off in its own `sample`). Per-example work is split across ranks
+exists. Likelihoods, features and classifiers run under `torch.no_grad` (the ODE likelihood switches
+gradients on inside for its divergence); sampling does not (a Langevin sampler needs gradients; a family
+turns them off in its own `sample`). Per-example work is split across ranks
 and gathered exactly (`scalegen.eval.dist`); rank 0 writes metrics.json, report.md and the figures
 and every rank returns the same flat summary.
 """
