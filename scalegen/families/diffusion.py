@@ -100,9 +100,9 @@ class Diffusion(GenerativeModel):
         """dx/dt of the probability-flow ODE (scalegen.objectives.diffusion) with t = 1 - s: t = 0 is the
         last noise level, taken as the prior N(0, I) (only approximately: alpha-bar_T > 0), t = 1 the
         first (timestep 1), where the data are scored."""
-        ds_dt = -1.0
-        return ds_dt * probability_flow_velocity(self.net, self.schedule, x, 1 - t, self._labels(y),
-                                                 prediction=self.cfg.prediction)
+        # dx/dt = -dx/ds with s = 1 - t.
+        return -probability_flow_velocity(self.net, self.schedule, x, 1 - t, self._labels(y),
+                                          prediction=self.cfg.prediction)
 
     @torch.no_grad()
     def sample(self, n: int, y: Tensor | None = None) -> Tensor:
