@@ -197,6 +197,16 @@ class EvalConfig:
     gap_lr: float = ranged(1e-2, gt=0)  # their learning rate
     gap_opt_samples: int = ranged(8, ge=1)  # latent samples per step's ELBO gradient
     gap_samples: int = ranged(100, ge=1)  # latent samples for each reported ELBO
+    # ODE likelihood (bpd_ode) of families with a velocity field (scalegen.objectives.ode_likelihood).
+    ode_max_examples: int | None = ranged(1000, ge=1)  # first N of the bpd examples (an ODE solve each); None = all
+    ode_divergence: str = choice("auto", "exact", "hutchinson")  # auto: exact if D <= ode_exact_max_dims
+    ode_exact_max_dims: int = ranged(16, ge=0)  # auto's threshold (exact costs one backward pass per dimension)
+    ode_probes: int = ranged(1, ge=1)  # Hutchinson probes per example, drawn once per solve (FFJORD)
+    ode_probe: str = choice("rademacher", "gaussian")  # Hutchinson probe distribution (both have E[z z^T] = I)
+    ode_method: str = choice("adaptive", "heun", "euler")  # adaptive: dopri5 with ode_rtol/ode_atol; else ode_steps
+    ode_steps: int = ranged(100, ge=1)  # equal steps of heun/euler
+    ode_rtol: float = ranged(1e-5, gt=0)  # dopri5 relative tolerance (Song et al. 2021: 1e-5)
+    ode_atol: float = ranged(1e-5, gt=0)  # dopri5 absolute tolerance (Song et al. 2021: 1e-5)
     # FID, KID, Inception Score.
     num_samples: int = ranged(1000, ge=2)  # generated samples for FID/KID/IS (50000 for reporting; FID needs 2)
     reference_split: str = "train"  # split the generated samples are compared with

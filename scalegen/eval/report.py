@@ -15,6 +15,7 @@ from scalegen.plots import save_bar_chart, save_curves, save_image_grid
 ORDER = (
     "bpd",
     "bpd_elbo",
+    "bpd_ode",
     "fid",
     "kid",
     "is",
@@ -76,7 +77,7 @@ def write_figures(
     for name, (images, nrow) in artifacts.get("extra_figures", {}).items():  # the family's own figures
         figs[name] = save_image_grid(images, out / f"{name}.png", nrow=nrow)
     if run_dir is not None and (run_dir / "metrics.jsonl").is_file():
-        keys = ("val/bpd", "eval/bpd", "eval/bpd_elbo")
+        keys = ("val/bpd", "eval/bpd", "eval/bpd_elbo", "eval/bpd_ode")
         path = save_curves(run_dir / "metrics.jsonl", out / "bpd_curve.png", keys=keys, title="bits/dim")
         if path is not None:
             figs["bpd_curve"] = path

@@ -1,5 +1,6 @@
 """Diffusion family: DDPM (Ho et al. 2020) with a UNet, linear or cosine schedule, eps or v prediction,
-ancestral or DDIM sampling and the variational bound in bits/dim.
+ancestral or DDIM sampling, the variational bound in bits/dim, and the probability-flow ODE's velocity
+(so the evaluation runner also reports its ODE likelihood, `bpd_ode`).
 
 The network, objective and sampler live in `scalegen.nets.unet`, `scalegen.objectives.diffusion` and
 `scalegen.samplers.diffusion`; this module wires them to the data and to the runtime. EMA weights come
@@ -17,7 +18,7 @@ from scalegen.config.schema import ModelConfig, OptimConfig, choice, ranged
 from scalegen.dataspec import DataSpec, images_to_unit, unit_to_images
 from scalegen.families.base import GenerativeModel, recipe_shapes
 from scalegen.nets.unet import UNet
-from scalegen.objectives.diffusion import NoiseSchedule, diffusion_loss, q_sample, vlb
+from scalegen.objectives.diffusion import NoiseSchedule, diffusion_loss, probability_flow_velocity, q_sample, vlb
 from scalegen.registry import register_family
 from scalegen.samplers.completion import complete_diffusion, paste
 from scalegen.samplers.diffusion import ddim_sample, ddpm_sample
@@ -58,7 +59,7 @@ class Diffusion(GenerativeModel):
     """DDPM / DDIM with a UNet; nll is the variational bound (Ho et al. 2020 eq. 5) in nats."""
 
     nll_kind = "vlb"
-    predictions = frozenset({"nll", "sample", "encode", "complete"})
+    predictions = frozenset({"nll", "sample", "encode", "complete", "velocity"})
     data_kinds = frozenset({"image"})
 
     def __init__(self, cfg: DiffusionConfig, optim: OptimConfig, data: DataSpec) -> None:
@@ -94,6 +95,14 @@ class Diffusion(GenerativeModel):
             return vlb(self.net, self.schedule, x0, self._labels(y), num_timesteps=self.cfg.nll_timesteps,
                        prediction=self.cfg.prediction, variance=self.cfg.variance,
                        levels=self.data_spec.levels).float()
+
+    def velocity(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        """dx/dt of the probability-flow ODE (scalegen.objectives.diffusion) with t = 1 - s: t = 0 is the
+        last noise level, taken as the prior N(0, I) (only approximately: alpha-bar_T > 0), t = 1 the
+        first (timestep 1), where the data are scored."""
+        # dx/dt = -dx/ds with s = 1 - t.
+        return -probability_flow_velocity(self.net, self.schedule, x, 1 - t, self._labels(y),
+                                          prediction=self.cfg.prediction)
 
     @torch.no_grad()
     def sample(self, n: int, y: Tensor | None = None) -> Tensor:

@@ -13,6 +13,8 @@ The pieces are functions of tensors and a network `net(x_t, i, y) -> prediction`
 - `diffusion_loss`: L_simple (eq. 14) with an epsilon target or a v target (Salimans & Ho 2022, sec. 4).
 - `vlb_terms` / `vlb`: L_T + sum_{t>1} L_{t-1} + L_0 (eq. 5) with the discretized Gaussian decoder
   L_0 (eq. 13), in nats of the discrete data.
+- `continuous_log_alpha_bar` / `probability_flow_velocity`: the discrete schedule made continuous and
+  the probability-flow ODE of the VP-SDE it defines (Song et al. 2021, eq. 13).
 """
 
 from __future__ import annotations
@@ -256,3 +258,54 @@ def vlb(net: Net, schedule: NoiseSchedule, x0: Tensor, y: Tensor | None = None, 
         term = vlb_term(net, schedule, x0, i, y, prediction=prediction, variance=variance, levels=levels)
         total = total + (hi - lo) * term
     return total
+
+
+# ---- the probability-flow ODE ----------------------------------------------------------------------
+def continuous_log_alpha_bar(schedule: NoiseSchedule, tau: Tensor) -> tuple[Tensor, Tensor]:
+    """log alpha-bar at fractional timestep indices tau in [0, T-1], and its derivative d/dtau (float64).
+
+    A monotone cubic Hermite interpolant (Fritsch & Carlson 1980: slopes the harmonic mean of the
+    neighbouring secants) through log alpha-bar_i at the integer indices: exact there, continuously
+    differentiable, and decreasing, so beta(tau) = -d log alpha-bar / dtau is continuous and positive.
+    (Piecewise-linear interpolation would make beta jump at every index, and an adaptive solver would
+    shrink its steps at each of the T jumps.)
+    """
+    if schedule.timesteps < 2:
+        raise ValueError("the probability-flow ODE needs at least 2 timesteps")
+    knots = torch.log(schedule.array("alphas_cumprod", tau.device))
+    secant = knots[1:] - knots[:-1]  # all < 0
+    slopes = torch.cat([secant[:1], 2 / (1 / secant[:-1] + 1 / secant[1:]), secant[-1:]])
+    tau = tau.double().clamp(0, schedule.timesteps - 1)
+    j = tau.floor().long().clamp(max=schedule.timesteps - 2)
+    u = tau - j
+    p0, p1, m0, m1 = knots[j], knots[j + 1], slopes[j], slopes[j + 1]
+    value = ((2 * u**3 - 3 * u**2 + 1) * p0 + (u**3 - 2 * u**2 + u) * m0 + (-2 * u**3 + 3 * u**2) * p1
+             + (u**3 - u**2) * m1)
+    slope = (6 * u**2 - 6 * u) * (p0 - p1) + (3 * u**2 - 4 * u + 1) * m0 + (3 * u**2 - 2 * u) * m1
+    return value, slope
+
+
+def probability_flow_velocity(net: Net, schedule: NoiseSchedule, x: Tensor, s: Tensor, y: Tensor | None = None,
+                              *, prediction: str = "eps") -> Tensor:
+    """dx/ds of the probability-flow ODE at diffusion times s [B] in [0, 1] (s = 0: the data end).
+
+    s maps to the fractional timestep index tau = s (T-1), which the network sees (Song et al. 2021
+    evaluate their DDPM checkpoints the same way, at t (N-1)); with alpha-bar(s) from
+    `continuous_log_alpha_bar`, beta(s) = -d log alpha-bar / ds and sigma(s) = sqrt(1 - alpha-bar(s)),
+    the VP-SDE dx = -beta x ds / 2 + sqrt(beta) dw has the marginals q(x_t | x_0) of the schedule and
+    the probability-flow ODE dx/ds = -beta(s) (x + score) / 2 with score = -eps-hat / sigma (eq. 13).
+    s = 0 is timestep 1 (alpha-bar_1 = 1 - beta_1), the least-noised level the network was trained on.
+    """
+    tau = s.double() * (schedule.timesteps - 1)
+    log_ab, dlog_ab = continuous_log_alpha_bar(schedule, tau)
+    shape = (-1, *([1] * (x.dim() - 1)))
+    beta = (-dlog_ab * (schedule.timesteps - 1)).reshape(shape)
+    a, sigma = torch.exp(0.5 * log_ab).reshape(shape), torch.sqrt(-torch.expm1(log_ab)).reshape(shape)
+    out = net(x, tau.to(x.dtype), y).to(x.dtype)
+    if prediction == "eps":
+        eps = out
+    elif prediction == "v":
+        eps = sigma.to(x.dtype) * x + a.to(x.dtype) * out  # Salimans & Ho 2022, as in predict_x0_eps
+    else:
+        raise ValueError(f"unknown prediction {prediction!r} (eps or v)")
+    return (-0.5 * beta).to(x.dtype) * (x - eps / sigma.to(x.dtype))
