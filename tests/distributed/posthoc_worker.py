@@ -34,10 +34,15 @@ DIRECT_SIGMA_REL = 0.07
 
 
 class Trajectory(L.Callback):
-    """The weights after each optimizer step, keyed by the step."""
+    """The weights after each optimizer step, keyed by the step, and the post-hoc averages at the start."""
 
-    def __init__(self) -> None:
+    def __init__(self, posthoc: PostHocEMA) -> None:
+        self.posthoc = posthoc
         self.steps: dict[int, dict[str, torch.Tensor]] = {}
+        self.at_start: list[dict[str, torch.Tensor]] = []
+
+    def on_train_start(self, trainer, pl_module):  # after PostHocEMA's (it comes first in the list)
+        self.at_start = [s.weights() for s in self.posthoc.states]
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.steps[trainer.global_step] = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
@@ -62,7 +67,7 @@ def main() -> None:
     out = Path(args.out)
     posthoc = PostHocEMA(out / "snapshots", [0.05, 0.10], every_n_steps=args.every)
     direct = PostHocEMA(out / "direct", [DIRECT_SIGMA_REL], every_n_steps=10**9)  # one snapshot, at the end
-    trajectory = Trajectory()
+    trajectory = Trajectory(posthoc)
     micro = args.global_batch // world
     batches = digit_batches(rank, world, micro, args.batches)
     trainer = L.Trainer(
@@ -78,6 +83,7 @@ def main() -> None:
         default_root_dir=str(out),
         callbacks=[posthoc, direct, trajectory],
         enable_checkpointing=False,
+        use_distributed_sampler=False,  # each rank's loader already holds its share of every global batch
     )
     loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False,
                                          generator=torch.Generator().manual_seed(0))
@@ -86,6 +92,7 @@ def main() -> None:
     torch.save(
         {
             "trajectory": trajectory.steps,
+            "at_start": trajectory.at_start,
             "posthoc": [s.weights() for s in posthoc.states],
             "direct": direct.states[0].weights(),
             "num_updates": [s.num_updates for s in posthoc.states],
