@@ -109,16 +109,18 @@ class PostHocEMA(L.Callback):
     ) -> None:
         step = trainer.global_step  # optimizer steps: accumulation micro-batches do not update
         if update_averages(self.states, pl_module, step, self._root(trainer)) and step % self.every_n_steps == 0:
-            self.write_snapshot(trainer, step)
+            self.write_snapshot(step, trainer.is_global_zero)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         step = self.states[0].last_step
         if step > self.last_snapshot:  # the final weights' averages, whatever the snapshot interval
-            self.write_snapshot(trainer, step)
+            self.write_snapshot(step, trainer.is_global_zero)
 
-    def write_snapshot(self, trainer: L.Trainer, step: int) -> None:
+    def write_snapshot(self, step: int, global_zero: bool) -> None:
+        """Every rank calls this; global rank 0 writes (under DDP the averages are the same everywhere, under
+        ZeRO-3 only rank 0 has them)."""
         self.last_snapshot = step
-        if not trainer.is_global_zero or not self.states[0].shadow:  # DDP: identical on every rank
+        if not global_zero or not self.states[0].shadow:
             return
         profiles = [
             {"sigma_rel": s, "gamma": st.gamma, "state_dict": st.weights()}
