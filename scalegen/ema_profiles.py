@@ -49,10 +49,13 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
     return max(0.0, float(roots[np.abs(roots.imag) < 1e-9].real.max()))
 
 
-def power_beta(step: int, gamma: float) -> float:
-    """Decay of the update after optimizer step `step` >= 1: (1 - 1/step)^(gamma + 1); 0 at step 1, so the
-    average starts at the weights after the first step whatever it held before."""
-    return (1.0 - 1.0 / step) ** (gamma + 1.0)
+def power_beta(step: int, gamma: float, delta: int = 1) -> float:
+    """Decay of the update after optimizer step `step` >= 1, `delta` steps after the previous update:
+    (1 - delta/step)^(gamma + 1) (EDM2's t_delta form). 0 for the first update (delta = step), so the
+    average starts at the weights then, whatever it held before. With updates at steps t_1 < t_2 < ...
+    the products telescope: the weights of update j get (t_j^(g+1) - t_(j-1)^(g+1)) / t^(g+1), the
+    profile's integral over (t_(j-1), t_j], whatever the spacing (every-k updates, steps that jump)."""
+    return (1.0 - delta / step) ** (gamma + 1.0)
 
 
 def discrete_weights(t: int, gamma: float, length: int | None = None) -> np.ndarray:

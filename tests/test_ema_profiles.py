@@ -65,6 +65,20 @@ def test_the_recursion_weights_each_step_by_the_profile_integral(gamma):
     assert discrete_weights(5, gamma, length=8)[5:].tolist() == [0.0, 0.0, 0.0]
 
 
+@settings(deadline=None, max_examples=20)
+@given(gaps=st.lists(st.integers(1, 5), min_size=1, max_size=12), gamma=st.floats(0.0, 20.0))
+def test_updates_at_irregular_steps_weight_each_by_the_profile_integral(gaps, gamma):
+    times = np.cumsum(gaps)  # update after steps t_1 < t_2 < ... (every-k updates, steps that jump)
+    ema, last = np.zeros(len(times)), 0
+    for j, t in enumerate(times):
+        beta = power_beta(int(t), gamma, int(t - last))
+        ema = beta * ema + (1 - beta) * np.eye(len(times))[j]
+        last = t
+    t_end, prev = float(times[-1]), np.concatenate([[0.0], times[:-1]])
+    expected = (times ** (gamma + 1) - prev ** (gamma + 1)) / t_end ** (gamma + 1)
+    np.testing.assert_allclose(ema, expected, rtol=1e-9, atol=1e-12)
+
+
 @settings(deadline=None, max_examples=40)
 @given(
     t_a=st.floats(1.0, 500.0), t_b=st.floats(1.0, 500.0), g_a=st.floats(0.0, 30.0), g_b=st.floats(0.0, 30.0)

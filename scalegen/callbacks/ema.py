@@ -13,9 +13,10 @@ averaged the same way; integer buffers are copied.
 The average is keyed like `model.state_dict()`, saved in checkpoints as `checkpoint["ema_state_dict"]`
 and restored on resume. Validation (and everything run through `EMA.swapped`) uses it by default.
 
-A power-function EMA (`gamma` set; EDM2, `scalegen.ema_profiles`) uses d_t = (1 - 1/t)^(gamma + 1)
-instead; the post-hoc EMA callback (`scalegen.callbacks.posthoc_ema`) keeps several, updated together by
-`update_averages` (one gather under ZeRO-3 for all of them).
+A power-function EMA (`gamma` set; EDM2, `scalegen.ema_profiles`) uses d_t = (1 - delta/t)^(gamma + 1)
+instead, delta the steps since its previous update; the post-hoc EMA callback
+(`scalegen.callbacks.posthoc_ema`) keeps several, updated together by `update_averages` (one gather
+under ZeRO-3 for all of them).
 
 Sharding: under DDP and ZeRO-1/2 every rank holds identical whole parameters, so every rank keeps
 the same average without communication. Under ZeRO-3 (and FSDP) parameters are gathered for the
@@ -69,9 +70,6 @@ class EMAState:
             raise ValueError(f"ema decay must be in [0, 1), got {decay}")
         if every_n_steps < 1:
             raise ValueError(f"ema every_n_steps must be >= 1, got {every_n_steps}")
-        if gamma is not None and every_n_steps != 1:
-            # beta_t = (1 - 1/t)^(gamma+1) is the power-function profile for one update per step only.
-            raise ValueError("a power-function EMA (gamma) updates after every step (every_n_steps=1)")
         self.decay, self.warmup_steps, self.every_n_steps, self.on_cpu = (
             decay,
             warmup_steps,
@@ -106,8 +104,8 @@ class EMAState:
         return step > self.last_step and step % self.every_n_steps == 0
 
     def decay_at(self, step: int) -> float:
-        if self.gamma is not None:
-            return power_beta(step, self.gamma)
+        if self.gamma is not None:  # delta: steps since the last update, so the profile stays exact
+            return power_beta(step, self.gamma, step - self.last_step)
         return ema_decay(step, self.decay, self.warmup_steps)
 
     def update(self, module: torch.nn.Module, step: int, root: Any = None) -> bool:
