@@ -32,7 +32,8 @@ KEEP = ("scalegen", "global_step", "epoch", "stage1", "pytorch-lightning_version
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run", help="run folder (its ema_snapshots/ and newest checkpoint)")
+    parser.add_argument("run", help="run folder (its ema_snapshots/ and newest checkpoint), or a checkpoint in one "
+                                    "(its config and DataSpec go into the output)")
     parser.add_argument("--sigma-rel", required=True, metavar="S|A:B:N",
                         help="width of the average (profile std / training length), or A:B:N for N widths "
                              "from A to B evenly (needs --metric)")
@@ -80,8 +81,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.max_profile_error > 0:
         raise UserError(f"--max-profile-error must be > 0, got {args.max_profile_error}")
     metric = parse_metrics(args.metric, None)[0] if args.metric else ""
-    run_dir = Path(args.run)
-    ckpt_path = resolve_checkpoint(run_dir)
+    ckpt_path = resolve_checkpoint(args.run)
+    run_dir = Path(args.run) if ckpt_path != Path(args.run) else ckpt_path.parent.parent  # {run}/checkpoints/x
     base = read_checkpoint(ckpt_path)
     configured = base["scalegen"]["config"].get("ema", {}).get("posthoc", {}).get("dir")
     folder = Path(args.snapshots or configured or run_dir / "ema_snapshots")

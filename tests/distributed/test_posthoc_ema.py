@@ -142,6 +142,10 @@ def test_ema_command_writes_a_checkpoint_that_eval_sample_and_release_take(posth
     model, cfg = load_model(out)
     assert cfg.model.family == "vae" and cfg.ema.posthoc.enabled
     assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.items())
+    again = tmp_path / "from-the-checkpoint.ckpt"  # a checkpoint of the run names the run too
+    last = posthoc_run / "checkpoints" / "last.ckpt"
+    assert main(["ema", str(last), "--sigma-rel", "0.07", "--out", str(again)]) == 0
+    assert all(torch.equal(read_checkpoint(again)["state_dict"][k], v) for k, v in expected.items())
     assert main(["eval", str(out), "--out", str(tmp_path / "eval"), "--metrics", "bpd", "--no-wandb",
                  "eval.iwae_k=1"]) == 0
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
