@@ -101,14 +101,16 @@ class PostHocEMA(L.Callback):
                     state.shadow = {k: v.to(device) for k, v in weights.items()}
             self._pending = None
         elif not self.states[0].shadow:
-            for state in self.states:  # the start value is never used: beta_1 = 0
+            for state in self.states:  # the start value is never used: the first update has beta = 0
                 state.init_from(pl_module, self._root(trainer))
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step  # optimizer steps: accumulation micro-batches do not update
-        if update_averages(self.states, pl_module, step, self._root(trainer)) and step % self.every_n_steps == 0:
+        updated = update_averages(self.states, pl_module, step, self._root(trainer))
+        # At each multiple of the interval, or the first step past one (steps that jump, e.g. two optimizers).
+        if updated and step // self.every_n_steps > self.last_snapshot // self.every_n_steps:
             self.write_snapshot(step, trainer.is_global_zero)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
