@@ -13,6 +13,11 @@ averaged the same way; integer buffers are copied.
 The average is keyed like `model.state_dict()`, saved in checkpoints as `checkpoint["ema_state_dict"]`
 and restored on resume. Validation (and everything run through `EMA.swapped`) uses it by default.
 
+A power-function EMA (`gamma` set; EDM2, `scalegen.ema_profiles`) uses d_t = (1 - delta/t)^(gamma + 1)
+instead, delta the steps since its previous update; the post-hoc EMA callback
+(`scalegen.callbacks.posthoc_ema`) keeps several, updated together by `update_averages` (one gather
+under ZeRO-3 for all of them).
+
 Sharding: under DDP and ZeRO-1/2 every rank holds identical whole parameters, so every rank keeps
 the same average without communication. Under ZeRO-3 (and FSDP) parameters are gathered for the
 update (`scalegen.distributed.full_parameters`) and only rank 0 keeps the average, so no other rank
@@ -21,7 +26,7 @@ pays its memory; rank 0's copy is what checkpoints hold, and swapping it in broa
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -30,6 +35,7 @@ import torch
 from torch import Tensor
 
 from scalegen.distributed.gather import full_parameters, is_zero3_partitioned
+from scalegen.ema_profiles import power_beta
 
 
 def ema_decay(step: int, decay: float, warmup_steps: int) -> float:
@@ -53,7 +59,12 @@ class EMAState:
     """The averaged weights and the update rule, independent of Lightning (usable with a bare engine)."""
 
     def __init__(
-        self, decay: float = 0.999, warmup_steps: int = 0, every_n_steps: int = 1, on_cpu: bool = False
+        self,
+        decay: float = 0.999,
+        warmup_steps: int = 0,
+        every_n_steps: int = 1,
+        on_cpu: bool = False,
+        gamma: float | None = None,
     ) -> None:
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"ema decay must be in [0, 1), got {decay}")
@@ -65,6 +76,7 @@ class EMAState:
             every_n_steps,
             on_cpu,
         )
+        self.gamma = gamma  # power-function exponent (EDM2); None: the constant decay with warm-up
         self.shadow: dict[str, Tensor] = {}  # empty on ranks that do not own the average (ZeRO-3: rank != 0)
         self.num_updates = 0
         self.last_step = 0  # optimizer step of the last update
@@ -88,24 +100,18 @@ class EMAState:
             else:
                 self.shadow = {}
 
-    @torch.no_grad()
+    def due(self, step: int) -> bool:
+        return step > self.last_step and step % self.every_n_steps == 0
+
+    def decay_at(self, step: int) -> float:
+        if self.gamma is not None:  # delta: steps since the last update, so the profile stays exact
+            return power_beta(step, self.gamma, step - self.last_step)
+        return ema_decay(step, self.decay, self.warmup_steps)
+
     def update(self, module: torch.nn.Module, step: int, root: Any = None) -> bool:
         """Fold the weights after optimizer step `step` into the average when the step is due.
         All ranks call this together (under ZeRO-3 it gathers). Returns whether it updated."""
-        if step <= self.last_step or step % self.every_n_steps:
-            return False
-        d = ema_decay(step, self.decay, self.warmup_steps)
-        with full_parameters(module, root=root):
-            if self.shadow:
-                for name, t in _named_tensors(module):
-                    avg = self.shadow[name]
-                    if avg.is_floating_point():
-                        avg.lerp_(t.detach().to(avg.device, avg.dtype), 1.0 - d)  # avg + (1-d)(t-avg)
-                    else:
-                        avg.copy_(t)
-        self.last_step = step
-        self.num_updates += 1
-        return True
+        return update_averages([self], module, step, root)
 
     @torch.no_grad()
     def copy_to(
@@ -144,6 +150,7 @@ class EMAState:
             "decay": self.decay,
             "warmup_steps": self.warmup_steps,
             "every_n_steps": self.every_n_steps,
+            "gamma": self.gamma,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -153,6 +160,31 @@ class EMAState:
     def weights(self) -> dict[str, Tensor]:
         """The average as CPU tensors, keyed like model.state_dict() ({} on non-owning ranks)."""
         return {k: v.detach().cpu().clone() for k, v in self.shadow.items()}
+
+
+@torch.no_grad()
+def update_averages(states: Sequence[EMAState], module: torch.nn.Module, step: int, root: Any = None) -> bool:
+    """Fold the weights after optimizer step `step` into each of `states` whose update is due, gathering
+    the parameters once for all of them (ZeRO-3). All ranks call this together. Returns whether any updated."""
+    due = [s for s in states if s.due(step)]
+    if not due:
+        return False
+    with full_parameters(module, root=root):
+        tensors = list(_named_tensors(module)) if any(s.shadow for s in due) else []
+        for s in due:
+            if not s.shadow:
+                continue
+            d = s.decay_at(step)
+            for name, t in tensors:
+                avg = s.shadow[name]
+                if avg.is_floating_point():
+                    avg.lerp_(t.detach().to(avg.device, avg.dtype), 1.0 - d)  # avg + (1-d)(t-avg)
+                else:
+                    avg.copy_(t)
+    for s in due:
+        s.last_step = step
+        s.num_updates += 1
+    return True
 
 
 class EMA(L.Callback):

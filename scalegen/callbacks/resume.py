@@ -29,6 +29,7 @@ from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 
 from scalegen.callbacks.ema import EMA
+from scalegen.callbacks.posthoc_ema import PostHocEMA
 from scalegen.errors import UserError
 
 PREEMPTED_MARKER = ".preempted"
@@ -206,9 +207,10 @@ class Preemption(Checkpoint):
 
 
 def scale_out_callbacks(cfg: Any, run_dir: str | Path) -> list[L.Callback]:
-    """The callbacks the runtime adds for exact resume: RNG states, preemption, and EMA when enabled."""
+    """The callbacks the runtime adds for exact resume: RNG states, preemption, and the EMAs when enabled."""
 
-    callbacks: list[L.Callback] = [RNGState(), Preemption(run_dir, str(cfg.trainer.requeue_signal))]
-    if cfg.ema.enabled:
-        callbacks.append(EMA.from_config(cfg.ema))
-    return callbacks
+    # The averages come before Preemption: its checkpoint at a step must hold them with that step folded in.
+    averages: list[L.Callback] = [EMA.from_config(cfg.ema)] if cfg.ema.enabled else []
+    if cfg.ema.posthoc.enabled:
+        averages.append(PostHocEMA.from_config(cfg.ema, run_dir))
+    return [RNGState(), *averages, Preemption(run_dir, str(cfg.trainer.requeue_signal))]

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from scalegen.ema_profiles import MAX_SIGMA_REL
+
 
 def choice(default: str, *others: str) -> Any:
     """A string field that only takes the listed values (checked when a recipe is loaded)."""
@@ -161,6 +163,18 @@ class CheckpointConfig:
 
 
 @dataclass
+class PostHocEMAConfig:
+    """Post-hoc EMA (EDM2 sec. 3): power-function averages snapshotted in training; `scalegen ema RUN
+    --sigma-rel S` reconstructs the average of any width S afterwards (docs/cluster.md, "Post-hoc EMA")."""
+
+    enabled: bool = False  # keep the power-function EMAs below and write their snapshots (independent of ema.enabled)
+    sigma_rels: list[float] = ranged(
+        default_factory=lambda: [0.05, 0.1], gt=0, le=MAX_SIGMA_REL)  # EMA widths: profile std / training length
+    snapshot_every_n_steps: int = ranged(1000, ge=1)  # snapshot every EMA every N optimizer steps and at the end
+    dir: str | None = None  # snapshot folder; None = {run}/ema_snapshots
+
+
+@dataclass
 class EMAConfig:
     enabled: bool = False  # keep an exponential moving average of the weights
     decay: float = ranged(0.999, ge=0, le=1)  # average <- decay * average + (1 - decay) * weights
@@ -168,6 +182,7 @@ class EMAConfig:
     every_n_steps: int = ranged(1, ge=1)  # update the average every N optimizer steps
     use_for_eval: bool = True  # sample and evaluate with the averaged weights
     update_on_cpu: bool = False  # keep the average in CPU memory (saves accelerator memory, slower updates)
+    posthoc: PostHocEMAConfig = field(default_factory=PostHocEMAConfig)
 
 
 @dataclass
