@@ -25,7 +25,7 @@ from scalegen.data.manifest import MANIFEST, DataError, Manifest
 from scalegen.data.pipeline import DecodedSplit, ShardStream, StreamOptions, hash_seed
 from scalegen.data.prepare import PREPARERS, prepare_dataset
 from scalegen.data.shards import expand_urls, iter_shard, join_url, read_manifest, shard_name, url_exists
-from scalegen.data.split import from_runs, to_runs
+from scalegen.data.split import pack_positions, unpack_positions
 from scalegen.data.transforms import resized_shape
 from scalegen.dataspec import DataSpec
 
@@ -159,7 +159,7 @@ class ShardLoader:
             "epoch": self.epoch,
             "consumed": self.consumed,
             "offset": self.offset,
-            "done": torch.from_numpy(to_runs(self.done)),  # [K, 2] runs of positions
+            "done": torch.from_numpy(pack_positions(self.done, sum(self.stream.counts))),  # a bitmap
             **self._plan(),
             "skipped": self.skipped,
             "replaced": self.replaced,
@@ -175,7 +175,7 @@ class ShardLoader:
         s = self.stream
         self.epoch, self.skipped = int(state["epoch"]), int(state.get("skipped", 0))
         self.replaced = int(state.get("replaced", 0))
-        done = from_runs(np.asarray(state.get("done", np.zeros((0, 2))), dtype=np.int64).reshape(-1, 2))
+        done = unpack_positions(np.asarray(state.get("done", np.zeros(0))), sum(s.counts))
         offset, consumed = int(state.get("offset", 0)), int(state["consumed"])
         keys = ("world", "num_workers", "batch_size", "seed", "shuffle_buffer", "cached")
         self._set_done(done, offset)

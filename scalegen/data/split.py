@@ -136,20 +136,16 @@ def positions(counts: Sequence[int], slices: Sequence[Slice]) -> list[int]:
     return [int(offsets[sl.shard]) + i for sl in slices for i in range(sl.start, sl.stop)]
 
 
-def to_runs(done: np.ndarray) -> np.ndarray:
-    """Sorted positions -> [K, 2] runs [start, stop): what a checkpoint stores (a few runs, not every position)."""
-    if not len(done):
-        return np.zeros((0, 2), dtype=np.int64)
-    breaks = np.flatnonzero(np.diff(done) != 1) + 1
-    starts, stops = done[np.r_[0, breaks]], done[np.r_[breaks - 1, len(done) - 1]] + 1
-    return np.stack([starts, stops], axis=1).astype(np.int64)
+def pack_positions(done: np.ndarray, total: int) -> np.ndarray:
+    """Positions -> a bitmap of `total` bits (uint8): what a checkpoint stores, N/8 bytes at most."""
+    mask = np.zeros(total, dtype=bool)
+    mask[done] = True
+    return np.packbits(mask)
 
 
-def from_runs(runs: np.ndarray) -> np.ndarray:
-    """[K, 2] runs -> sorted positions."""
-    if not len(runs):
-        return np.zeros(0, dtype=np.int64)
-    return np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in runs])
+def unpack_positions(bits: np.ndarray, total: int) -> np.ndarray:
+    """A bitmap from `pack_positions` -> the sorted positions."""
+    return np.flatnonzero(np.unpackbits(np.asarray(bits, dtype=np.uint8), count=total)).astype(np.int64)
 
 
 def batches_before(consumed: int, worker: int, num_workers: int) -> int:
