@@ -30,6 +30,7 @@ from scalegen.hub import init_from_release
 from scalegen.registry import get_family
 from scalegen.runtime.checkpoint import (
     AtomicCheckpointIO,
+    KeepMetricsOnFailedSave,
     SaveConfigInCheckpoint,
     check_resume_recipe,
     remove_stale_temporaries,
@@ -109,6 +110,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, spec: Any, extra_callbacks: li
                         save_last=ck.save_last,
                         every_n_train_steps=ck.every_n_train_steps, every_n_epochs=ck.every_n_epochs),
         SaveConfigInCheckpoint(OmegaConf.to_container(resolved(cfg)), spec),
+        KeepMetricsOnFailedSave(),
         RankState(),
         RunFigures(run_dir, metrics_file),
         DataAudit(run_dir, record_keys=t.record_sample_keys),
