@@ -159,7 +159,7 @@ class ShardLoader:
             "epoch": self.epoch,
             "consumed": self.consumed,
             "offset": self.offset,
-            "done": torch.from_numpy(pack_positions(self.done, sum(self.stream.counts))),  # a bitmap
+            "done": pack_positions(self.done, sum(self.stream.counts)),  # a bitmap (hex)
             **self._plan(),
             "skipped": self.skipped,
             "replaced": self.replaced,
@@ -175,7 +175,7 @@ class ShardLoader:
         s = self.stream
         self.epoch, self.skipped = int(state["epoch"]), int(state.get("skipped", 0))
         self.replaced = int(state.get("replaced", 0))
-        done = unpack_positions(np.asarray(state.get("done", np.zeros(0))), sum(s.counts))
+        done = unpack_positions(state.get("done", ""), sum(s.counts))
         offset, consumed = int(state.get("offset", 0)), int(state["consumed"])
         keys = ("world", "num_workers", "batch_size", "seed", "shuffle_buffer", "cached")
         self._set_done(done, offset)

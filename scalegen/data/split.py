@@ -136,16 +136,21 @@ def positions(counts: Sequence[int], slices: Sequence[Slice]) -> list[int]:
     return [int(offsets[sl.shard]) + i for sl in slices for i in range(sl.start, sl.stop)]
 
 
-def pack_positions(done: np.ndarray, total: int) -> np.ndarray:
-    """Positions -> a bitmap of `total` bits (uint8): what a checkpoint stores, N/8 bytes at most."""
+def pack_positions(done: np.ndarray, total: int) -> str:
+    """Positions -> a bitmap of `total` bits as hex ("" when none): what a checkpoint stores (N/4 characters at
+    most; a str, which `torch.load(weights_only=True)` reads and `==` compares)."""
+    if not len(done):
+        return ""
     mask = np.zeros(total, dtype=bool)
     mask[done] = True
-    return np.packbits(mask)
+    return np.packbits(mask).tobytes().hex()
 
 
-def unpack_positions(bits: np.ndarray, total: int) -> np.ndarray:
+def unpack_positions(bits: str, total: int) -> np.ndarray:
     """A bitmap from `pack_positions` -> the sorted positions."""
-    return np.flatnonzero(np.unpackbits(np.asarray(bits, dtype=np.uint8), count=total)).astype(np.int64)
+    if not bits:
+        return np.zeros(0, dtype=np.int64)
+    return np.flatnonzero(np.unpackbits(np.frombuffer(bytes.fromhex(bits), dtype=np.uint8), count=total))
 
 
 def batches_before(consumed: int, worker: int, num_workers: int) -> int:
