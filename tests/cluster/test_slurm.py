@@ -304,7 +304,7 @@ def test_a_two_node_job_sees_every_sample_once(ci_profile, tmp_path):
 
     cluster/slurm-one-node.sh presents one node, so there this is skipped; two slurmd daemons on one machine
     (`slurmd -N n0`, `slurmd -N n1`, two NodeName lines with the machine as NodeHostname and their own Port)
-    present two, as docs/cluster.md describes. Their node names do not resolve, hence MASTER_ADDR."""
+    present two, as docs/training.md describes. Their node names do not resolve, hence MASTER_ADDR."""
     why = slurm_up() or (None if slurm_nodes() >= 2 else "the SLURM cluster presents one node (two needed)")
     if why:
         pytest.skip(why)
