@@ -130,7 +130,8 @@ class ShardLoader:
             # The rest of an epoch resumed at another world size: workers for this pass only (persistent
             # ones keep the plan they started with, and later epochs have nothing to exclude).
             return iter(DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
-                                   pin_memory=self.pin_memory, multiprocessing_context=_mp_context(self.num_workers)))
+                                   pin_memory=self.pin_memory, multiprocessing_context=_mp_context(self.num_workers),
+                                   generator=torch.Generator().manual_seed(hash_seed(self.stream.opts.seed))))
         if self.num_workers > 0:
             if self._dataloader is None:
                 # Persistent workers: a short epoch (the digits have 22 batches) would otherwise pay for
