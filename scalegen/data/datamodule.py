@@ -11,11 +11,11 @@ from __future__ import annotations
 import math
 import multiprocessing
 import os
-import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -25,6 +25,7 @@ from scalegen.data.manifest import MANIFEST, DataError, Manifest
 from scalegen.data.pipeline import DecodedSplit, ShardStream, StreamOptions, hash_seed
 from scalegen.data.prepare import PREPARERS, prepare_dataset
 from scalegen.data.shards import expand_urls, iter_shard, join_url, read_manifest, shard_name, url_exists
+from scalegen.data.split import pack_positions, unpack_positions
 from scalegen.data.transforms import resized_shape
 from scalegen.dataspec import DataSpec
 
@@ -48,8 +49,15 @@ class ShardLoader:
     decoded once (`DecodedSplit`) and every pass batches from memory; otherwise each pass streams a
     `ShardStream`, through persistent DataLoader workers when `num_workers > 0`.
     Iterating starts a new pass: the next epoch, or, after `load_state_dict`, the rest of the saved one.
-    `consumed` counts the batches handed out in the current pass (the DataModule counts them instead
-    when a Trainer is attached, because Lightning fetches one batch ahead of the one it trains on).
+
+    The position: `epoch`; `done`, the sorted positions (scalegen.data.split) seen in this epoch before the
+    current pass, with `offset` the batches they took; `consumed`, the batches of the current pass handed
+    over. `advance()` is its one writer: called here for each batch yielded, or, when a Trainer is attached,
+    by the DataModule for each batch Lightning trains on (it fetches one batch ahead of that one).
+    Same plan on resume (world size, workers, batch size, seed, shuffle buffer, cache): the pass continues
+    at batch `consumed`, batch for batch. Another plan: what the saved pass had handed over is worked out
+    from its plan (`ShardStream.taken`), added to `done`, and the rest of the epoch is planned afresh over
+    this run's ranks, so every sample of the epoch is still seen exactly once.
     """
 
     def __init__(self, stream: ShardStream, num_workers: int, pin_memory: bool = False, cache_bytes: int = 0,
@@ -58,6 +66,7 @@ class ShardLoader:
         self.cache_bytes, self.sample_bytes = cache_bytes, sample_bytes
         self.decoded: DecodedSplit | None = None
         self.epoch, self.consumed, self.skipped, self.replaced = 0, 0, 0, 0
+        self.offset, self.done = 0, np.zeros(0, dtype=np.int64)
         self.count_on_yield = True
         self.labelled: dict[str, int] | None = None  # data.labels_per_class: the keys that keep their label
         self.labelled_set: LabelledSet | None = None  # the labelled stream's examples, when asked for
@@ -65,16 +74,26 @@ class ShardLoader:
         self._dataloader: DataLoader | None = None  # with workers: created at the first pass, then reused
 
     def __len__(self) -> int:
-        return len(self.stream)
+        """Batches of the epoch as the Trainer counts them: those before this pass and this pass's."""
+        return self.offset + len(self.stream)
+
+    def advance(self) -> None:
+        """One more batch of this pass has been taken (see the class docstring for who calls this)."""
+        self.consumed += 1
+
+    def _set_done(self, done: np.ndarray, offset: int) -> None:
+        self.done, self.offset = done, offset
+        self.stream.exclude = done
 
     def __iter__(self) -> Any:
-        if self._started or (not self.stream.opts.resampled and self.consumed >= len(self) > 0):
+        if self._started or (not self.stream.opts.resampled and self.consumed >= len(self.stream) > 0):
             self.epoch, self.consumed = self.epoch + 1, 0  # a new pass, or the saved epoch was finished
+            self._set_done(np.zeros(0, dtype=np.int64), 0)
         self._started = True
         self.stream.epoch, self.stream.start = self.epoch, self.consumed
         # The labelled stream's position: this rank's training batches over all epochs (a resampled stream
         # has no epoch length, and its passes are apart by more batches than any run takes).
-        step = self.epoch * (1 << 40 if self.stream.opts.resampled else len(self)) + self.consumed
+        step = self.epoch * (1 << 40 if self.stream.opts.resampled else len(self)) + self.offset + self.consumed
         for batch in self._batches():
             # Workers report the bad samples skipped since their previous batch; the batch carries this
             # rank's running total (what `data/skipped_samples` logs).
@@ -88,15 +107,15 @@ class ShardLoader:
                 batch.update(self.labelled_set.batch(step))
             step += 1
             if self.count_on_yield:
-                self.consumed += 1
+                self.advance()
             yield batch
 
     @property
     def cached(self) -> bool:
         """Whether this rank's decoded share fits the budget (then it is decoded once and kept in memory)."""
         s = self.stream
-        if s.opts.resampled or self.sample_bytes is None:
-            return False
+        if s.opts.resampled or self.sample_bytes is None or len(self.done):
+            return False  # (the rest of an epoch resumed at another world size is streamed)
         share = -(-sum(s.counts) // s.world)
         return share * self.sample_bytes <= self.cache_bytes
 
@@ -107,6 +126,12 @@ class ShardLoader:
                 self.decoded = DecodedSplit(self.stream)
             batches = self.decoded.batches(self.epoch, self.consumed)
             return map(_pin, batches) if self.pin_memory else batches
+        if self.num_workers > 0 and len(self.done):
+            # The rest of an epoch resumed at another world size: workers for this pass only (persistent
+            # ones keep the plan they started with, and later epochs have nothing to exclude).
+            return iter(DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
+                                   pin_memory=self.pin_memory, multiprocessing_context=_mp_context(self.num_workers),
+                                   generator=torch.Generator().manual_seed(hash_seed(self.stream.opts.seed))))
         if self.num_workers > 0:
             if self._dataloader is None:
                 # Persistent workers: a short epoch (the digits have 22 batches) would otherwise pay for
@@ -131,41 +156,47 @@ class ShardLoader:
         return map(_pin, batches) if self.pin_memory else batches
 
     def state_dict(self) -> dict[str, Any]:
-        s = self.stream
         return {
             "epoch": self.epoch,
             "consumed": self.consumed,
-            "world": s.world,
-            "rank": s.rank,
-            "num_workers": self.num_workers,
-            "batch_size": s.opts.batch_size,
-            "seed": s.opts.seed,
+            "offset": self.offset,
+            "done": pack_positions(self.done, sum(self.stream.counts)),  # a bitmap (hex)
+            **self._plan(),
             "skipped": self.skipped,
             "replaced": self.replaced,
         }
 
+    def _plan(self) -> dict[str, Any]:
+        """What decides how a pass is cut into batches (a resume with the same continues batch for batch)."""
+        s = self.stream
+        return {"world": s.world, "rank": s.rank, "num_workers": self.num_workers, "batch_size": s.opts.batch_size,
+                "seed": s.opts.seed, "shuffle_buffer": s.opts.shuffle_buffer, "cached": self.cached}
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         s = self.stream
-        same = (state.get("world"), state.get("num_workers"), state.get("batch_size"), state.get("seed")) == (
-            s.world,
-            self.num_workers,
-            s.opts.batch_size,
-            s.opts.seed,
-        )
         self.epoch, self.skipped = int(state["epoch"]), int(state.get("skipped", 0))
         self.replaced = int(state.get("replaced", 0))
-        if same:
-            self.consumed = int(state["consumed"])
+        done = unpack_positions(state.get("done", ""), sum(s.counts))
+        offset, consumed = int(state.get("offset", 0)), int(state["consumed"])
+        keys = ("world", "num_workers", "batch_size", "seed", "shuffle_buffer", "cached")
+        self._set_done(done, offset)
+        current = self._plan()
+        if s.opts.resampled or all(state.get(k, current[k]) == current[k] for k in keys):
+            self.consumed = consumed
         else:
-            # Another plan (world size, workers, batch size or seed) cuts the epoch differently, so the
-            # position cannot be carried over sample-exactly: start the saved epoch again.
-            warnings.warn(
-                "data pipeline resumed with a different world size, worker count, batch size or seed "
-                f"({state.get('world')}, {state.get('num_workers')}, {state.get('batch_size')}, "
-                f"{state.get('seed')} -> {s.world}, {self.num_workers}, {s.opts.batch_size}, {s.opts.seed}): "
-                f"restarting epoch {self.epoch} from its first batch",
-                stacklevel=2,
-            )
+            # Another plan: every saved rank handed over `consumed` batches of the saved pass; which samples
+            # those were follows from that pass's plan. The rest of the epoch is planned over this run's ranks.
+            old = StreamOptions(**{**vars(s.opts), "batch_size": int(state["batch_size"]), "seed": int(state["seed"]),
+                                   "shuffle_buffer": int(state.get("shuffle_buffer", s.opts.shuffle_buffer))})
+            taken = []
+            for rank in range(int(state["world"])):
+                saved = ShardStream(s.urls, s.counts, old, rank=rank, world=int(state["world"]))
+                saved.epoch, saved.exclude = self.epoch, done
+                taken += saved.taken(consumed, max(1, int(state["num_workers"])), bool(state.get("cached", False)))
+            done = np.union1d(done, np.asarray(taken, dtype=np.int64))
+            if len(done) >= sum(s.counts):  # the saved epoch was finished
+                self.epoch, done, offset, consumed = self.epoch + 1, done[:0], 0, 0
+            self._set_done(done, offset + consumed if len(done) else 0)
             self.consumed = 0
         self._started = False
 
@@ -262,7 +293,7 @@ class ShardDataModule(L.LightningDataModule):
         # one), so this count is the position a checkpoint taken after this step must resume from.
         trainer = self._trainer
         if trainer is not None and trainer.training and "train" in self._loaders:
-            self._loaders["train"].consumed += 1
+            self._loaders["train"].advance()
         return batch
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
@@ -357,9 +388,10 @@ class ShardDataModule(L.LightningDataModule):
                 )
         return urls, counts
 
-    def _loader(self, split: str) -> ShardLoader:
+    def _loader(self, split: str, rank_world: tuple[int, int] | None = None) -> ShardLoader:
+        """The loader of `split` for this process (or for `rank_world`: (rank, world), e.g. to plan another's)."""
         urls, counts = self._shards(split)
-        rank, world = self._rank_world()
+        rank, world = rank_world or self._rank_world()
         if sum(counts) < world:
             raise DataError(f"the {split} split has {sum(counts)} samples, fewer than the {world} ranks")
         c, m = self.cfg, self.manifest

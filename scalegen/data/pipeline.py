@@ -19,6 +19,7 @@ at most once), so every rank takes the planned number of steps and no batch is r
 from __future__ import annotations
 
 import hashlib
+import itertools
 import random
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -34,7 +35,14 @@ import scalegen.data.transforms as T
 from scalegen.data.decode import decode_sample
 from scalegen.data.manifest import DataError
 from scalegen.data.shards import iter_shard
-from scalegen.data.split import Slice, batches_before, plan_worker, steps_per_epoch, worker_batch_range
+from scalegen.data.split import (
+    Slice,
+    batches_before,
+    plan_worker,
+    positions,
+    steps_per_epoch,
+    worker_batch_range,
+)
 
 Raw = dict[str, Any]
 
@@ -86,7 +94,8 @@ class _Skips:
 
 
 class ShardStream(IterableDataset):
-    """One split's shards for one rank; `epoch` and `start` (batches already consumed) are set per pass."""
+    """One split's shards for one rank; `epoch`, `start` (batches already consumed) and `exclude` (sorted
+    positions seen before this pass, in an epoch resumed at another world size) are set per pass."""
 
     def __init__(
         self, urls: Sequence[str], counts: Sequence[int], opts: StreamOptions, rank: int = 0, world: int = 1
@@ -97,6 +106,7 @@ class ShardStream(IterableDataset):
         self.urls, self.counts, self.opts = list(urls), list(counts), opts
         self.rank, self.world = rank, world
         self._position: Any = [0, 0]  # (epoch, start); shared memory once `share_position` is called
+        self.exclude = np.zeros(0, dtype=np.int64)
 
     @property
     def epoch(self) -> int:
@@ -147,6 +157,7 @@ class ShardStream(IterableDataset):
                 epoch=self.epoch,
                 seed=o.seed,
                 shuffle=o.train,
+                exclude=self.exclude,
             )
             slices, sizes = plan.slices, plan.batch_sizes
             first_batch = worker_batch_range(len(self), worker, num_workers)[0]
@@ -173,7 +184,33 @@ class ShardStream(IterableDataset):
         if self.opts.resampled:
             raise TypeError("a resampled stream has no length")
 
-        return steps_per_epoch(sum(self.counts), self.world, self.opts.batch_size)
+        return steps_per_epoch(sum(self.counts) - len(self.exclude), self.world, self.opts.batch_size)
+
+    def taken(self, batches: int, num_workers: int, cached: bool) -> list[int]:
+        """The positions of the samples in the first `batches` batches this rank receives in the pass
+        (`epoch`, `exclude`), from the plan alone, reading nothing: what a resume at another world size
+        leaves out of the rest of the epoch. It mirrors `DecodedSplit.batches` (`cached`) or `__iter__`;
+        samples lost to damage are taken to be where the manifest counts them."""
+        o = self.opts
+        if cached:
+            plan = plan_worker(self.counts, rank=self.rank, world=self.world, worker=0, num_workers=1,
+                               batch_size=o.batch_size, epoch=0, seed=o.seed, shuffle=o.train)
+            share = positions(self.counts, plan.slices)
+            sizes = [max(1, n) for n in plan.batch_sizes]
+            order, _ = decoded_order(len(share), sum(sizes), o.seed, self.epoch, self.rank, o.train)
+            return [share[i] for i in order[: sum(sizes[:batches])].tolist()]
+        out = []
+        for worker in range(num_workers):
+            plan = plan_worker(self.counts, rank=self.rank, world=self.world, worker=worker,
+                               num_workers=num_workers, batch_size=o.batch_size, epoch=self.epoch, seed=o.seed,
+                               shuffle=o.train, exclude=self.exclude)
+            rng = random.Random(f"shuffle/{o.seed}/{self.epoch}/{self.rank}/{worker}/0")  # as in __iter__
+            read = [x for chunk in shuffle([positions(self.counts, plan.slices)], o.shuffle_buffer if o.train
+                                           else 0, rng) for x in chunk]
+            mine = batches_before(batches, worker, num_workers)
+            for _, _, items in itertools.islice(group([read], plan.batch_sizes, 0), mine):
+                out += items
+        return out
 
     def _resampled_slices(self, worker: int) -> Iterator[Slice]:
         """Whole shards drawn with replacement, weighted by size (each sample equally likely)."""
@@ -259,16 +296,7 @@ class DecodedSplit:
 
     def batches(self, epoch: int, start: int) -> Iterator[dict[str, Any]]:
         o, n, planned = self.stream.opts, len(self.batch.get("key", ())), sum(self.sizes)
-        gen = torch.Generator().manual_seed(hash_seed(o.seed, epoch, self.stream.rank, -2))
-        order = torch.randperm(n, generator=gen) if o.train else torch.arange(n)
-        stand_in = torch.zeros(planned, dtype=torch.bool)
-        if planned > n:  # damage: fill the share with distinct good samples, placed at random
-            extra = torch.cat([torch.randperm(n, generator=gen) for _ in range(-(-(planned - n) // n))])
-            order = torch.cat([order, extra[: planned - n]])
-            stand_in[n:] = True
-            if o.train:
-                mix = torch.randperm(planned, generator=gen)
-                order, stand_in = order[mix], stand_in[mix]
+        order, stand_in = decoded_order(n, planned, o.seed, epoch, self.stream.rank, o.train)
         ends = torch.tensor(self.sizes).cumsum(0).tolist()
         # Damage is counted once, in the run's first batch: a resumed run restored the total from its checkpoint.
         skipped = self.skips.skipped if (epoch, start) == (0, 0) else 0
@@ -284,6 +312,23 @@ class DecodedSplit:
             out["skipped"], skipped = skipped, 0
             out["replaced"] = int(stand_in[a:b].sum())
             yield out
+
+
+def decoded_order(n: int, planned: int, seed: int, epoch: int, rank: int,
+                  train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """An epoch's order of a decoded share of `n` samples filling `planned` places: (indices, stand-in mask).
+    When damage left fewer than planned, distinct good samples fill the rest, placed at random."""
+    gen = torch.Generator().manual_seed(hash_seed(seed, epoch, rank, -2))
+    order = torch.randperm(n, generator=gen) if train else torch.arange(n)
+    stand_in = torch.zeros(planned, dtype=torch.bool)
+    if planned > n:
+        extra = torch.cat([torch.randperm(n, generator=gen) for _ in range(-(-(planned - n) // n))])
+        order = torch.cat([order, extra[: planned - n]])
+        stand_in[n:] = True
+        if train:
+            mix = torch.randperm(planned, generator=gen)
+            order, stand_in = order[mix], stand_in[mix]
+    return order, stand_in
 
 
 # ---- stages ----------------------------------------------------------------------------------------

@@ -12,6 +12,11 @@ before reading a byte, identically on every rank:
 4. rank r's S batches are cut into W contiguous blocks, one per DataLoader worker, so a worker
    reads a contiguous run of samples (one seek into its first shard at most). The DataLoader
    interleaves workers round-robin, so the g-th batch a rank receives is batch g // W of worker g % W.
+
+A sample's *position* is its index in the split's shards concatenated in manifest order (shard offset +
+index in the shard), which no world size changes. The rest of an epoch resumed at another world size is
+planned the same way over the positions not yet `done` (`exclude`): the epoch order with those removed,
+re-split over the new ranks.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -74,9 +81,12 @@ def plan_worker(
     epoch: int = 0,
     seed: int = 0,
     shuffle: bool = False,
+    exclude: np.ndarray | None = None,
 ) -> WorkerPlan:
-    """What one (rank, worker) reads in one epoch and how it batches it (see the module docstring)."""
-    total = sum(counts)
+    """What one (rank, worker) reads in one epoch and how it batches it (see the module docstring);
+    `exclude`: sorted positions already seen this epoch, left out of the plan (a resumed epoch)."""
+    segments = epoch_segments(counts, shard_order(counts, epoch, seed, shuffle), exclude)
+    total = sum(sl.stop - sl.start for sl in segments)
     steps = steps_per_epoch(total, world, batch_size)
     lo, hi = rank_range(total, rank, world)
     # A rank with fewer samples than steps (only possible with tiny batches) gets some empty batches;
@@ -86,23 +96,61 @@ def plan_worker(
     first = lo + sum(sizes[:b0])
     last = first + sum(sizes[b0:b1])
     return WorkerPlan(
-        slices=tuple(_slices(counts, shard_order(counts, epoch, seed, shuffle), first, last)),
+        slices=tuple(_slices(segments, first, last)),
         batch_sizes=tuple(sizes[b0:b1]),
     )
 
 
-def _slices(counts: Sequence[int], order: Sequence[int], first: int, last: int) -> list[Slice]:
-    """Cut the sample range [first, last) of the epoch-ordered concatenation into per-shard slices."""
-    out, offset = [], 0
+def epoch_segments(counts: Sequence[int], order: Sequence[int], exclude: np.ndarray | None = None) -> list[Slice]:
+    """The epoch's samples in epoch order as runs within shards: whole shards, minus `exclude`d positions."""
+    offsets = np.cumsum([0, *counts])
+    out = []
     for shard in order:
-        n = counts[shard]
+        lo, hi = int(offsets[shard]), int(offsets[shard + 1])
+        gone = [] if exclude is None else exclude[np.searchsorted(exclude, lo):np.searchsorted(exclude, hi)] - lo
+        start = 0
+        for g in (*(int(x) for x in gone), hi - lo):
+            if g > start:
+                out.append(Slice(shard, start, g))
+            start = g + 1
+    return out
+
+
+def _slices(segments: Sequence[Slice], first: int, last: int) -> list[Slice]:
+    """Cut the sample range [first, last) of the segments' concatenation into per-shard slices."""
+    out, offset = [], 0
+    for seg in segments:
+        n = seg.stop - seg.start
         a, b = max(first, offset), min(last, offset + n)
         if a < b:
-            out.append(Slice(shard, a - offset, b - offset))
+            out.append(Slice(seg.shard, seg.start + a - offset, seg.start + b - offset))
         offset += n
         if offset >= last:
             break
     return out
+
+
+def positions(counts: Sequence[int], slices: Sequence[Slice]) -> list[int]:
+    """The positions (see the module docstring) of the samples in `slices`, in order."""
+    offsets = np.cumsum([0, *counts])
+    return [int(offsets[sl.shard]) + i for sl in slices for i in range(sl.start, sl.stop)]
+
+
+def pack_positions(done: np.ndarray, total: int) -> str:
+    """Positions -> a bitmap of `total` bits as hex ("" when none): what a checkpoint stores (N/4 characters at
+    most; a str, which `torch.load(weights_only=True)` reads and `==` compares)."""
+    if not len(done):
+        return ""
+    mask = np.zeros(total, dtype=bool)
+    mask[done] = True
+    return np.packbits(mask).tobytes().hex()
+
+
+def unpack_positions(bits: str, total: int) -> np.ndarray:
+    """A bitmap from `pack_positions` -> the sorted positions."""
+    if not bits:
+        return np.zeros(0, dtype=np.int64)
+    return np.flatnonzero(np.unpackbits(np.frombuffer(bytes.fromhex(bits), dtype=np.uint8), count=total))
 
 
 def batches_before(consumed: int, worker: int, num_workers: int) -> int:

@@ -114,6 +114,28 @@ def is_zero_checkpoint(path: str | Path) -> bool:
     return path.is_dir() and ((path / "latest").is_file() or any(path.rglob("*optim_states.pt")))
 
 
+def zero_world_size(path: str | Path) -> int:
+    """Processes that wrote a ZeRO checkpoint folder: one optimizer-state shard each (data parallel)."""
+    return len({p.name for p in Path(path).rglob("*optim_states.pt")})
+
+
+def check_zero_resume(path: str | Path, world: int) -> None:
+    """Refuse (one line, before the job starts) to resume a ZeRO checkpoint at another world size: its
+    optimizer state is partitioned across the processes that wrote it, and DeepSpeed loads such a folder
+    only at that size. Another size goes through DeepSpeed's universal checkpoint, which scalegen does not
+    load (Lightning's DeepSpeed strategy has no option for it)."""
+    saved = zero_world_size(path)
+    if saved and saved != world:
+        raise UserError(
+            f"cannot resume ZeRO checkpoint {path} (written by {saved} processes) with {world}: ZeRO shards the "
+            f"optimizer state per process. Resume with {saved} processes (trainer.devices x trainer.num_nodes), or "
+            f"convert it with `python -m deepspeed.checkpoint.ds_to_universal --input_folder {path}/checkpoint "
+            "--output_folder OUT` and load OUT through DeepSpeed's universal checkpoint option "
+            '("checkpoint": {"load_universal": true}), which scalegen does not pass; or start a new run from its '
+            "weights (scalegen release, then finetune.init_from; the optimizer state starts afresh)"
+        )
+
+
 def consolidate_zero_checkpoint(path: str | Path, tag: str | None = None) -> dict[str, Any]:
     """One fp32 state dict from a sharded ZeRO checkpoint folder, through `deepspeed.utils.zero_to_fp32`.
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import WandbLogger  # (wandb itself is imported only when a run starts)
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from scalegen.errors import UserError
@@ -54,6 +55,28 @@ def _disk_full(err: BaseException | None) -> bool:
 
 class DiskFullError(UserError):
     """A checkpoint that did not fit on its disk."""
+
+
+class KeepMetricsOnFailedSave(L.Callback):
+    """A save that finds the disk full stops training with `DiskFullError`; this passes on what was logged
+    before it stopped. A checkpoint at a step's end is written by a callback, which Lightning runs before it
+    hands that step's logged values to the loggers: on a step whose scalars are logged (the family's
+    `logs_this_step`), they (`trainer.logged_metrics`) are written here, then every logger is saved and a W&B
+    run finished, so the metrics file and W&B hold every metric logged up to the failure. (A save at a
+    validation's end comes after Lightning has logged the validation metrics.)"""
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, DiskFullError):
+            return
+        logs = getattr(pl_module, "logs_this_step", None)
+        metrics = {k: float(v) for k, v in trainer.logged_metrics.items()}
+        for logger in trainer.loggers:
+            if trainer.training and metrics and (logs is None or logs()):
+                # Lightning numbers a step's row by the optimizer steps before it.
+                logger.log_metrics(metrics, step=max(trainer.global_step - 1, 0))
+            logger.save()
+            if isinstance(logger, WandbLogger) and trainer.is_global_zero:
+                logger.experiment.finish(exit_code=1)  # flushed and closed now, not at interpreter exit
 
 
 def temporary_path(path: Path, pid: int | None = None) -> Path:

@@ -23,12 +23,14 @@ from scalegen.config.loader import resolved, run_dir_of
 from scalegen.data import build_datamodule
 from scalegen.distributed import scaled_optim
 from scalegen.distributed import trainer_kwargs as distributed_kwargs
-from scalegen.distributed.deepspeed import is_zero_checkpoint
+from scalegen.distributed.batching import world_size
+from scalegen.distributed.deepspeed import check_zero_resume, is_zero_checkpoint
 from scalegen.errors import UserError
 from scalegen.hub import init_from_release
 from scalegen.registry import get_family
 from scalegen.runtime.checkpoint import (
     AtomicCheckpointIO,
+    KeepMetricsOnFailedSave,
     SaveConfigInCheckpoint,
     check_resume_recipe,
     remove_stale_temporaries,
@@ -108,6 +110,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, spec: Any, extra_callbacks: li
                         save_last=ck.save_last,
                         every_n_train_steps=ck.every_n_train_steps, every_n_epochs=ck.every_n_epochs),
         SaveConfigInCheckpoint(OmegaConf.to_container(resolved(cfg)), spec),
+        KeepMetricsOnFailedSave(),
         RankState(),
         RunFigures(run_dir, metrics_file),
         DataAudit(run_dir, record_keys=t.record_sample_keys),
@@ -144,14 +147,17 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> Path:
     model = family(cfg.model, scaled_optim(cfg), spec)
     if cfg.finetune.init_from:  # start from a release's weights (a resumed run then loads its checkpoint)
         init_from_release(model, cfg.finetune)
+    # Refusals before the Trainer exists (building it may already refuse, e.g. ZeRO on a CPU).
+    ckpt = _resume_path(cfg, run_dir)
+    if ckpt is not None:
+        check_resume_recipe(ckpt, OmegaConf.to_container(resolved(cfg)), list(cfg.trainer.resume_allow_changes))
+        if is_zero_checkpoint(ckpt):
+            check_zero_resume(ckpt, world_size(cfg.trainer))
     extra = [*scale_out_callbacks(cfg, run_dir), *(callbacks or [])]
     trainer = build_trainer(cfg, run_dir, spec, extra_callbacks=extra, model=model)
     remove_stale_temporaries(run_dir / "checkpoints")  # left by a save that was killed (this host's only)
     if trainer.is_global_zero:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved(cfg)))
-    ckpt = _resume_path(cfg, run_dir)
-    if ckpt is not None:
-        check_resume_recipe(ckpt, OmegaConf.to_container(resolved(cfg)), list(cfg.trainer.resume_allow_changes))
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt)
     if cfg.checkpoint.save_last and not trainer.interrupted:
         # ModelCheckpoint writes at epoch/validation ends; a run stopped by max_steps mid-epoch would

@@ -5,7 +5,9 @@ checkpoint intact and stops with one line saying how much space the checkpoint n
 from __future__ import annotations
 
 import copy
+import json
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -76,6 +78,8 @@ def small_disk(tmp_path: Path):
             if subprocess.run(["umount", str(mount)], capture_output=True).returncode == 0:
                 break
             time.sleep(0.2)
+        else:  # still busy (W&B's service process keeps its log open until this process exits): detach it
+            subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
 def test_disk_full_leaves_the_previous_checkpoint_and_names_the_space_needed(small_disk: Path) -> None:
@@ -113,3 +117,48 @@ def test_a_resume_with_a_changed_recipe_is_refused_naming_the_keys_unless_allowe
     extra = copy.deepcopy(saved)
     extra["data"]["new_key"] = 1
     assert recipe_changes(saved, extra) == ["data.new_key"]  # added keys count as changes
+
+
+def _wandb_records(path: Path) -> list:
+    """The records of a W&B offline run file: LevelDB's log format (32 KiB blocks of records with a 7-byte
+    header: crc32, length, type 1 full / 2 first / 3 middle / 4 last) after W&B's 7-byte file header, each a
+    `wandb_internal_pb2.Record`."""
+    from wandb.proto import wandb_internal_pb2  # optional dependency, as in the runtime
+
+    data, pos, out, part = path.read_bytes(), 7, [], b""
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        left = 32768 - pos % 32768
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7]) if left >= 7 else (0, 0, 0)
+        if kind == 0:  # the block's zero padding
+            pos += left
+            continue
+        part += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(part)
+            out.append(record)
+            part = b""
+    return out
+
+
+def test_a_save_that_finds_the_disk_full_loses_no_logged_metric(small_disk: Path, train_recipe) -> None:
+    """A real run on the 2 MiB tmpfs whose first checkpoint (about 7 MiB) does not fit: training stops with the
+    one-line error, and the metrics file and the W&B (offline) run hold every step logged until then, the
+    failing step's included (Lightning hands a step's metrics to the loggers after the callback that saves)."""
+    run = small_disk / "run"
+    with pytest.raises(DiskFullError, match="needs about"):
+        train_recipe("quickstart", run, "model.hidden=[512,512]", "trainer.max_steps=10", "trainer.max_epochs=null",
+                     "trainer.log_every_n_steps=1", "checkpoint.every_n_train_steps=3", "checkpoint.monitor=train/loss",
+                     "logging.wandb=true",
+                     "trainer.num_sanity_val_steps=0")
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train/loss" in r] == [0, 1, 2]  # step 2 (the third) failed to save
+    records = _wandb_records(next((run / "wandb").glob("offline-run-*/run-*.wandb")))
+    history = [{"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in r.history.item}
+               for r in records if r.WhichOneof("record_type") == "history"]
+    assert [h["_step"] for h in history] == [0, 1, 2]
+    assert [h["train/loss"] for h in history] == pytest.approx([r["train/loss"] for r in rows if "train/loss" in r])
+    assert records[-1].WhichOneof("record_type") == "exit"  # the W&B run was closed, everything written
+    assert not list((run / "checkpoints").glob(".*tmp*"))  # the failed save left nothing behind

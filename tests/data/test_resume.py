@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import collections
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import lightning as L
+import pytest
 import torch
 
 from scalegen.config.schema import DataConfig
@@ -147,3 +149,44 @@ def test_lightning_checkpoint_resumes_mid_epoch(digits_root: Path, tmp_path: Pat
     first = _fit(digits_root, tmp_path / "b", 5)
     rest = _fit(digits_root, tmp_path / "c", 20, resume=str(tmp_path / "b" / "last.ckpt"))
     assert first + rest == straight
+
+
+def _world_loader(root: Path, world: int, rank: int, workers: int, cache: int, state: dict | None = None):
+    dm = build_datamodule(DataConfig(root=str(root), batch_size=50, num_workers=workers, shuffle_buffer=64, seed=3,
+                                     random_flip=True, prepare=False, cache_bytes=cache))
+    if state is not None:
+        dm.load_state_dict(state)
+    return dm, dm._loader("train", (rank, world))
+
+
+def _first(root: Path, world: int, workers: int, cache: int, n: int, state: dict | None = None):
+    """Keys of the first `n` batches of every rank of `world`, and the state rank 0 would checkpoint."""
+    keys, steps, saved = [], set(), None
+    for rank in range(world):
+        dm, loader = _world_loader(root, world, rank, workers, cache, state)
+        batches = [b["key"] for _, b in zip(range(n), loader)]
+        keys += [k for b in batches for k in b]
+        steps.add(len(batches))
+        saved = saved or dm.state_dict()
+    assert len(steps) == 1  # every rank takes the same number of steps (DDP would hang otherwise)
+    return keys, saved
+
+
+@pytest.mark.parametrize("worlds, workers, cache", [((2, 1), 0, 10**8), ((1, 2), 2, 0), ((2, 3), 0, 0),
+                                                     ((2, 1, 2), 0, 0)])
+def test_an_epoch_resumed_at_other_world_sizes_sees_every_sample_once(digits_root: Path, worlds, workers,
+                                                                      cache) -> None:
+    """Cached or streamed, with workers or not, resumed once or twice: the ranks before and after together see
+    the 1,347 training samples of the epoch exactly once, and the next epoch is whole again."""
+    seen, state = _first(digits_root, worlds[0], workers, cache, 5)
+    for world in worlds[1:-1]:
+        more, state = _first(digits_root, world, workers, cache, 3, state)
+        seen += more
+    rest, _ = _first(digits_root, worlds[-1], workers, cache, 10**6, state)
+    visits = collections.Counter(seen + rest)
+    assert len(visits) == 1347 and set(visits.values()) == {1}
+    _, loader = _world_loader(digits_root, worlds[-1], 0, workers, cache, state)
+    list(loader)  # the rest of the saved epoch, then the next one: as if never interrupted
+    _, fresh = _world_loader(digits_root, worlds[-1], 0, workers, cache)
+    list(fresh)
+    assert [k for b in loader for k in b["key"]] == [k for b in fresh for k in b["key"]]

@@ -122,3 +122,26 @@ def test_zero1_bf16_and_offload_match_ddp(tmp_path):
     assert bf16["losses"] != ddp["losses"]  # autocast really ran in bf16
     for a, b in zip(bf16["losses"], ddp["losses"]):
         assert math.isclose(a, b, rel_tol=1e-2)
+
+
+@pytest.mark.parametrize("run", ["zero2", "zero3"])
+def test_zero_checkpoint_at_another_world_size_is_refused_before_the_job_starts(engines, tmp_path, run):
+    """A 2-process ZeRO checkpoint resumed by 1 process: one line naming the conversion, before anything runs;
+    at its own world size the check lets it through (to the strategy's own refusal of a CPU here)."""
+    from scalegen.config import load_config
+    from scalegen.errors import UserError
+    from scalegen.runtime.train import train
+
+    def cfg(devices: int):
+        return load_config("vae/tiny", [f"trainer.strategy=deepspeed_stage_{run[-1]}", f"trainer.devices={devices}",
+                                        f"trainer.resume={engines / run / 'last.ckpt'}", f"run.dir={tmp_path}",
+                                        "trainer.progress_bar=false", "logging.wandb=false"])
+
+    with pytest.raises(UserError) as caught:
+        train(cfg(1))
+    message = str(caught.value)
+    assert "\n" not in message and "written by 2 processes) with 1" in message
+    assert "deepspeed.checkpoint.ds_to_universal" in message and "load_universal" in message
+    assert not list(tmp_path.rglob("*.ckpt"))  # nothing ran
+    with pytest.raises(UserError, match="needs GPUs"):
+        train(cfg(2))
