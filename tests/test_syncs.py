@@ -23,11 +23,6 @@ from scalegen.runtime.train import train
 
 TINY = sorted(RECIPES_DIR.rglob("tiny*.yaml"))
 LOG_EVERY = 50  # loggers write on step 0 and 49 only: steps 3..11 are quiet
-# Families whose steps still read tensors on the host, by design or not yet removed (strict: when one
-# reaches zero this fails, so the entry is removed): the EBM/JEM divergence guard checks energies every step,
-# M2 splits labelled and unlabelled rows with boolean indexing, VQ-VAE's dead-code restarts decide on the host.
-KNOWN = {"ebm/tiny": "divergence guard", "jem/tiny": "divergence guard", "m2/tiny": "boolean row split",
-         "vqvae/tiny": "dead-code restart"}
 
 
 class _CountReads(TorchDispatchMode):
@@ -62,10 +57,7 @@ class _QuietStepReads(L.Callback):
             self.mode = None
 
 
-@pytest.mark.parametrize("recipe", [
-    pytest.param(p, marks=pytest.mark.xfail(strict=True, reason=KNOWN[name])) if name in KNOWN else p
-    for p in TINY for name in [str(p.relative_to(RECIPES_DIR).with_suffix(""))]
-], ids=[str(p.relative_to(RECIPES_DIR).with_suffix("")) for p in TINY])
+@pytest.mark.parametrize("recipe", TINY, ids=[str(p.relative_to(RECIPES_DIR).with_suffix("")) for p in TINY])
 def test_training_steps_read_no_tensor_into_python(recipe: Path, tmp_path: Path) -> None:
     cfg = load_config(str(recipe), ["trainer.progress_bar=false", "logging.wandb=false", f"run.dir={tmp_path}",
                                     "run.name=syncs", "trainer.max_steps=12", "trainer.max_epochs=null",

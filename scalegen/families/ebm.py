@@ -11,8 +11,11 @@ Each training step (automatic optimization: the negatives carry no graph to the 
 
 The buffer is per-rank state (`rank_state`): every checkpoint holds each rank's buffer and a resumed run
 gives each rank its own back. A divergence guard stops training with a one-line `UserError` naming the
-step and the settings to change when |E| or the gradient norm exceed their limits or are not finite;
-it raises before the optimizer step, so the weights on disk are from the last good checkpoint.
+step and the settings to change when |E| or the gradient norm exceed their limits or are not finite.
+The steps record a breach on the device only (no host read); the host looks every `guard_every` steps,
+before every checkpoint is written and at the end of fitting, on every rank at once. So training stops at
+most `guard_every` steps after the breach, every rank together, and no checkpoint is written from
+weights updated at or after the step that breached: the last checkpoint holds weights from before it.
 """
 
 from __future__ import annotations
@@ -54,6 +57,8 @@ class EBMConfig(ModelConfig):
     # Divergence guard.
     max_energy: float = ranged(1e4, gt=0)  # stop when any |E| of a batch exceeds this
     max_grad_norm: float = ranged(1e5, gt=0)  # stop when the parameters' gradient norm exceeds this
+    # Read the guard on the host every N steps (None: trainer.log_every_n_steps) and before every checkpoint.
+    guard_every: int | None = ranged(None, ge=1)
 
 
 @register_family("ebm", EBMConfig, "Energy-based model (IGEBM): CNN energy, SGLD negatives, replay buffer")
@@ -69,6 +74,9 @@ class EBM(GenerativeModel):
         super().__init__(cfg, optim, data)
         self.net = self.build_net(cfg, data)
         self.buffer: Tensor | None = None  # this rank's replay buffer, [buffer_size, C, H, W] in [-1, 1]
+        # The guard's record on the device: (first step that breached a limit or -1, its value, which limit).
+        # A plain tensor, not a buffer: DDP would overwrite every rank's with rank 0's.
+        self.guard: Tensor | None = None
 
     def build_net(self, cfg: EBMConfig, data: DataSpec) -> torch.nn.Module:
         return EnergyCNN(data.shape[0], cfg.widths, 1, cfg.spectral_norm)
@@ -125,23 +133,49 @@ class EBM(GenerativeModel):
         return ("lower optim.lr or model.sgld_step_size, raise model.energy_reg, or set model.spectral_norm=true; "
                 "the last checkpoint holds the weights from before this step")
 
+    def _record(self, value: Tensor, limit: float, kind: int) -> None:
+        """Keep the first breach of `limit` by `value` (a 0-dim tensor) in `self.guard`, on the device."""
+        value = value.detach().double()
+        if self.guard is None or self.guard.device != value.device:
+            self.guard = value.new_full((3,), -1.0)
+        first = (~torch.isfinite(value) | (value > limit)) & (self.guard[0] < 0)
+        g = self.guard
+        self.guard = torch.stack([torch.where(first, float(self.global_step), g[0]), torch.where(first, value, g[1]),
+                                  torch.where(first, float(kind), g[2])])
+
     def guard_energies(self, e_pos: Tensor, e_neg: Tensor) -> None:
-        worst = torch.cat([e_pos.detach(), e_neg.detach()]).abs().max()
-        trainer = self.attached_trainer()
-        if trainer is not None and trainer.world_size > 1:
-            worst = self.all_gather(worst).max()  # every rank stops together
-        if not torch.isfinite(worst) or worst > self.cfg.max_energy:
-            raise UserError(f"{self.family_name} training diverged at step {self.global_step}: |E| reached "
-                            f"{float(worst):.3g} (limit model.max_energy={self.cfg.max_energy:g}); {self._advice()}")
+        self._record(torch.cat([e_pos.detach(), e_neg.detach()]).abs().max(), self.cfg.max_energy, 0)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         super().on_before_optimizer_step(optimizer)
         grads = [p.grad.detach().flatten() for p in self.parameters() if p.grad is not None]
-        norm = torch.cat(grads).norm() if grads else torch.zeros(())
-        if not torch.isfinite(norm) or norm > self.cfg.max_grad_norm:  # gradients are already all-reduced
-            raise UserError(f"{self.family_name} training diverged at step {self.global_step}: gradient norm "
-                            f"{float(norm):.3g} (limit model.max_grad_norm={self.cfg.max_grad_norm:g}); "
-                            f"{self._advice()}")
+        if grads:  # gradients are already all-reduced: every rank records the same norm
+            self._record(torch.cat(grads).norm(), self.cfg.max_grad_norm, 1)
+
+    def check_divergence(self) -> None:
+        """Raise the guard's one-line error if any rank recorded a breach: one all-gather and one host read,
+        so every rank calls it at the same point (each of the hooks below) and every rank raises."""
+        if self.guard is None:
+            return
+        breaches = [row for row in self.all_gather(self.guard).view(-1, 3).tolist() if row[0] >= 0]
+        if breaches:
+            step, value, kind = min(breaches)  # the earliest, over ranks
+            what = (f"|E| reached {value:.3g} (limit model.max_energy={self.cfg.max_energy:g})" if kind == 0 else
+                    f"gradient norm {value:.3g} (limit model.max_grad_norm={self.cfg.max_grad_norm:g})")
+            raise UserError(f"{self.family_name} training diverged at step {int(step)}: {what}; {self._advice()}")
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        every = self.cfg.guard_every or self.trainer.log_every_n_steps or 1
+        if self.global_step % every == 0:
+            self.check_divergence()
+
+    def on_train_end(self) -> None:
+        super().on_train_end()
+        self.check_divergence()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.check_divergence()  # before the checkpoint is written (it runs on every rank)
+        super().on_save_checkpoint(checkpoint)
 
     # ---- per-rank state (the replay buffer) ---------------------------------------------------------
     def rank_state(self) -> dict[str, Any]:

@@ -60,6 +60,7 @@ class JEM(EBM):
         return F.log_softmax(self.logits(x), 1)
 
     def _labelled(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """The labelled examples (for validation; the training loss weights rows instead of selecting them)."""
         if "x_labelled" in batch:
             return batch["x_labelled"], batch["y_labelled"]
         y = batch.get("y")
@@ -69,14 +70,18 @@ class JEM(EBM):
         return batch["x"][keep], y[keep]
 
     def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        x_l, y_l = self._labelled(batch)
+        x_l, y_l = (batch["x_labelled"], batch["y_labelled"]) if "x_labelled" in batch else (batch["x"], batch.get("y"))
         logs: dict[str, Tensor] = {}
         loss = torch.zeros((), device=self.device)
-        if len(y_l):
+        if y_l is not None:
+            # Unlabelled rows (y = -1) weighted 0 rather than dropped: selecting rows by label would read
+            # their count on the host. A batch with no label adds 0.
+            known = (y_l >= 0).float()
+            n = known.sum().clamp(min=1)
             logits = self.logits(x_l)
-            ce = F.cross_entropy(logits, y_l)
+            ce = (F.cross_entropy(logits, y_l.clamp(min=0), reduction="none") * known).sum() / n
             loss = loss + ce
-            logs.update(ce=ce.detach(), accuracy=(logits.argmax(1) == y_l).float().mean())
+            logs.update(ce=ce.detach(), accuracy=((logits.argmax(1) == y_l).float() * known).sum() / n)
         if self.cfg.gen_weight > 0:
             x_pos = images_to_unit(batch["x"], self.data_spec.levels)
             x_neg = self.negatives(len(x_pos), update_buffer=self.training)

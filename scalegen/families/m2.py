@@ -101,7 +101,8 @@ class M2(GenerativeModel):
 
     # ---- the pieces of the bounds ---------------------------------------------------------------
     def _onehot(self, y: Tensor) -> Tensor:
-        return F.one_hot(y, self.num_classes).float()
+        # By comparison, not F.one_hot, whose range check reads the labels on the host in every call.
+        return (y.unsqueeze(-1) == torch.arange(self.num_classes, device=y.device)).float()
 
     def log_q_y(self, f: Tensor) -> Tensor:
         """log q(y | x) [B, C]."""
@@ -126,11 +127,16 @@ class M2(GenerativeModel):
         flat_eps = None if eps is None else eps.reshape(b * c, -1)
         return self.labelled_bound(f.repeat_interleave(c, 0), ys, flat_eps).view(b, c)
 
-    def unlabelled_bound(self, f: Tensor, eps: Tensor | None = None) -> Tensor:
-        """U(x) = sum_y q(y|x) L(x, y) + H(q(y|x)) [B]."""
+    def bounds(self, f: Tensor, eps: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(L(x, y) for every class y [B, C], U(x) = sum_y q(y|x) L(x, y) + H(q(y|x)) [B])."""
         log_q = self.log_q_y(f)
         q = log_q.exp()
-        return (q * self.all_label_bounds(f, eps)).sum(1) - (q * log_q).sum(1)
+        every = self.all_label_bounds(f, eps)
+        return every, (q * every).sum(1) - (q * log_q).sum(1)
+
+    def unlabelled_bound(self, f: Tensor, eps: Tensor | None = None) -> Tensor:
+        """U(x) [B]."""
+        return self.bounds(f, eps)[1]
 
     # ---- the family contract --------------------------------------------------------------------
     def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
@@ -139,19 +145,22 @@ class M2(GenerativeModel):
         if y is None:
             y = torch.full((len(f),), -1, dtype=torch.long, device=f.device)
         known = y >= 0
-        bound = torch.zeros(len(f), device=f.device)
-        if known.any():
-            bound[known] = self.labelled_bound(f[known], y[known])
-        if (~known).any():
-            bound[~known] = self.unlabelled_bound(f[~known])
+        # Every row's L(x, y') for all C labels in one pass: a labelled row takes the entry of its own label
+        # (the same one-sample estimate of L(x, y)), an unlabelled row U(x). Splitting the rows instead
+        # would read their counts on the host; the price is C - 1 unused decoder passes per labelled row,
+        # a small share of a semi-supervised batch.
+        every, unlabelled = self.bounds(f)
+        bound = torch.where(known, every.gather(1, y.clamp(min=0).unsqueeze(1)).squeeze(1), unlabelled)
         if "x_labelled" in batch:
             fl, yl = self.features(batch["x_labelled"], train=self.training), batch["y_labelled"]
         else:
-            fl, yl = f[known], y[known]
+            fl, yl = f, y
         logs = {"neg_bound_nats": -bound.mean().detach(), "labelled_in_batch": known.float().mean()}
         loss = -bound.mean()
         if len(yl):
-            ce = F.cross_entropy(self.classifier(fl), yl)
+            w = (yl >= 0).float()  # the classification term over the labelled rows only (y = -1 weighted 0)
+            ce = F.cross_entropy(self.classifier(fl), yl.clamp(min=0), reduction="none")
+            ce = (ce * w).sum() / w.sum().clamp(min=1)
             loss = loss + self.cfg.alpha_factor * ce
             logs["classifier_nats"] = ce.detach()
         return loss, logs

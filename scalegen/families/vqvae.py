@@ -118,13 +118,13 @@ class VQVAE(GenerativeModel):
             q.track_usage(counts)
         dead = q.dead_codes(self.cfg.dead_code_threshold)
         every = self.cfg.restart_every
-        first = self.cfg.init_from_data and not bool(q.initialized)
+        first = self.cfg.init_from_data and not q.is_initialized()
         if first:
             dead = torch.ones_like(dead)
-        if first or (every and self.global_step % every == 0 and dead.any()):
-            n = int(dead.sum())
-            pick = torch.randint(len(flat), (n,), device=flat.device)
-            candidates = flat[pick].contiguous()
+        # Decided on the host from the step alone; which codes restart stays on the device (a candidate
+        # drawn for every code, kept where the code is dead), so no count is read into Python.
+        if first or (every and self.global_step % every == 0):
+            candidates = flat[torch.randint(len(flat), (q.num_codes,), device=flat.device)].contiguous()
             if dist.is_available() and dist.is_initialized():
                 dist.broadcast(candidates, 0)  # the same restart vectors on every rank
             q.restart(dead, candidates)

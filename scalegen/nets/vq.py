@@ -34,7 +34,8 @@ def straight_through(z_e: Tensor, z_q: Tensor) -> Tensor:
 
 def assignment_statistics(z: Tensor, codes: Tensor, num_codes: int) -> tuple[Tensor, Tensor]:
     """(n_k [K] vectors assigned to each code, s_k [K, D] their sum) for z [N, D] and codes [N]."""
-    onehot = F.one_hot(codes, num_codes).to(z.dtype)
+    # By comparison, not F.one_hot, whose range check reads the codes on the host in every call.
+    onehot = (codes.unsqueeze(1) == torch.arange(num_codes, device=codes.device)).to(z.dtype)
     return onehot.sum(0), onehot.t() @ z
 
 
@@ -65,6 +66,15 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("count", torch.ones(num_codes))  # N_k: EMA of assignments per update
         # False until the family has set the codebook from encoder outputs (a data-dependent start).
         self.register_buffer("initialized", torch.tensor(False))
+        # The flag read as a Python bool once (reading the buffer in every step would make the CPU wait for
+        # the device); reset whenever a state dict is loaded into the module.
+        self._ready: bool | None = None
+        self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_ready", None))
+
+    def is_initialized(self) -> bool:
+        if self._ready is None:
+            self._ready = bool(self.initialized)
+        return self._ready
 
     def quantize(self, z_e: Tensor) -> tuple[Tensor, Tensor]:
         """(codes [B, H, W], z_q [B, D, H, W]) for an encoder map z_e [B, D, H, W]; z_q has the codebook's
@@ -98,14 +108,17 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def restart(self, dead: Tensor, candidates: Tensor) -> None:
-        """Move each dead code onto one of `candidates` [n_dead, D] (encoder outputs, Dhariwal et al. 2020;
-        Zeghidour et al. 2021) and give it a count of 1, so it is not restarted again at once."""
-        idx = dead.nonzero().squeeze(1)
-        self.codebook[idx] = candidates.to(self.codebook.dtype)
-        self.count[idx] = 1.0
+        """Move each dead code k (`dead` bool [K]) onto candidates[k] (candidates [K, D], or [1, D] for all, encoder
+        outputs: Dhariwal et al. 2020; Zeghidour et al. 2021) and give it a count of 1, so it is not
+        restarted again at once. Masked writes, not indexing by the dead codes, which would read how many
+        there are on the host."""
+        rows = dead.unsqueeze(1)
+        self.codebook.copy_(torch.where(rows, candidates.to(self.codebook.dtype), self.codebook))
+        self.count.copy_(torch.where(dead, 1.0, self.count))
         if self.ema:
-            self.ema_sum[idx] = candidates.to(self.ema_sum.dtype)
+            self.ema_sum.copy_(torch.where(rows, candidates.to(self.ema_sum.dtype), self.ema_sum))
         self.initialized.fill_(True)
+        self._ready = True
 
 
 class ResBlock(nn.Module):

@@ -27,7 +27,8 @@ def bernoulli_log_q(z: Tensor, logits: Tensor) -> Tensor:
 
 def sample_categorical(logits: Tensor) -> Tensor:
     idx = torch.distributions.Categorical(logits=logits).sample()
-    return F.one_hot(idx, logits.shape[-1]).to(logits.dtype)
+    # By comparison, not F.one_hot, whose range check reads the indices on the host in every call.
+    return (idx.unsqueeze(-1) == torch.arange(logits.shape[-1], device=idx.device)).to(logits.dtype)
 
 
 def categorical_log_q(z: Tensor, logits: Tensor) -> Tensor:

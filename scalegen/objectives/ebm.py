@@ -28,8 +28,7 @@ def buffer_starts(buffer: Tensor, batch: int, reinit_prob: float) -> tuple[Tenso
     """(chain starts, buffer indices): `batch` random buffer entries, each replaced by fresh uniform noise
     with probability reinit_prob (IGEBM: 5 %). Write the chains' ends back to buffer[indices]."""
     idx = torch.randint(0, len(buffer), (batch,), device=buffer.device)
-    starts = buffer[idx].clone()
     fresh = torch.rand(batch, device=buffer.device) < reinit_prob
-    if fresh.any():
-        starts[fresh] = uniform_images(int(fresh.sum()), tuple(buffer.shape[1:]), buffer.device)
-    return starts, idx
+    # Noise for every row, kept where fresh: selecting only the fresh rows would read their count on the host.
+    noise = uniform_images(batch, tuple(buffer.shape[1:]), buffer.device)
+    return torch.where(fresh.view(-1, *[1] * (buffer.dim() - 1)), noise, buffer[idx]), idx

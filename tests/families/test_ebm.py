@@ -10,15 +10,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
+from scalegen.config import load_config
 from scalegen.config.schema import OptimConfig
 from scalegen.dataspec import DataSpec
 from scalegen.errors import UserError
 from scalegen.families.ebm import EBM, EBMConfig
 from scalegen.objectives.ebm import buffer_starts, ml_loss
 from scalegen.runtime import load_model, read_checkpoint
+from scalegen.runtime.train import train
 from scalegen.samplers.langevin import sgld
 
 REPO = Path(__file__).resolve().parents[2]
@@ -96,6 +99,36 @@ def test_divergence_guard_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_
         assert model.energy(x).abs().max().item() < model.cfg.max_energy  # the good weights
 
 
+class _StopStep(L.Callback):
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self.step = trainer.global_step
+
+
+@pytest.mark.parametrize("every, checkpoint_every", [(2, 1000), (1000, 3)])
+def test_guard_stops_within_guard_every_steps_or_at_the_next_checkpoint(tmp_path: Path, every: int,
+                                                                        checkpoint_every: int) -> None:
+    """The steps only record a breach on the device; the host reads it every `guard_every` steps and before
+    each checkpoint. Read every 2 steps (no checkpoint on the way): the run stops at most 2 steps after the
+    breach. Read every 1000 steps, checkpoints every 3: the first checkpoint after the breach is refused
+    (never written), so last.ckpt predates the breach and holds in-limit energies."""
+    cfg = load_config("ebm/tiny", [f"run.dir={tmp_path}", "run.name=run", "trainer.progress_bar=false",
+                                   "logging.wandb=false", "optim.lr=0.1", "model.energy_reg=0",
+                                   f"model.guard_every={every}", f"trainer.val_check_interval={checkpoint_every}"])
+    stop = _StopStep()
+    with pytest.raises(UserError, match="diverged at step") as err:
+        train(cfg, callbacks=[stop])
+    step = int(str(err.value).split("diverged at step ")[1].split(":")[0])
+    assert step <= stop.step <= step + min(every, checkpoint_every), (step, stop.step)
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    if last.exists():
+        assert read_checkpoint(last)["global_step"] <= step  # the weights before the breaching step
+        model, _ = load_model(last)
+        with torch.no_grad():
+            assert model.energy(torch.rand(16, 1, 8, 8) * 2 - 1).abs().max().item() < model.cfg.max_energy
+    else:
+        assert checkpoint_every > step  # no checkpoint was due before the breach
+
+
 def _buffers(ckpt: Path) -> list[torch.Tensor]:
     return [s["buffer"] for s in read_checkpoint(ckpt)["rank_states"]]
 
@@ -119,13 +152,23 @@ def test_resumed_run_continues_with_the_same_replay_buffer(tmp_path: Path, train
     _assert_same_run(straight / "checkpoints" / "last.ckpt", resumed / "checkpoints" / "last.ckpt")
 
 
-def _ddp(tmp_path: Path, name: str, epochs: int, *extra: str) -> None:
+def _ddp(tmp_path: Path, name: str, epochs: int, *extra: str, returncode: int = 0) -> str:
     cmd = [sys.executable, "-m", "scalegen", "train", "ebm/tiny", "trainer.accelerator=cpu", "trainer.devices=2",
            "trainer.strategy=ddp", f"trainer.max_epochs={epochs}", "trainer.deterministic=true",
            "trainer.progress_bar=false", "logging.wandb=false", f"run.dir={tmp_path}", f"run.name={name}", *extra]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == returncode, out.stderr[-3000:]
+    return out.stderr
+
+
+@pytest.mark.slow
+def test_ddp_divergence_stops_every_rank_with_the_one_line_error(tmp_path: Path) -> None:
+    """2 CPU processes (gloo), made to diverge: both ranks read the guard at the same steps (one all-gather),
+    so the job ends with the one-line error (exit 2) instead of one rank waiting for the other."""
+    err = _ddp(tmp_path, "diverge", 1, "optim.lr=0.1", "model.energy_reg=0", "trainer.val_check_interval=3",
+               returncode=2)
+    assert "ebm training diverged at step" in err and "model.max_energy" in err
 
 
 @pytest.mark.slow

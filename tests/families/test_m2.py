@@ -66,10 +66,11 @@ def test_loss_uses_the_labelled_bound_for_labelled_examples_and_u_for_the_rest()
     torch.manual_seed(1)
     loss, logs = model.loss({"x": x, "y": y})
     f = model.features(x)
-    torch.manual_seed(1)  # the same draws, in the order loss() makes them
+    torch.manual_seed(1)  # the same draws as loss() makes: one eps per (example, label) pair
+    eps = torch.randn(6, 10, 4)
     known = y >= 0
-    lab = model.labelled_bound(f[known], y[known])
-    unl = model.unlabelled_bound(f[~known])
+    lab = model.labelled_bound(f[known], y[known], eps[known, y[known]])  # each row's own label's draw
+    unl = model.unlabelled_bound(f[~known], eps[~known])
     expected = -(lab.sum() + unl.sum()) / 6
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert logs["labelled_in_batch"].item() == pytest.approx(0.5)
