@@ -15,8 +15,8 @@ its slices to `{dir}/step-XXXXXXXXX.rank-RRR-of-WWW.pt`, with "rank", "world_siz
 tensors' shapes) beside them. The averages (this rank's slices), the split and the step counts are the
 callback's state in every checkpoint. Under ZeRO-3 DeepSpeed writes each rank's client state to its own
 `zero_pp_rank_R_mp_rank_00_model_states.pt` and gives each rank its own file back, so every rank saves and
-restores its own slices; a resume continues the same averages, at the same world size (as DeepSpeed's
-ZeRO checkpoints themselves need), or from whole averages (a DDP checkpoint) at any.
+restores its own slices; a resume continues the same averages at the same world size (DeepSpeed loads
+a ZeRO checkpoint only at that size; another is refused before the job starts, `check_zero_resume`).
 
 `reconstruct(folder, sigma_rel)` solves for the combination of the snapshots whose profile best fits the
 requested one at the last snapshot's step (`scalegen.ema_profiles.solve_weights`) and sums them in float64,
@@ -113,18 +113,16 @@ class PostHocEMA(L.Callback):
                     state.init_from(module, root)
             return
         saved, split = tuple(pending["split"]), self.states[0].split_for(module)
-        if saved != split and saved[1] != 1:
+        if saved != split:
             raise UserError(
-                f"the checkpoint holds rank {saved[0]}'s slice of {saved[1]} of the post-hoc EMAs, but this run is "
-                f"rank {split[0]} of {split[1]}: resume with {saved[1]} processes (ZeRO-3 checkpoints need the "
-                "world size that wrote them)"
+                f"the checkpoint holds slice {saved[0]} of {saved[1]} of the post-hoc EMAs (one per ZeRO-3 rank) but "
+                f"this process would keep slice {split[0]} of {split[1]}: resume with the strategy and world size "
+                f"that wrote it ({saved[1]} processes; ZeRO checkpoints load only at that size)"
             )
         for state, weights in zip(self.states, pending["weights"]):
             device = "cpu" if state.on_cpu else next(module.parameters()).device
-            state.split = split
-            state.shapes = {k: tuple(v) for k, v in pending["shapes"].items()}
-            # Whole averages (a checkpoint written without slicing) are sliced here; slices are taken as saved.
-            state.shadow = {k: (v if saved == split else state.part(v)).clone().to(device) for k, v in weights.items()}
+            state.split, state.shapes = split, {k: tuple(v) for k, v in pending["shapes"].items()}
+            state.shadow = {k: v.clone().to(device) for k, v in weights.items()}
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
