@@ -24,8 +24,9 @@ the same average without communication. Under ZeRO-3 parameters are gathered for
 memory; rank 0's copy is what checkpoints hold, and swapping it in broadcasts it. A `sliced` state (the
 post-hoc EMAs, which are never swapped in) instead keeps on rank r of W only slice r of each flattened
 tensor, `torch.tensor_split(t.reshape(-1), W)[r]` (the first n % W ranks get one element more), so the
-ranks together hold one copy and each 1/W of it. Under FSDP (whose gather writes back each rank's shard
-from that rank's whole copy) every rank keeps the whole average.
+ranks together hold one copy and each 1/W of it. Under FSDP every rank keeps the whole average: its
+gather writes back each rank's shard from that rank's whole copy (so a swap needs it whole everywhere),
+and Lightning's FSDP checkpoint keeps rank 0's callback state only (so slices would not survive one).
 """
 
 from __future__ import annotations
