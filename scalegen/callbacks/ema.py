@@ -19,9 +19,14 @@ instead, delta the steps since its previous update; the post-hoc EMA callback
 under ZeRO-3 for all of them).
 
 Sharding: under DDP and ZeRO-1/2 every rank holds identical whole parameters, so every rank keeps
-the same average without communication. Under ZeRO-3 (and FSDP) parameters are gathered for the
-update (`scalegen.distributed.full_parameters`) and only rank 0 keeps the average, so no other rank
-pays its memory; rank 0's copy is what checkpoints hold, and swapping it in broadcasts it.
+the same average without communication. Under ZeRO-3 parameters are gathered for the update
+(`scalegen.distributed.full_parameters`) and only rank 0 keeps the average, so no other rank pays its
+memory; rank 0's copy is what checkpoints hold, and swapping it in broadcasts it. A `sliced` state (the
+post-hoc EMAs, which are never swapped in) instead keeps on rank r of W only slice r of each flattened
+tensor, `torch.tensor_split(t.reshape(-1), W)[r]` (the first n % W ranks get one element more), so the
+ranks together hold one copy and each 1/W of it. Under FSDP every rank keeps the whole average: its
+gather writes back each rank's shard from that rank's whole copy (so a swap needs it whole everywhere),
+and Lightning's FSDP checkpoint keeps rank 0's callback state only (so slices would not survive one).
 """
 
 from __future__ import annotations
@@ -65,6 +70,7 @@ class EMAState:
         every_n_steps: int = 1,
         on_cpu: bool = False,
         gamma: float | None = None,
+        sliced: bool = False,
     ) -> None:
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"ema decay must be in [0, 1), got {decay}")
@@ -77,26 +83,42 @@ class EMAState:
             on_cpu,
         )
         self.gamma = gamma  # power-function exponent (EDM2); None: the constant decay with warm-up
+        self.sliced = sliced  # under ZeRO-3 keep this rank's slice of each tensor only (not swappable)
+        self.split = (0, 1)  # (rank, world): `shadow` holds slice rank of world of each flattened tensor
+        self.shapes: dict[str, tuple[int, ...]] = {}  # the whole tensors' shapes
         self.shadow: dict[str, Tensor] = {}  # empty on ranks that do not own the average (ZeRO-3: rank != 0)
         self.num_updates = 0
         self.last_step = 0  # optimizer step of the last update
 
-    @staticmethod
-    def owns(module: torch.nn.Module) -> bool:
-        """Whether this rank keeps the average: every rank, or only rank 0 when parameters are sharded."""
-        if not is_zero3_partitioned(module):
+    def owns(self, module: torch.nn.Module) -> bool:
+        """Whether this rank keeps (a slice of) the average: every rank, or only rank 0 when parameters are
+        sharded and the state is not sliced."""
+        if not is_zero3_partitioned(module) or self.sliced:
             return True
         return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+    def split_for(self, module: torch.nn.Module) -> tuple[int, int]:
+        """(rank, world) of the slice this state keeps for `module`: (0, 1), the whole tensors, unless sliced
+        under ZeRO-3."""
+        if self.sliced and is_zero3_partitioned(module) and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
+    def part(self, t: Tensor) -> Tensor:
+        """This rank's slice of `t` flattened (a view), or `t` itself when the state is whole."""
+        rank, world = self.split
+        return t if world == 1 else torch.tensor_split(t.reshape(-1), world)[rank]
 
     @torch.no_grad()
     def init_from(self, module: torch.nn.Module, root: Any = None) -> None:
         """Start the average at the module's current weights (all ranks call this together)."""
         with full_parameters(module, root=root):
+            self.split = self.split_for(module)
             if self.owns(module):
                 device = "cpu" if self.on_cpu else None
-                self.shadow = {
-                    n: t.detach().clone().to(device or t.device) for n, t in _named_tensors(module)
-                }
+                tensors = list(_named_tensors(module))
+                self.shapes = {n: tuple(t.shape) for n, t in tensors}
+                self.shadow = {n: self.part(t.detach()).clone().to(device or t.device) for n, t in tensors}
             else:
                 self.shadow = {}
 
@@ -119,6 +141,8 @@ class EMAState:
     ) -> None:
         """Write `source` (default: the average) into the module's weights; all ranks call it together."""
         source = self.shadow if source is None else source
+        if self.split[1] > 1:
+            raise RuntimeError("a sliced average holds 1/world of each tensor and cannot be copied into the model")
         with full_parameters(module, modify=True, root=root):
             if source:
                 for name, t in _named_tensors(module):
@@ -176,11 +200,11 @@ def update_averages(states: Sequence[EMAState], module: torch.nn.Module, step: i
                 continue
             d = s.decay_at(step)
             for name, t in tensors:
-                avg = s.shadow[name]
+                avg, new = s.shadow[name], s.part(t.detach())
                 if avg.is_floating_point():
-                    avg.lerp_(t.detach().to(avg.device, avg.dtype), 1.0 - d)  # avg + (1-d)(t-avg)
+                    avg.lerp_(new.to(avg.device, avg.dtype), 1.0 - d)  # avg + (1-d)(t-avg)
                 else:
-                    avg.copy_(t)
+                    avg.copy_(new)
     for s in due:
         s.last_step = step
         s.num_updates += 1
