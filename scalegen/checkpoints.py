@@ -8,6 +8,8 @@ family, so this module sits below the families in the layers (docs/architecture.
 from __future__ import annotations
 
 import hashlib
+import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -96,3 +98,27 @@ def load_model(path: str | Path, use_ema: bool = True) -> tuple[Any, DictConfig]
     model.load_state_dict(weights)
     model.eval()
     return model, cfg
+
+
+def temporary_path(path: Path, pid: int | None = None) -> Path:
+    """Where a file is written before the rename: beside it, named by host and process (this one unless
+    `pid`), so a later start can tell a stale one (its writer was killed) from one being written."""
+    return path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid() if pid is None else pid}")
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """torch.save to `temporary_path(path)`, fsync, then rename over `path`: a reader (or a crash) sees the
+    old file or the whole new one. Written through a Python file object, so a full disk raises
+    OSError(ENOSPC) (torch's own file writer raises a RuntimeError without the errno); the temporary is
+    removed whatever happens."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -26,9 +26,7 @@ an incomplete set of shards is refused.
 
 from __future__ import annotations
 
-import os
 import re
-import socket
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -39,6 +37,7 @@ import torch
 from torch import Tensor
 
 from scalegen.callbacks.ema import EMAState, update_averages
+from scalegen.checkpoints import atomic_save
 from scalegen.ema_profiles import MAX_SIGMA_REL, sigma_rel_to_gamma, solve_weights
 from scalegen.errors import UserError
 
@@ -50,21 +49,6 @@ def snapshot_path(folder: Path, step: int, rank: int = 0, world: int = 1) -> Pat
     """The whole snapshot's file, or (world > 1) rank's shard of it."""
     shard = f".rank-{rank:03d}-of-{world:03d}" if world > 1 else ""
     return Path(folder) / f"step-{step:09d}{shard}.pt"
-
-
-def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file beside `path`, then rename it over: a reader sees the old file or the
-    whole new one (named like the runtime's checkpoint temporaries, so a stale one is recognizable)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 class PostHocEMA(L.Callback):

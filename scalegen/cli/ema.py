@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scalegen.callbacks.posthoc_ema import atomic_save, combine, list_snapshots, solve
-from scalegen.checkpoints import load_model, read_checkpoint, resolve_checkpoint
+from scalegen.callbacks.posthoc_ema import combine, list_snapshots, solve
+from scalegen.checkpoints import atomic_save, load_model, read_checkpoint, resolve_checkpoint
 from scalegen.config.loader import apply_overrides
 from scalegen.ema_profiles import sigma_rel_to_gamma
 from scalegen.errors import UserError

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from scalegen.nets.init_flag import DataInitFlag
+
 LOG_2PI = math.log(2 * math.pi)
 
 
@@ -108,7 +110,7 @@ class Squeeze(FlowLayer):
         return F.pixel_shuffle(z, 2)
 
 
-class ActNorm(FlowLayer):
+class ActNorm(FlowLayer, DataInitFlag):
     """Per-channel affine y = (x + bias) * exp(log_scale) (Glow Sec. 3.1, Table 1 row 1).
 
     Data-dependent initialization: the first forward pass in training mode sets bias and scale so
@@ -122,16 +124,6 @@ class ActNorm(FlowLayer):
         super().__init__()
         self.bias = nn.Parameter(torch.zeros(channels))
         self.log_scale = nn.Parameter(torch.zeros(channels))
-        self.register_buffer("initialized", torch.tensor(False))
-        # The flag read as a Python bool once (reading the buffer in every forward would make the CPU wait
-        # for the device); reset whenever a state dict is loaded into the module.
-        self._ready: bool | None = None
-        self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_ready", None))
-
-    def is_initialized(self) -> bool:
-        if self._ready is None:
-            self._ready = bool(self.initialized)
-        return self._ready
 
     def _view(self, p: Tensor, x: Tensor) -> Tensor:
         return p.view(1, -1, *([1] * (x.dim() - 2)))
@@ -149,8 +141,7 @@ class ActNorm(FlowLayer):
         std = (sq - mean**2).clamp_min(0).sqrt()
         self.bias.copy_(-mean)
         self.log_scale.copy_(-torch.log(std + 1e-6))
-        self.initialized.fill_(True)
-        self._ready = True
+        self.mark_initialized()
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         if self.training and not self.is_initialized():

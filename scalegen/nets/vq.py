@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from scalegen.nets.conv import downsampled_sizes
+from scalegen.nets.init_flag import DataInitFlag
 
 
 def nearest_codes(z: Tensor, codebook: Tensor) -> Tensor:
@@ -45,7 +46,7 @@ def perplexity(counts: Tensor) -> Tensor:
     return torch.exp(-(p * torch.log(p.clamp(min=1e-12))).sum())
 
 
-class VectorQuantizer(nn.Module):
+class VectorQuantizer(DataInitFlag):
     """A codebook of `num_codes` vectors of size `dim`, learned by the codebook loss or by EMA.
 
     ema=True (2017 Appendix A.1): N_k <- g N_k + (1-g) n_k, m_k <- g m_k + (1-g) s_k, e_k = m_k / N~_k with
@@ -64,17 +65,7 @@ class VectorQuantizer(nn.Module):
         else:
             self.codebook = nn.Parameter(init)
         self.register_buffer("count", torch.ones(num_codes))  # N_k: EMA of assignments per update
-        # False until the family has set the codebook from encoder outputs (a data-dependent start).
-        self.register_buffer("initialized", torch.tensor(False))
-        # The flag read as a Python bool once (reading the buffer in every step would make the CPU wait for
-        # the device); reset whenever a state dict is loaded into the module.
-        self._ready: bool | None = None
-        self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_ready", None))
-
-    def is_initialized(self) -> bool:
-        if self._ready is None:
-            self._ready = bool(self.initialized)
-        return self._ready
+        # `initialized` (DataInitFlag) is False until the family has set the codebook from encoder outputs.
 
     def quantize(self, z_e: Tensor) -> tuple[Tensor, Tensor]:
         """(codes [B, H, W], z_q [B, D, H, W]) for an encoder map z_e [B, D, H, W]; z_q has the codebook's
@@ -117,8 +108,7 @@ class VectorQuantizer(nn.Module):
         self.count.copy_(torch.where(dead, 1.0, self.count))
         if self.ema:
             self.ema_sum.copy_(torch.where(rows, candidates.to(self.ema_sum.dtype), self.ema_sum))
-        self.initialized.fill_(True)
-        self._ready = True
+        self.mark_initialized()
 
 
 class ResBlock(nn.Module):

@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch.loggers import WandbLogger  # (wandb itself is imported only when a run starts)
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from scalegen.checkpoints import atomic_save
 from scalegen.errors import UserError
 
 
@@ -25,22 +26,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = temporary_path(path)
         try:
-            # Through a Python file object, so a full disk raises OSError(ENOSPC) (torch's own file writer
-            # raises a RuntimeError without the errno).
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            atomic_save(checkpoint, path)
         except (OSError, RuntimeError) as err:
             if _disk_full(err):  # one line naming the space needed; the previous checkpoint is intact
                 raise DiskFullError(_disk_full_message(checkpoint, path)) from None
             raise
-        finally:
-            tmp.unlink(missing_ok=True)
 
 
 def _disk_full(err: BaseException | None) -> bool:
@@ -77,12 +68,6 @@ class KeepMetricsOnFailedSave(L.Callback):
             logger.save()
             if isinstance(logger, WandbLogger) and trainer.is_global_zero:
                 logger.experiment.finish(exit_code=1)  # flushed and closed now, not at interpreter exit
-
-
-def temporary_path(path: Path, pid: int | None = None) -> Path:
-    """Where a checkpoint is written before the rename: beside it, named by host and process (this one
-    unless `pid`), so a later start can tell a stale one (its writer was killed) from one being written."""
-    return path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid() if pid is None else pid}")
 
 
 def remove_stale_temporaries(folder: Path) -> list[Path]:

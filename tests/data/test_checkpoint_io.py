@@ -18,6 +18,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from scalegen.checkpoints import temporary_path
 from scalegen.config.loader import load_config, resolved
 from scalegen.errors import UserError
 from scalegen.runtime.checkpoint import (
@@ -26,7 +27,6 @@ from scalegen.runtime.checkpoint import (
     check_resume_recipe,
     recipe_changes,
     remove_stale_temporaries,
-    temporary_path,
 )
 
 WRITER = """
