@@ -23,7 +23,8 @@ from preempt_helpers import exact_resume_overrides, frozen, logged_step, signal_
 
 REPO = Path(__file__).resolve().parents[2]
 PROFILE = Path(__file__).resolve().parent / "ci-profile.yaml"
-STEPS = 22  # 2 epochs of the digits at 2 ranks x 64
+STEPS = 220  # 20 epochs of the digits at 2 ranks x 64: still training when the test freezes it (a quiet machine
+# runs a quickstart step in milliseconds; 22 steps could all finish between the poll and the freeze)
 PREEMPT_AFTER = 4  # optimizer steps seen in the metrics file before the signal is sent
 
 
