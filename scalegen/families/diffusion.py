@@ -16,8 +16,8 @@ from torch import Tensor
 
 from scalegen.config.schema import ModelConfig, OptimConfig, choice, ranged
 from scalegen.dataspec import DataSpec, images_to_unit, unit_to_images
-from scalegen.families.base import GenerativeModel, recipe_shapes
-from scalegen.nets.unet import UNet
+from scalegen.families.base import GenerativeModel
+from scalegen.families.unet_fields import UNetFields, build_unet
 from scalegen.objectives.diffusion import NoiseSchedule, diffusion_loss, probability_flow_velocity, q_sample, vlb
 from scalegen.registry import register_family
 from scalegen.samplers.completion import complete_diffusion, paste
@@ -25,7 +25,7 @@ from scalegen.samplers.diffusion import ddim_sample, ddpm_sample
 
 
 @dataclass
-class DiffusionConfig(ModelConfig):
+class DiffusionConfig(UNetFields, ModelConfig):
     family: str = "diffusion"
     # Forward process.
     timesteps: int = ranged(1000, ge=1)  # T, number of noising steps (Ho et al. 2020: 1000)
@@ -35,14 +35,7 @@ class DiffusionConfig(ModelConfig):
     # Objective.
     prediction: str = choice("eps", "v")  # target: eps (Ho et al. eq. 14) or v (Salimans & Ho 2022)
     variance: str = choice("beta", "posterior")  # fixed reverse variance: beta_t or beta-tilde_t (sec. 3.2)
-    # UNet (Ho et al. appendix B: CIFAR-10 uses 128 channels, mult 1,2,2,2, 2 blocks, attention at 16x16).
-    base_channels: int = ranged(128, ge=1)  # channels at full resolution
-    channel_mult: list[int] = ranged(ge=1, default_factory=lambda: [1, 2, 2, 2])  # width multiplier per level
-    num_res_blocks: int = ranged(2, ge=1)  # residual blocks per level
-    attn_resolutions: list[int] = ranged(ge=1, default_factory=lambda: [16])  # feature-map sizes with attention
-    num_heads: int = ranged(1, ge=1)  # attention heads
-    dropout: float = ranged(0.1, ge=0, le=1)  # residual-block dropout (0.1 on CIFAR-10 in Ho et al.)
-    class_conditional: bool = False  # add a label embedding (y = -1 or none = unconditional)
+    # The UNet: scalegen.families.unet_fields.UNetFields.
     # Sampling.
     sampler: str = choice("ddpm", "ddim")  # ancestral (Ho et al. Alg. 2) or DDIM (Song et al. 2021 eq. 12)
     sample_steps: int = ranged(50, ge=1, le="timesteps")  # DDIM steps, at most T (ignored by ddpm, which takes all T)
@@ -64,14 +57,7 @@ class Diffusion(GenerativeModel):
 
     def __init__(self, cfg: DiffusionConfig, optim: OptimConfig, data: DataSpec) -> None:
         super().__init__(cfg, optim, data)
-        channels, height, width = data.shape
-        with recipe_shapes(self.family_name):
-            self.net = UNet(
-                in_channels=channels, resolution=min(height, width), base_channels=cfg.base_channels,
-                channel_mult=tuple(cfg.channel_mult), num_res_blocks=cfg.num_res_blocks,
-                attn_resolutions=tuple(cfg.attn_resolutions), dropout=cfg.dropout, num_heads=cfg.num_heads,
-                num_classes=data.num_classes if cfg.class_conditional else 0,
-            )
+        self.net = build_unet(cfg, data, self.family_name)
         self.schedule = NoiseSchedule.named(cfg.schedule, cfg.timesteps, cfg.beta_start, cfg.beta_end)
 
     def _labels(self, y: Tensor | None) -> Tensor | None:

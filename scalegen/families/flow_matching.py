@@ -19,8 +19,8 @@ from torch import Tensor
 from scalegen.config.schema import ModelConfig, OptimConfig, choice, ranged
 from scalegen.dataspec import DataSpec, images_to_unit, unit_to_images
 from scalegen.errors import ConfigError
-from scalegen.families.base import GenerativeModel, recipe_shapes
-from scalegen.nets.unet import UNet
+from scalegen.families.base import GenerativeModel
+from scalegen.families.unet_fields import UNetFields, build_unet
 from scalegen.objectives.flow_matching import flow_matching_loss, sample_times
 from scalegen.registry import register_family
 from scalegen.samplers.ode import integrate
@@ -31,19 +31,12 @@ TIME_SCALE = 1000.0
 
 
 @dataclass
-class FlowMatchingConfig(ModelConfig):
+class FlowMatchingConfig(UNetFields, ModelConfig):
     family: str = "flow_matching"
     # Probability path and objective.
     sigma_min: float = ranged(0.0, ge=0, lt=1)  # path std at the data end (Lipman et al. eq. 20); 0 = rectified flow
     time_sampling: str = choice("uniform", "logit_normal")  # t ~ U[0, 1], or sigmoid(N(0, 1)) (Esser et al. 2024)
-    # UNet (the diffusion family's; Ho et al. appendix B sizes by default).
-    base_channels: int = ranged(128, ge=1)  # channels at full resolution
-    channel_mult: list[int] = ranged(ge=1, default_factory=lambda: [1, 2, 2, 2])  # width multiplier per level
-    num_res_blocks: int = ranged(2, ge=1)  # residual blocks per level
-    attn_resolutions: list[int] = ranged(ge=1, default_factory=lambda: [16])  # feature-map sizes with attention
-    num_heads: int = ranged(1, ge=1)  # attention heads
-    dropout: float = ranged(0.1, ge=0, le=1)  # residual-block dropout
-    class_conditional: bool = False  # add a label embedding (y = -1 or none = unconditional)
+    # The UNet (the diffusion family's): scalegen.families.unet_fields.UNetFields.
     label_dropout: float = ranged(0.0, ge=0, lt=1)  # training labels replaced by "none" with this probability (CFG)
     guidance_scale: float = ranged(1.0, ge=0)  # sampling field v_u + w (v_c - v_u): 1 = conditional, 0 = unconditional
     # Sampling: integrate dx/dt = v(x, t) from t = 0 (noise) to t = 1 (data).
@@ -69,14 +62,7 @@ class FlowMatching(GenerativeModel):
         if cfg.guidance_scale != 1 and cfg.label_dropout == 0:
             raise ConfigError("model.guidance_scale != 1 needs model.label_dropout > 0: the unconditional "
                               "velocity is trained only on dropped labels")
-        channels, height, width = data.shape
-        with recipe_shapes(self.family_name):
-            self.net = UNet(
-                in_channels=channels, resolution=min(height, width), base_channels=cfg.base_channels,
-                channel_mult=tuple(cfg.channel_mult), num_res_blocks=cfg.num_res_blocks,
-                attn_resolutions=tuple(cfg.attn_resolutions), dropout=cfg.dropout, num_heads=cfg.num_heads,
-                num_classes=data.num_classes if cfg.class_conditional else 0,
-            )
+        self.net = build_unet(cfg, data, self.family_name)
 
     def _labels(self, y: Tensor | None) -> Tensor | None:
         return y if self.cfg.class_conditional else None
