@@ -190,13 +190,17 @@ PRECISIONS = ("fp32", "bf16")
 # Devices on which the reference network runs channels-last by default: on CPU it measured 1.45x the
 # images/s of NCHW with the same features (docs/benchmarks.md); on GPUs it has not been measured.
 CHANNELS_LAST_DEVICES = ("cpu",)
+# On these, forward at most this many images at a time: on CPU small batches run faster than big ones
+# (cache-resident activations; docs/benchmarks.md "Layout and precision") and peak memory stays small.
+CHUNK_DEVICES = {"cpu": 16}
 
 
 class FIDInceptionV3(nn.Module):
     """InceptionV3 as in the FID reference: images -> (2048-d pool features, 1008-way logits).
 
     Speed settings that leave the weights alone (`set_speed`): `channels_last` runs the convolutions
-    on NHWC tensors (the same features to float32 round-off); `precision="bf16"` runs the trunk under
+    on NHWC tensors and `chunk` forwards at most that many images at a time (both give the same
+    features to float32 round-off); `precision="bf16"` runs the trunk under
     bf16 autocast (different features: see docs/benchmarks.md for the FID difference), the pooled
     features and the logits in float32.
     """
@@ -204,6 +208,7 @@ class FIDInceptionV3(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.channels_last = False
+        self.chunk: int | None = None
         self.precision = "fp32"
         self.Conv2d_1a_3x3 = ConvBN(3, 32, 3, stride=2)
         self.Conv2d_2a_3x3 = ConvBN(32, 32, 3)
@@ -236,13 +241,18 @@ class FIDInceptionV3(nn.Module):
         x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
         return 2 * x - 1
 
-    def set_speed(self, channels_last: bool = False, precision: str = "fp32") -> FIDInceptionV3:
+    def set_speed(
+        self, channels_last: bool = False, precision: str = "fp32", chunk: int | None = None
+    ) -> FIDInceptionV3:
         if precision not in PRECISIONS:
             raise UserError(f"Inception precision {precision!r}: use one of {', '.join(PRECISIONS)}")
-        self.channels_last, self.precision = channels_last, precision
+        self.channels_last, self.precision, self.chunk = channels_last, precision, chunk
         return self.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        if self.chunk and len(images) > self.chunk:
+            pools, logits = zip(*(self(part) for part in images.split(self.chunk)))
+            return torch.cat(pools), torch.cat(logits)
         x = self.preprocess(images)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -323,7 +333,8 @@ def load_inception(
     state = torch.load(path, map_location="cpu", weights_only=True)
     net = FIDInceptionV3()
     load_state_dict_strict(net, state)
-    net.set_speed(channels_last=torch.device(device).type in CHANNELS_LAST_DEVICES, precision=precision)
+    kind = torch.device(device).type
+    net.set_speed(channels_last=kind in CHANNELS_LAST_DEVICES, precision=precision, chunk=CHUNK_DEVICES.get(kind))
     return net.to(device), sha256_file(path)
 
 

@@ -17,7 +17,7 @@ def net_and_images():
         for name, buf in net.named_buffers():
             if name.endswith("running_var"):
                 buf.uniform_(0.5, 1.5)
-    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = net(images)
     return net, images, ref
@@ -36,6 +36,20 @@ def test_channels_last_gives_the_same_features(net_and_images):
     finally:
         net.set_speed()
     assert rel(f2, f) <= 1e-4 and rel(logits2, logits) <= 1e-4  # float32 round-off of reordered sums
+
+
+@torch.no_grad()
+def test_chunked_forward_gives_the_same_features(net_and_images):
+    net, images, (f, logits) = net_and_images
+    net.set_speed(chunk=2)  # 5 images: chunks of 2, 2 and 1
+    try:
+        f2, logits2 = net(images)
+    finally:
+        net.set_speed()
+    assert f2.shape == f.shape and logits2.shape == logits.shape
+    assert rel(f2, f) <= 1e-4 and rel(logits2, logits) <= 1e-4
+    for i in range(len(images)):  # each image's row is its own, in order
+        assert rel(f2[i], f[i]) <= 1e-4
 
 
 @torch.no_grad()
