@@ -17,6 +17,7 @@ from typing import Any
 
 import lightning as L
 import pytest
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from scalegen.cli.main import main
@@ -371,3 +372,28 @@ def test_network_shape_refusals_are_one_line_user_errors(family: str, overrides:
         entry.module(cfg, OptimConfig(), DataSpec(shape=(1, 8, 8)))
     message = str(caught.value)
     assert fragment in message and "\n" not in message and f"the {family} family" in message, message
+
+
+class _CountValidationBatches(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(1, 1)
+        self.val_batches = 0
+
+    def validation_step(self, batch, batch_idx):
+        self.val_batches += 1
+
+    def val_dataloader(self):
+        return torch.utils.data.DataLoader(torch.zeros(8, 1), batch_size=1)  # 8 batches
+
+
+@pytest.mark.parametrize("value, batches", [("1", 1), ("3", 3), ("1.0", 8), ("0.5", 4), ("0", 0)])
+def test_limit_val_batches_whole_numbers_are_batches_and_decimals_fractions(value: str, batches: int) -> None:
+    """`limit_val_batches: 1` in a recipe means one batch, as in Lightning; it was read as the float 1.0
+    (the whole split) until the field kept ints as ints (a DDPM validation then ran the bound over all
+    5,000 validation images)."""
+    limit = load_config("quickstart", [f"trainer.limit_val_batches={value}"]).trainer.limit_val_batches
+    module = _CountValidationBatches()
+    L.Trainer(limit_val_batches=limit, logger=False, enable_progress_bar=False, enable_model_summary=False,
+              enable_checkpointing=False).validate(module, verbose=False)
+    assert module.val_batches == batches
