@@ -104,7 +104,7 @@ class ShardLoader:
             if self.labelled_set is not None:
                 batch.update(self.labelled_set.batch(step))
             step += 1
-            self.consumed += 1  # the one writer of the position (see the class docstring)
+            self.consumed += 1  # the one place a batch is counted (see the class docstring)
             yield batch
 
     @property
