@@ -10,9 +10,13 @@ copying memory; slices of a few tens of milliseconds put both loaders under the 
 where rounds of whole passes compared one loader's quiet seconds with the other's slow ones. It prints
 a table and, last, `ratio: X`: the worst time-per-sample of shards over memory in the table (target: < 2).
 It also times whole epochs without workers (`_epochs`): a fresh loader's first pass (which decodes the split
-into memory when it fits `data.cache_bytes`) and its later passes, each against an in-memory pass.
+into memory when it fits `data.cache_bytes`) and its later passes, each against an in-memory pass; with
+`--rounds N`, N fresh loaders in turn, and the table gives the median (and the range) of their ratios.
+`--clock cpu` times with this process's CPU time instead of the wall clock (steadier on a shared machine;
+only with `--workers 0`, since workers' time is not this process's).
 
     PYTHONPATH=. python benchmarks/data_throughput.py [--samples 40000] [--slice 2560] [--batch-size 128]
+        [--rounds 1] [--clock wall]
 
 MNIST is prepared from `--mnist-source` (default: ../shared/datasets/mnist or $SCALEGEN_SHARED/mnist).
 CIFAR-10 is prepared from `--cifar10-source` (a cifar-10-python.tar.gz or its folder) when given;
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
+import statistics
 import sys
 import tempfile
 import time
@@ -38,6 +43,7 @@ from scalegen.config.schema import DataConfig
 from scalegen.data import build_datamodule, prepare_dataset
 
 REPO = Path(__file__).resolve().parents[1]
+clock = time.perf_counter  # or time.process_time (--clock cpu)
 
 
 class InMemory(Dataset):
@@ -61,7 +67,7 @@ class _Clock:
 
     def take(self, n: int) -> None:
         """Take at least `n` samples, starting a new pass (a new iterator) whenever one ends."""
-        got, start = 0, time.perf_counter()
+        got, start = 0, clock()
         while got < n:
             if self.batches is None:
                 self.batches = iter(self.loader)
@@ -70,7 +76,7 @@ class _Clock:
                 self.batches = None
                 continue
             got += len(batch["x"])
-        self.seconds += time.perf_counter() - start
+        self.seconds += clock() - start
         self.samples += got
 
     def per_second(self) -> float:
@@ -96,27 +102,37 @@ def _interleaved(shards: Iterable[dict], memory: Iterable[dict], samples: int, s
 
 
 def _pass_seconds(loader: Iterable[dict]) -> float:
-    start = time.perf_counter()
+    start = clock()
     for _ in loader:
         pass
-    return time.perf_counter() - start
+    return clock() - start
 
 
-def _epochs(root: Path, x: torch.Tensor, y: torch.Tensor, batch_size: int, epochs: int = 3) -> tuple[float, float]:
+def _epochs(root: Path, x: torch.Tensor, y: torch.Tensor, batch_size: int, rounds: int = 1,
+            epochs: int = 3) -> tuple[list[float], list[float]]:
     """Whole epochs without workers, as training sees them: a fresh shard loader's first pass (which decodes
     the split into memory when it fits data.cache_bytes) and its later passes, each against a pass of the
-    in-memory baseline run right before it. Returns (first / memory time, memory / later time: >= 0.9 is
-    the target)."""
+    in-memory baseline run right before it; `rounds` fresh loaders in turn. Returns per round (first / memory
+    time, memory / later time: >= 0.9 is the target)."""
     cfg = DataConfig(root=str(root), batch_size=batch_size, shuffle_buffer=1000, prepare=False)
-    loader = build_datamodule(cfg).train_dataloader()
     baseline = DataLoader(InMemory(x, y), batch_size=batch_size, shuffle=True)
     _pass_seconds(baseline)  # warm-up
-    memory, shards = [], []
-    for _ in range(epochs):
-        memory.append(_pass_seconds(baseline))
-        shards.append(_pass_seconds(loader))
-    later = sum(shards[1:]) / sum(memory[1:])
-    return shards[0] / memory[0], 1 / later
+    firsts, laters = [], []
+    for _ in range(rounds):
+        loader = build_datamodule(cfg).train_dataloader()
+        memory, shards = [], []
+        for _ in range(epochs):
+            memory.append(_pass_seconds(baseline))
+            shards.append(_pass_seconds(loader))
+        firsts.append(shards[0] / memory[0])
+        laters.append(sum(memory[1:]) / sum(shards[1:]))
+    return firsts, laters
+
+
+def _summary(values: list[float]) -> str:
+    """The median, and the range when there is more than one value."""
+    median = f"{statistics.median(values):.2f}"
+    return median if len(values) == 1 else f"{median} ({min(values):.2f}-{max(values):.2f})"
 
 
 def _arrays(root: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,12 +184,20 @@ def main() -> int:
     )
     parser.add_argument("--mnist-source", default=str(shared / "mnist"))
     parser.add_argument("--cifar10-source", default=None)
+    parser.add_argument("--rounds", type=int, default=1, help="fresh loaders whose whole epochs are timed")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="cpu: this process's CPU time (with --workers 0 only)")
     args = parser.parse_args()
+    if args.clock == "cpu":
+        if any(int(w) for w in args.workers.split(",")):
+            parser.error("--clock cpu times this process only: use it with --workers 0")
+        global clock
+        clock = time.process_time
 
     rows, epoch_rows = [], []
     print(
         f"torch {torch.__version__}, {os.cpu_count()} CPUs, batch {args.batch_size}, "
-        f"{args.samples} samples per loader in slices of {args.slice}",
+        f"{args.samples} samples per loader in slices of {args.slice}, {args.clock} clock",
         flush=True,
     )
     for name in args.datasets.split(","):
@@ -185,10 +209,10 @@ def main() -> int:
                 name = "cifar10 (synthetic)"
         prepare_dataset(root.name, root, source=source, progress=False)
         x, y = _arrays(root)
-        first, later = _epochs(root, x, y, args.batch_size)
-        epoch_rows.append((name, first, later))
-        print(f"  {name:<20} epochs without workers: first {first:.2f}x memory time, later {later:.2f}x memory speed",
-              flush=True)
+        first, later = _epochs(root, x, y, args.batch_size, args.rounds)
+        epoch_rows.append((name, _summary(first), _summary(later)))
+        print(f"  {name:<20} epochs without workers: first {_summary(first)}x memory time, "
+              f"later {_summary(later)}x memory speed", flush=True)
         for workers in map(int, args.workers.split(",")):
             cfg = DataConfig(
                 root=str(root),
@@ -216,11 +240,12 @@ def main() -> int:
     for name, workers, s, m, r in rows:
         print(f"| {name} | {workers} | {s:,.0f} | {m:,.0f} | {r:.2f} |")
     print()
-    print("| dataset | first epoch: time / in-memory time (target <= 2) "
-          "| later epochs: speed / in-memory speed (target >= 0.9) |")
+    rounds = "" if args.rounds == 1 else f", median (range) of {args.rounds} fresh loaders"
+    print(f"| dataset | first epoch: time / in-memory time (target <= 2){rounds} "
+          f"| later epochs: speed / in-memory speed (target >= 0.9){rounds} |")
     print("|---|---:|---:|")
     for name, first, later in epoch_rows:
-        print(f"| {name} | {first:.2f} | {later:.2f} |")
+        print(f"| {name} | {first} | {later} |")
     print()
     print(f"ratio: {max(r for *_, r in rows):.2f}")
     return 0

@@ -2,8 +2,8 @@
 
 It reads `{root}/manifest.json` (preparing a built-in dataset there first when asked), resolves each
 split's shard URLs, checks they exist before training, and hands out one `ShardLoader` per split.
-The training loader's position (epoch, batches consumed) is in `state_dict()`, which Lightning saves
-in every checkpoint, so a resumed run continues from the next unseen batch.
+The training loader's position (epoch, batches consumed) is in the DataModule's `state_dict()`, the one
+copy Lightning saves in every checkpoint, so a resumed run continues from the next unseen batch.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import multiprocessing
 import os
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -48,12 +49,14 @@ class ShardLoader:
     When `cache_bytes` holds the rank's decoded share (`sample_bytes` each; None = not cacheable) it is
     decoded once (`DecodedSplit`) and every pass batches from memory; otherwise each pass streams a
     `ShardStream`, through persistent DataLoader workers when `num_workers > 0`.
-    Iterating starts a new pass: the next epoch, or, after `load_state_dict`, the rest of the saved one.
+    Iterating starts a new pass: the next epoch, or, after `set_position`, the rest of the saved one.
 
-    The position: `epoch`; `done`, the sorted positions (scalegen.data.split) seen in this epoch before the
-    current pass, with `offset` the batches they took; `consumed`, the batches of the current pass handed
-    over. `advance()` is its one writer: called here for each batch yielded, or, when a Trainer is attached,
-    by the DataModule for each batch Lightning trains on (it fetches one batch ahead of that one).
+    The position (`position()`, `set_position()`): `epoch`; `done`, the sorted positions (scalegen.data.split)
+    seen in this epoch before the current pass, with `offset` the batches they took; `consumed`, the batches
+    of the current pass handed over, counted in one place, as each is yielded. (A Trainer takes each batch
+    of a loader with a length when it trains on it, not before; an infinite, resampled stream it fetches one
+    batch ahead, and a resume then draws afresh from a position one batch on.) The loader has no
+    `state_dict`, so that Lightning saves the position once, through the DataModule's.
     Same plan on resume (world size, workers, batch size, seed, shuffle buffer, cache): the pass continues
     at batch `consumed`, batch for batch. Another plan: what the saved pass had handed over is worked out
     from its plan (`ShardStream.taken`), added to `done`, and the rest of the epoch is planned afresh over
@@ -67,7 +70,6 @@ class ShardLoader:
         self.decoded: DecodedSplit | None = None
         self.epoch, self.consumed, self.skipped, self.replaced = 0, 0, 0, 0
         self.offset, self.done = 0, np.zeros(0, dtype=np.int64)
-        self.count_on_yield = True
         self.labelled: dict[str, int] | None = None  # data.labels_per_class: the keys that keep their label
         self.labelled_set: LabelledSet | None = None  # the labelled stream's examples, when asked for
         self._started = False
@@ -76,10 +78,6 @@ class ShardLoader:
     def __len__(self) -> int:
         """Batches of the epoch as the Trainer counts them: those before this pass and this pass's."""
         return self.offset + len(self.stream)
-
-    def advance(self) -> None:
-        """One more batch of this pass has been taken (see the class docstring for who calls this)."""
-        self.consumed += 1
 
     def _set_done(self, done: np.ndarray, offset: int) -> None:
         self.done, self.offset = done, offset
@@ -106,8 +104,7 @@ class ShardLoader:
             if self.labelled_set is not None:
                 batch.update(self.labelled_set.batch(step))
             step += 1
-            if self.count_on_yield:
-                self.advance()
+            self.consumed += 1  # the one place a batch is counted (see the class docstring)
             yield batch
 
     @property
@@ -155,7 +152,8 @@ class ShardLoader:
         batches = iter(self.stream)
         return map(_pin, batches) if self.pin_memory else batches
 
-    def state_dict(self) -> dict[str, Any]:
+    def position(self) -> dict[str, Any]:
+        """The position, as `ShardDataModule.state_dict()` saves it."""
         return {
             "epoch": self.epoch,
             "consumed": self.consumed,
@@ -172,7 +170,8 @@ class ShardLoader:
         return {"world": s.world, "rank": s.rank, "num_workers": self.num_workers, "batch_size": s.opts.batch_size,
                 "seed": s.opts.seed, "shuffle_buffer": s.opts.shuffle_buffer, "cached": self.cached}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def set_position(self, state: dict[str, Any]) -> None:
+        """Continue from a saved `position()`; the next pass is the rest of its epoch."""
         s = self.stream
         self.epoch, self.skipped = int(state["epoch"]), int(state.get("skipped", 0))
         self.replaced = int(state.get("replaced", 0))
@@ -288,14 +287,6 @@ class ShardDataModule(L.LightningDataModule):
     def test_dataloader(self) -> ShardLoader:
         return self._loader("test")
 
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        # Lightning calls this for the batch it is about to train on (it has already fetched the next
-        # one), so this count is the position a checkpoint taken after this step must resume from.
-        trainer = self._trainer
-        if trainer is not None and trainer.training and "train" in self._loaders:
-            self._loaders["train"].advance()
-        return batch
-
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         # Our batches are flat dicts of tensors and lists (keys): move the tensors and leave the rest, instead
         # of Lightning's generic walk, which visits every one of the batch's key strings on every step.
@@ -306,15 +297,18 @@ class ShardDataModule(L.LightningDataModule):
                 for k, v in batch.items()}
 
     def state_dict(self) -> dict[str, Any]:
-        """The training pipeline's position; Lightning stores it in every checkpoint."""
+        """The training pipeline's position; Lightning stores it in every checkpoint (its only copy there)."""
         if "train" in self._loaders:
-            return {"train": self._loaders["train"].state_dict()}
+            return {"train": self._loaders["train"].position()}
         return dict(self._pending_state or {})
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._pending_state = dict(state_dict)
         if "train" in self._loaders and "train" in state_dict:
-            self._loaders["train"].load_state_dict(state_dict["train"])
+            self._loaders["train"].set_position(state_dict["train"])
+        # Lightning warns on a mid-epoch resume unless the loader itself has a state_dict; ours is restored
+        # here, through the DataModule, so that warning would be wrong.
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
 
     @property
     def skipped_samples(self) -> int:
@@ -425,11 +419,10 @@ class ShardDataModule(L.LightningDataModule):
             sample_bytes=sample_bytes,
         )
         if train:
-            loader.count_on_yield = self._trainer is None
             if c.labels_per_class is not None:
                 self._add_labels(loader, urls, opts)
             if self._pending_state and "train" in self._pending_state:
-                loader.load_state_dict(self._pending_state["train"])
+                loader.set_position(self._pending_state["train"])
         self._loaders[split] = loader
         return loader
 

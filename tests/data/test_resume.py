@@ -151,6 +151,27 @@ def test_lightning_checkpoint_resumes_mid_epoch(digits_root: Path, tmp_path: Pat
     assert first + rest == straight
 
 
+def test_a_mid_epoch_checkpoint_holds_the_position_once_and_resumes_exactly(digits_root: Path, tmp_path: Path,
+                                                                          recwarn: pytest.WarningsChecker) -> None:
+    """ModelCheckpoint every 3 steps: the step-6 checkpoint (mid-epoch: 14 batches an epoch) holds the data
+    position once, in the DataModule's state, as the 6 batches trained on, and resuming from it to 20 steps
+    sees what 20 steps straight see, without Lightning's warning about a non-resumable loader."""
+    straight = _fit(digits_root, tmp_path / "a", 20)
+    model = _Recorder()
+    every = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=3, save_top_k=-1)
+    trainer = L.Trainer(max_steps=9, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, callbacks=[every])
+    trainer.fit(model, datamodule=build_datamodule(_cfg(digits_root, 0)))
+    ckpt = torch.load(next((tmp_path / "ck").glob("*step=6.ckpt")), weights_only=False)
+    assert ckpt["ShardDataModule"]["train"]["consumed"] == 6 and ckpt["ShardDataModule"]["train"]["epoch"] == 0
+    assert "combined_loader" not in ckpt["loops"]["fit_loop"]["state_dict"]  # no second copy, through the loader
+    recwarn.clear()
+    rest = _fit(digits_root, tmp_path / "c", 20, resume=str(next((tmp_path / "ck").glob("*step=6.ckpt"))))
+    head = len(straight) - len(rest)  # the keys of the first 6 batches (the epoch's batches differ in size)
+    assert model.seen[:head] + rest == straight and len(model.seen) > head
+    assert not [w for w in recwarn if "resuming from a checkpoint that ended before the epoch" in str(w.message)]
+
+
 def _world_loader(root: Path, world: int, rank: int, workers: int, cache: int, state: dict | None = None):
     dm = build_datamodule(DataConfig(root=str(root), batch_size=50, num_workers=workers, shuffle_buffer=64, seed=3,
                                      random_flip=True, prepare=False, cache_bytes=cache))
