@@ -16,7 +16,6 @@ from scalegen.callbacks.compile import CompileNetworks
 from scalegen.callbacks.data_audit import DataAudit
 from scalegen.callbacks.figures import RunFigures
 from scalegen.callbacks.periodic_eval import PeriodicEval
-from scalegen.callbacks.rank_state import RankState
 from scalegen.callbacks.resume import scale_out_callbacks
 from scalegen.checkpoints import newest_checkpoint
 from scalegen.config.loader import resolved, run_dir_of
@@ -111,10 +110,10 @@ def build_trainer(cfg: DictConfig, run_dir: Path, spec: Any, extra_callbacks: li
                         every_n_train_steps=ck.every_n_train_steps, every_n_epochs=ck.every_n_epochs),
         SaveConfigInCheckpoint(OmegaConf.to_container(resolved(cfg)), spec),
         KeepMetricsOnFailedSave(),
-        RankState(),
         RunFigures(run_dir, metrics_file),
-        DataAudit(run_dir, record_keys=t.record_sample_keys),
     ]
+    if t.record_sample_keys:  # which samples each rank saw (the bad-sample counters are logged by the family)
+        callbacks.append(DataAudit(run_dir))
     if cfg.eval.every_n_steps:
         callbacks.append(PeriodicEval(cfg))
     if t.compile:  # torch.compile the family's networks (scalegen/callbacks/compile.py)
