@@ -29,8 +29,7 @@ from scalegen.hub import init_from_release
 from scalegen.registry import get_family
 from scalegen.runtime.checkpoint import (
     AtomicCheckpointIO,
-    KeepMetricsOnFailedSave,
-    SaveConfigInCheckpoint,
+    CheckpointWriting,
     check_resume_recipe,
     remove_stale_temporaries,
 )
@@ -108,8 +107,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, spec: Any, extra_callbacks: li
                         save_top_k=ck.save_top_k if monitor else 0,
                         save_last=ck.save_last,
                         every_n_train_steps=ck.every_n_train_steps, every_n_epochs=ck.every_n_epochs),
-        SaveConfigInCheckpoint(OmegaConf.to_container(resolved(cfg)), spec),
-        KeepMetricsOnFailedSave(),
+        CheckpointWriting(OmegaConf.to_container(resolved(cfg)), spec),
         RunFigures(run_dir, metrics_file),
     ]
     if t.record_sample_keys:  # which samples each rank saw (the bad-sample counters are logged by the family)
