@@ -83,6 +83,8 @@ def gather_to_all(trainer: L.Trainer, obj: Any) -> list[Any]:
 
 
 class RankState(L.Callback):
+    """Every rank's RNG states and `model.rank_state()` in each checkpoint; each rank's own back on resume."""
+
     def __init__(self) -> None:
         self._pending_rng: list[dict[str, Any]] | None = None
 

@@ -31,7 +31,6 @@ PREEMPTED_MARKER = ".preempted"
 PREEMPTED_EXIT_CODE = 3  # `scalegen train` stopped for preemption after writing its checkpoint
 
 
-
 class Preemption(Checkpoint):
     """Checkpoint at the next step boundary and stop when `signum` arrives (see the module docstring).
 
