@@ -8,13 +8,14 @@ and LR schedule (`scalegen.optim.build_optimizer`). Three loops per config:
   returning the loss (no logger, callbacks, checkpointing or progress bar): the floor Lightning itself
   imposes, for reference;
 - scalegen: the whole runtime, `scalegen.runtime.train(cfg)`: shard pipeline with the recipe's loader
-  settings, Lightning Trainer, per-step logging, metrics file, checkpoint/RNG/preemption/data-audit
-  callbacks (W&B and the progress bar off, validation not run inside the timed steps).
+  settings, Lightning Trainer, the recipe's logging, metrics file, checkpoint, checkpoint-contents,
+  figures, per-rank-state and preemption callbacks (W&B and the progress bar off, validation not run
+  inside the timed steps).
 
 Steps/s are timed after 20 warm-up steps, over the same number of steps (300 for small, 60 for the
 others). The configs:
 
-- small: the quickstart itself (MLP 64-256-128-8, batch 64): ~4-7 ms of compute per step;
+- small: the quickstart itself (MLP 64-256-128-8, batch 64, training scalars every 50 steps);
 - wide: an MLP of 2048x2048 hidden units, batch 256;
 - conv: recipes/vae/mnist.yaml's convolutional VAE on MNIST (28x28, batch 64), when MNIST is available (prepared from
   `$SCALEGEN_SHARED/mnist` or the shared datasets folder beside the repository).

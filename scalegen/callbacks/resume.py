@@ -1,9 +1,6 @@
-"""Exact resume: per-rank RNG states in checkpoints, and checkpoint-and-stop on a preemption signal.
+"""Exact resume: the callbacks it needs (`scale_out_callbacks`), and checkpoint-and-stop on a preemption signal.
 
-`RNGState` stores the torch (CPU and CUDA), numpy and Python generators of every rank under
-`checkpoint["rng_states"]` and restores each rank's own at the first training batch after a resume
-(not earlier: creating the data iterator draws from the torch generator, and the uninterrupted run
-drew that number at the start of the epoch, not at the restart).
+The per-rank RNG and family states every checkpoint holds are `scalegen.callbacks.rank_state.RankState`'s.
 
 `Preemption` turns a signal (SLURM sends `--signal` some minutes before the time limit; an operator
 may `scancel --signal=USR1`) into: all ranks agree at the next optimizer-step boundary, a checkpoint
@@ -15,7 +12,6 @@ flag: checkpointing inside a signal handler would save whatever half-finished st
 from __future__ import annotations
 
 import os
-import random
 import signal
 import sys
 import threading
@@ -23,100 +19,18 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
-from lightning.pytorch.utilities import rank_zero_warn
 
 from scalegen.callbacks.ema import EMA
 from scalegen.callbacks.posthoc_ema import PostHocEMA
+from scalegen.callbacks.rank_state import RankState
 from scalegen.errors import UserError
 
 PREEMPTED_MARKER = ".preempted"
 PREEMPTED_EXIT_CODE = 3  # `scalegen train` stopped for preemption after writing its checkpoint
 
 
-# ---- RNG states ------------------------------------------------------------------------------
-def rng_state() -> dict[str, Any]:
-    """This process's generator states as tensors and plain lists (loadable with weights_only=True)."""
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy": {
-            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
-            "pos": int(np_state[2]),
-            "has_gauss": int(np_state[3]),
-            "cached_gaussian": float(np_state[4]),
-        },
-        "python": {"version": py_state[0], "state": list(py_state[1]), "gauss": py_state[2]},
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state(
-        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
-    )
-    p = state["python"]
-    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _all_gather(trainer: L.Trainer, obj: Any) -> list[Any]:
-    if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-        out: list[Any] = [None] * trainer.world_size
-        torch.distributed.all_gather_object(out, obj)
-        return out
-    return [obj]
-
-
-class RNGState(L.Callback):
-    """Saves every rank's RNG states in checkpoints and restores each rank's own on resume.
-
-    They are restored at the first training batch after the resume, once the resumed run has
-    re-created its data iterators: everything the uninterrupted run drew between the checkpoint and
-    that batch is in the saved state. This is exact for checkpoints taken mid-epoch, and at epoch
-    boundaries too when the training DataLoader has its own `generator` (otherwise creating the next
-    epoch's iterator draws a seed from the global generator at a point a resumed run cannot mirror).
-    """
-
-    def __init__(self) -> None:
-        self._pending: list[dict[str, Any]] | None = None
-
-    def on_save_checkpoint(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
-    ) -> None:
-        # Every rank runs this hook (rank 0 alone writes the file), so the gather is collective.
-        checkpoint["rng_states"] = _all_gather(trainer, rng_state())
-
-    def on_load_checkpoint(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
-    ) -> None:
-        self._pending = checkpoint.get("rng_states")
-
-    def on_train_batch_start(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        if self._pending is None:
-            return
-        states, self._pending = self._pending, None
-        if len(states) != trainer.world_size:
-
-            rank_zero_warn(
-                f"checkpoint has RNG states of {len(states)} ranks, this run has "
-                f"{trainer.world_size}: random streams continue from the seed, not exactly"
-            )
-            return
-        set_rng_state(states[trainer.global_rank])
-
-
-# ---- preemption ------------------------------------------------------------------------------
 class Preemption(Checkpoint):
     """Checkpoint at the next step boundary and stop when `signum` arrives (see the module docstring).
 
@@ -207,10 +121,11 @@ class Preemption(Checkpoint):
 
 
 def scale_out_callbacks(cfg: Any, run_dir: str | Path) -> list[L.Callback]:
-    """The callbacks the runtime adds for exact resume: RNG states, preemption, and the EMAs when enabled."""
+    """The callbacks the runtime adds for exact resume: per-rank RNG and family states, preemption, and the
+    EMAs when enabled."""
 
     # The averages come before Preemption: its checkpoint at a step must hold them with that step folded in.
     averages: list[L.Callback] = [EMA.from_config(cfg.ema)] if cfg.ema.enabled else []
     if cfg.ema.posthoc.enabled:
         averages.append(PostHocEMA.from_config(cfg.ema, run_dir))
-    return [RNGState(), *averages, Preemption(run_dir, str(cfg.trainer.requeue_signal))]
+    return [RankState(), *averages, Preemption(run_dir, str(cfg.trainer.requeue_signal))]

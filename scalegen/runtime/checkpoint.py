@@ -48,28 +48,6 @@ class DiskFullError(UserError):
     """A checkpoint that did not fit on its disk."""
 
 
-class KeepMetricsOnFailedSave(L.Callback):
-    """A save that finds the disk full stops training with `DiskFullError`; this passes on what was logged
-    before it stopped. A checkpoint at a step's end is written by a callback, which Lightning runs before it
-    hands that step's logged values to the loggers: on a step whose scalars are logged (the family's
-    `logs_this_step`), they (`trainer.logged_metrics`) are written here, then every logger is saved and a W&B
-    run finished, so the metrics file and W&B hold every metric logged up to the failure. (A save at a
-    validation's end comes after Lightning has logged the validation metrics.)"""
-
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if not isinstance(exception, DiskFullError):
-            return
-        logs = getattr(pl_module, "logs_this_step", None)
-        metrics = {k: float(v) for k, v in trainer.logged_metrics.items()}
-        for logger in trainer.loggers:
-            if trainer.training and metrics and (logs is None or logs()):
-                # Lightning numbers a step's row by the optimizer steps before it.
-                logger.log_metrics(metrics, step=max(trainer.global_step - 1, 0))
-            logger.save()
-            if isinstance(logger, WandbLogger) and trainer.is_global_zero:
-                logger.experiment.finish(exit_code=1)  # flushed and closed now, not at interpreter exit
-
-
 def remove_stale_temporaries(folder: Path) -> list[Path]:
     """Delete the temporary checkpoints in `folder` left by processes of this host that no longer run (a
     save killed by SIGKILL); another host's, and a live process's, are left alone. Returns those removed."""
@@ -147,11 +125,34 @@ def check_resume_recipe(ckpt: str | Path, current: dict[str, Any], allowed: list
         )
 
 
-class SaveConfigInCheckpoint(L.Callback):
-    """Stores the resolved config and the DataSpec in every checkpoint, so a checkpoint alone rebuilds its model."""
+class CheckpointWriting(L.Callback):
+    """scalegen's side of every checkpoint Lightning writes (one callback: each one attached costs every step).
+
+    - The resolved config and the DataSpec go into every checkpoint (`checkpoint["scalegen"]`), so a
+      checkpoint alone rebuilds its model.
+    - A save that finds the disk full stops training with `DiskFullError`; what was logged before it stopped
+      is passed on. A checkpoint at a step's end is written by a callback, which Lightning runs before it
+      hands that step's logged values to the loggers: on a step whose scalars are logged (the family's
+      `logs_this_step`), they (`trainer.logged_metrics`) are written here, then every logger is saved and a
+      W&B run finished, so the metrics file and W&B hold every metric logged up to the failure. (A save at a
+      validation's end comes after Lightning has logged the validation metrics.)
+    """
 
     def __init__(self, resolved_config: dict, data_spec: Any) -> None:
         self.payload = {"config": resolved_config, "data_spec": dataclasses.asdict(data_spec)}
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         checkpoint["scalegen"] = self.payload
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, DiskFullError):
+            return
+        logs = getattr(pl_module, "logs_this_step", None)
+        metrics = {k: float(v) for k, v in trainer.logged_metrics.items()}
+        for logger in trainer.loggers:
+            if trainer.training and metrics and (logs is None or logs()):
+                # Lightning numbers a step's row by the optimizer steps before it.
+                logger.log_metrics(metrics, step=max(trainer.global_step - 1, 0))
+            logger.save()
+            if isinstance(logger, WandbLogger) and trainer.is_global_zero:
+                logger.experiment.finish(exit_code=1)  # flushed and closed now, not at interpreter exit

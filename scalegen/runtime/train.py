@@ -16,7 +16,6 @@ from scalegen.callbacks.compile import CompileNetworks
 from scalegen.callbacks.data_audit import DataAudit
 from scalegen.callbacks.figures import RunFigures
 from scalegen.callbacks.periodic_eval import PeriodicEval
-from scalegen.callbacks.rank_state import RankState
 from scalegen.callbacks.resume import scale_out_callbacks
 from scalegen.checkpoints import newest_checkpoint
 from scalegen.config.loader import resolved, run_dir_of
@@ -30,8 +29,7 @@ from scalegen.hub import init_from_release
 from scalegen.registry import get_family
 from scalegen.runtime.checkpoint import (
     AtomicCheckpointIO,
-    KeepMetricsOnFailedSave,
-    SaveConfigInCheckpoint,
+    CheckpointWriting,
     check_resume_recipe,
     remove_stale_temporaries,
 )
@@ -109,12 +107,11 @@ def build_trainer(cfg: DictConfig, run_dir: Path, spec: Any, extra_callbacks: li
                         save_top_k=ck.save_top_k if monitor else 0,
                         save_last=ck.save_last,
                         every_n_train_steps=ck.every_n_train_steps, every_n_epochs=ck.every_n_epochs),
-        SaveConfigInCheckpoint(OmegaConf.to_container(resolved(cfg)), spec),
-        KeepMetricsOnFailedSave(),
-        RankState(),
+        CheckpointWriting(OmegaConf.to_container(resolved(cfg)), spec),
         RunFigures(run_dir, metrics_file),
-        DataAudit(run_dir, record_keys=t.record_sample_keys),
     ]
+    if t.record_sample_keys:  # which samples each rank saw (the bad-sample counters are logged by the family)
+        callbacks.append(DataAudit(run_dir))
     if cfg.eval.every_n_steps:
         callbacks.append(PeriodicEval(cfg))
     if t.compile:  # torch.compile the family's networks (scalegen/callbacks/compile.py)
