@@ -39,6 +39,13 @@ def test_quickstart_run_folder_has_everything(quickstart_run: Path) -> None:
     assert wandb_runs[0].name == f"run-{run_id}.wandb"
 
 
+def test_val_samples_zero_draws_no_samples_and_keeps_the_other_figures(tmp_path: Path, train_recipe) -> None:
+    run = train_recipe("quickstart", tmp_path / "no-samples", "trainer.max_epochs=1", "trainer.val_samples=0")
+    assert not (run / "samples.png").exists()
+    for png in ("reconstructions.png", "loss_curve.png"):
+        Image.open(run / png).verify()
+
+
 def test_checkpoint_carries_config_and_rebuilds_the_model(quickstart_run: Path) -> None:
     ckpt = read_checkpoint(quickstart_run / "checkpoints" / "last.ckpt")
     saved = yaml.safe_load((quickstart_run / "config.yaml").read_text())

@@ -38,7 +38,7 @@ class RunFigures(L.Callback):
             return
         was_training = model.training
         model.eval()
-        if "sample" in model.predictions:
+        if "sample" in model.predictions and self.num_samples:
             samples = model.sample(self.num_samples).detach()
             if write:
                 save_image_grid(samples, self.run_dir / "samples.png", nrow=8)

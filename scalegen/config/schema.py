@@ -128,8 +128,10 @@ class TrainerConfig:
     requeue_signal: str = choice("SIGUSR1", "SIGUSR2")  # SLURM: checkpoint + requeue on this signal
     val_check_interval: int | None = ranged(None, ge=1)  # validate every N training batches (None = each epoch)
     check_val_every_n_epoch: int | None = ranged(1, ge=1)  # validate every N epochs (unused with val_check_interval)
-    limit_val_batches: int | float | None = ranged(None, ge=0)  # an int: batches (1 = one batch); a float in [0, 1]: fraction of the val split
+    limit_val_batches: int | float | None = ranged(None, ge=0)  # int: batches (1 = one); float in [0, 1]: a fraction
     num_sanity_val_steps: int = ranged(0, ge=-1)  # validation batches run before training (-1 = all)
+    # (0 suits autoregressive families on a CPU: they draw one pixel per network pass.)
+    val_samples: int = ranged(64, ge=0)  # samples drawn for samples.png after each validation (0 = none)
     log_every_n_steps: int = ranged(10, ge=0)  # write training scalars every N steps (0 = never)
     seed: int = ranged(0, ge=0, le=2**32 - 1)  # global seed (lightning.seed_everything: a uint32)
     deterministic: bool = False  # torch deterministic algorithms (bitwise reproducible on CPU)

@@ -72,7 +72,7 @@ class Buffered(Factorized):
         loss = super().training_step(batch, batch_idx)
         # Updated inside the step, so a checkpoint written at this batch's end (callbacks run first) has it.
         pool = torch.cat([self.buffer, batch["x"].cpu()])
-        keep = torch.randperm(len(pool))[: self.cfg.buffer_size]  # the global RNG: resumed by RNGState
+        keep = torch.randperm(len(pool))[: self.cfg.buffer_size]  # the global RNG: resumed by RankState
         self.buffer, self.updates = pool[keep], self.updates + 1
         return loss
 

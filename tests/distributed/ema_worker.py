@@ -54,7 +54,7 @@ class Recorder(L.Callback):
 
 
 def loader(rank: int, world: int, n: int):
-    # Its own generator: creating an iterator then draws no seed from the global one (see RNGState).
+    # Its own generator: creating an iterator then draws no seed from the global one (RankState restores it).
     return torch.utils.data.DataLoader(
         digit_batches(rank, world, 8, n),
         batch_size=None,
