@@ -25,6 +25,7 @@ def _run(out: Path, runs: Path, devices: int, *overrides: str) -> None:
            f"trainer.devices={devices}", "trainer.strategy=ddp", "trainer.global_batch_size=128",
            "trainer.record_sample_keys=true", "trainer.progress_bar=false", "trainer.num_sanity_val_steps=0",
            "trainer.limit_val_batches=1", "ema.enabled=true", "ema.decay=0.9", "model.hidden=[32]",
+           "trainer.log_every_n_steps=1",  # rows on every step of these few-step runs (the quickstart logs every 50)
            f"run.dir={runs}", "run.name=run", *overrides]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
