@@ -108,7 +108,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, spec: Any, extra_callbacks: li
                         save_last=ck.save_last,
                         every_n_train_steps=ck.every_n_train_steps, every_n_epochs=ck.every_n_epochs),
         CheckpointWriting(OmegaConf.to_container(resolved(cfg)), spec),
-        RunFigures(run_dir, metrics_file, cfg.trainer.val_samples),
+        RunFigures(run_dir, metrics_file, t.val_samples),
     ]
     if t.record_sample_keys:  # which samples each rank saw (the bad-sample counters are logged by the family)
         callbacks.append(DataAudit(run_dir))
