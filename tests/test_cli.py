@@ -67,3 +67,17 @@ def test_overrides_may_follow_options(capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as exit_:  # an unknown option is still refused
         main([*args, "trainer.max_steps=7", "--bogus"])
     assert exit_.value.code == 2 and "--bogus" in capsys.readouterr().err
+
+
+def test_a_command_leaves_the_process_group_before_exit(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # A rank that exits with its gloo group still alive can abort at interpreter exit (SIGABRT after the
+    # run's work is done), so a command's ranks leave the group together once the command succeeds.
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert main(["recipes"]) == 0
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

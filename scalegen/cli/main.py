@@ -17,6 +17,16 @@ import scalegen.families  # noqa: F401  (registers the built-in families for eve
 from scalegen.errors import UserError
 
 
+def _leave_process_group() -> None:
+    """All ranks leave the job's process group together: a rank whose gloo threads still run when the
+    interpreter exits can abort ("terminate called without an active exception") after its work is done."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _commands() -> dict[str, object]:
     names = [m.name for m in pkgutil.iter_modules(scalegen.cli.__path__) if m.name not in ("main", "common")]
     return {name.replace("_", "-"): importlib.import_module(f"scalegen.cli.{name}") for name in sorted(names)}
@@ -43,7 +53,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        return int(args._run(args) or 0)
+        code = int(args._run(args) or 0)
+        _leave_process_group()
+        return code
     except UserError as err:
         one_line = " ".join(part.strip() for part in str(err).splitlines())  # e.g. a YAML error's context lines
         print(f"scalegen {args.command}: error: {one_line}", file=sys.stderr)
