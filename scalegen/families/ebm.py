@@ -51,6 +51,8 @@ class EBMConfig(ModelConfig):
     buffer_size: int = ranged(10000, ge=1)  # chains kept per rank
     reinit_prob: float = ranged(0.05, ge=0, le=1)  # chance a chain restarts from uniform noise
     energy_reg: float = ranged(1.0, ge=0)  # alpha of the L2 energy regularizer (IGEBM: 1)
+    # Gaussian noise on the training examples (JEM: 0.03): the energy cannot sharpen onto exact pixel values.
+    data_noise: float = ranged(0.0, ge=0)
     # Sampling (`sample`).
     sample_from: str = choice("buffer", "noise")  # chain starts: replay-buffer entries or fresh noise
     sample_steps: int = ranged(100, ge=1)  # Langevin updates for `sample`
@@ -87,6 +89,13 @@ class EBM(GenerativeModel):
             x = images_to_unit(x, self.data_spec.levels)
         return self.net(x).squeeze(1)
 
+    def positives(self, x: Tensor) -> Tensor:
+        """The data examples in [-1, 1], with `data_noise` added while training."""
+        x = images_to_unit(x, self.data_spec.levels)
+        if self.training and self.cfg.data_noise > 0:
+            x = x + self.cfg.data_noise * torch.randn_like(x)
+        return x
+
     # ---- negatives --------------------------------------------------------------------------------
     def langevin(self, x0: Tensor, steps: int) -> Tensor:
         c = self.cfg
@@ -108,7 +117,7 @@ class EBM(GenerativeModel):
 
     # ---- training -----------------------------------------------------------------------------------
     def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        x_pos = images_to_unit(batch["x"], self.data_spec.levels)
+        x_pos = self.positives(batch["x"])
         x_neg = self.negatives(len(x_pos), update_buffer=self.training)
         e_pos, e_neg = self.energy(x_pos), self.energy(x_neg)
         self.guard_energies(e_pos, e_neg)

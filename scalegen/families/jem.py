@@ -78,12 +78,12 @@ class JEM(EBM):
             # their count on the host. A batch with no label adds 0.
             known = (y_l >= 0).float()
             n = known.sum().clamp(min=1)
-            logits = self.logits(x_l)
+            logits = self.logits(self.positives(x_l))
             ce = (F.cross_entropy(logits, y_l.clamp(min=0), reduction="none") * known).sum() / n
             loss = loss + ce
             logs.update(ce=ce.detach(), accuracy=((logits.argmax(1) == y_l).float() * known).sum() / n)
         if self.cfg.gen_weight > 0:
-            x_pos = images_to_unit(batch["x"], self.data_spec.levels)
+            x_pos = self.positives(batch["x"])
             x_neg = self.negatives(len(x_pos), update_buffer=self.training)
             e_pos, e_neg = self.energy(x_pos), self.energy(x_neg)
             self.guard_energies(e_pos, e_neg)

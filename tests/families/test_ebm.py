@@ -72,6 +72,17 @@ def test_training_step_updates_only_drawn_buffer_entries_and_negatives_carry_no_
     assert samples.shape == (4, 1, 8, 8) and samples.dtype == torch.uint8
 
 
+def test_data_noise_perturbs_training_examples_only() -> None:
+    torch.manual_seed(0)
+    model = EBM(EBMConfig(widths=[8], data_noise=0.03), OptimConfig(), DataSpec(shape=(1, 8, 8)))
+    x = torch.randint(0, 256, (2000, 1, 8, 8), dtype=torch.uint8)
+    clean = model.eval().positives(x)
+    assert clean.min() >= -1 and clean.max() <= 1 and torch.equal(clean, model.positives(x))
+    noise = model.train().positives(x) - clean
+    assert abs(noise.mean().item()) < 4 * 0.03 / math.sqrt(noise.numel())  # N(0, 0.03^2), 128,000 draws
+    assert noise.std().item() == pytest.approx(0.03, rel=0.02)
+
+
 def test_spectral_norm_bounds_each_layer() -> None:
     torch.manual_seed(0)
     model = EBM(EBMConfig(widths=[8, 8], spectral_norm=True), OptimConfig(), DataSpec(shape=(1, 8, 8)))
