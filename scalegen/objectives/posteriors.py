@@ -3,8 +3,11 @@
 The encoder emits one flat parameter vector per example; `param_dim` says how long it is for each kind:
 
 - diagonal: [mu, logvar] (mean-field Gaussian).
-- full:     [mu, logvar, L_offdiag]: z = mu + L eps with L lower triangular, diag(L) = exp(logvar / 2)
-            and the D(D-1)/2 entries below it free (a full-covariance Gaussian, Sigma = L L^T).
+- full:     [mu, logvar, A]: z = mu + (I + A) (sigma * eps) with sigma = exp(logvar / 2) and A strictly
+            lower triangular (its D(D-1)/2 free entries): a full-covariance Gaussian, Sigma = L L^T with
+            L = (I + A) diag(sigma), one linear IAF step (Kingma et al. 2016, sec. 4). A is relative to the
+            scales sigma, so a step on it moves z by a fraction of sigma, not by an absolute amount that
+            swamps posteriors of small variance (docs/families.md measures both).
 - planar:   [mu, logvar, (u, w, b) per step]: the diagonal Gaussian pushed through planar maps
             f(z) = z + u' tanh(w.z + b) (Rezende & Mohamed 2015, eq. 10-12; u' keeps f invertible, App. A.1).
 - iaf:      [mu, logvar, h]: the diagonal Gaussian pushed through inverse autoregressive steps
@@ -37,11 +40,14 @@ def param_dim(kind: str, dim: int, flow_steps: int = 0, context_dim: int = 0) ->
 
 
 def scale_tril(logvar: Tensor, offdiag: Tensor) -> Tensor:
-    """[B, D, D] lower-triangular L with diagonal exp(logvar / 2) and `offdiag` [B, D(D-1)/2] below it."""
+    """[B, D, D] lower-triangular L = (I + A) diag(sigma), sigma = exp(logvar / 2), with `offdiag`
+    [B, D(D-1)/2] the entries of the strictly lower-triangular A, row by row."""
     d = logvar.shape[-1]
     rows, cols = torch.tril_indices(d, d, -1, device=logvar.device)
-    L = torch.diag_embed((0.5 * logvar).exp())
-    return L.index_put((torch.arange(len(L), device=L.device)[:, None], rows, cols), offdiag, accumulate=True)
+    unit = torch.eye(d, dtype=logvar.dtype, device=logvar.device).expand(len(logvar), d, d)
+    unit = unit.index_put((torch.arange(len(logvar), device=logvar.device)[:, None], rows, cols), offdiag,
+                          accumulate=True)
+    return unit * (0.5 * logvar).exp().unsqueeze(-2)
 
 
 def full_gaussian_kl(params: Tensor, prior_mu: Tensor | float = 0.0, prior_logvar: Tensor | float = 0.0) -> Tensor:

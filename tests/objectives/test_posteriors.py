@@ -38,7 +38,7 @@ def test_full_covariance_matches_multivariate_normal() -> None:
         L[:, i, i] = (0.5 * p[:, D + i]).exp()
     for i in range(D):
         for j in range(i):
-            L[:, i, j] = p[:, next(off)]
+            L[:, i, j] = p[:, next(off)] * (0.5 * p[:, D + j]).exp()  # (I + A) diag(sigma)
     ref = torch.distributions.MultivariateNormal(p[:, :D], scale_tril=L).log_prob(z)
     torch.testing.assert_close(log_q, ref)
     # The samples have covariance L L^T (a Monte-Carlo check of the sampler, not only of the density).
