@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from scalegen.eval.classifier import write_reliability
 from scalegen.plots import save_bar_chart, save_curves, save_image_grid
 
 ORDER = (
@@ -74,6 +75,9 @@ def write_figures(
         figs["reconstructions"] = save_image_grid(
             torch.cat([x, r.to(x.dtype)]), out / "reconstructions.png", nrow=len(x)
         )
+    reliability = write_reliability(artifacts, out)
+    if reliability is not None:
+        figs["reliability"] = reliability
     for name, (images, nrow) in artifacts.get("extra_figures", {}).items():  # the family's own figures
         figs[name] = save_image_grid(images, out / f"{name}.png", nrow=nrow)
     if run_dir is not None and (run_dir / "metrics.jsonl").is_file():
@@ -145,6 +149,26 @@ def _probe_figure(results: dict, path: Path) -> Path:
     return path
 
 
+def _what(name: str, e: dict) -> str:
+    if name == "accuracy":
+        return "fraction of test examples whose argmax_y p(y|x) is the label"
+    if name == "ece":
+        return f"expected calibration error, {e.get('bins')} equal-width confidence bins"
+    if name == "ood":
+        return f"AUROC against corrupted test examples, score {e.get('score')}, mean over the corruptions"
+    return e.get("quantity") or e.get("label") or e.get("unit", "")
+
+
+def _ood_lines(e: dict) -> list[str]:
+    """One row per corruption (or out-of-distribution set), one column per score."""
+    scores = sorted({s for row in e["auroc"].values() for s in row})
+    lines = ["", "## Out-of-distribution detection (AUROC)", "", "| against | " + " | ".join(scores) + " |",
+             "| --- " * (1 + len(scores)) + "|"]
+    for other, row in e["auroc"].items():
+        lines.append(f"| {other} | " + " | ".join(_fmt(row.get(s), 3) for s in scores) + " |")
+    return lines
+
+
 def markdown(results: dict, figures: dict[str, Path]) -> str:
     m = results["metrics"]
     ck = results.get("checkpoint") or {}
@@ -183,12 +207,20 @@ def markdown(results: dict, figures: dict[str, Path]) -> str:
             if "num_real" in e:  # precision/recall/density/coverage: equal-sized subsets
                 counts = f"{e['num_samples']} samples vs {e['num_real']} of the {ref['split']} split, k={e['k']}"
         lines.append(f"| {name} | {val} | {what} | {counts} |")
+    others = [n for n, e in m.items() if n not in ORDER and n != "inference_gap" and "value" in e]
+    for name in others:  # classifier metrics, reconstruction, ...: value, what it is, how many examples
+        e = m[name]
+        val = _fmt(e["value"]) + (f" ± {_fmt(e['sem'])} (s.e.)" if "sem" in e else "")
+        counts = f"{e['count']} examples, {e['split']} split" if "count" in e and "split" in e else ""
+        lines.append(f"| {name} | {val} | {_what(name, e)} | {counts} |")
     for name, reason in results.get("skipped", {}).items():
         lines.append(f"| {name} | skipped | {reason} | |")
     lines += ["", "## Definitions", ""]
-    for name in ORDER:
+    for name in (*ORDER, *others):
         if name in m and "definition" in m[name]:
             lines.append(f"- **{name}**: {m[name]['definition']}.")
+    if "ood" in m:
+        lines += _ood_lines(m["ood"])
     if "inference_gap" in m:
         lines += _gap_lines(m["inference_gap"])
     if "linear_probe" in m or "semisup" in m:
@@ -233,6 +265,7 @@ def markdown(results: dict, figures: dict[str, Path]) -> str:
             "latent_manifold": "The decoder over the 2-D latent space (Phi^-1 grid)",
             "latent_labels": "One latent decoded with every label (first column: the image)",
             "analogies": "Analogies: each test image (left), its style decoded with every label",
+            "reliability": "Reliability diagram: accuracy against confidence per bin",
         }
         for key, path in figures.items():
             lines += [f"### {captions.get(key, key)}", "", f"![{key}]({path.name})", ""]

@@ -29,7 +29,6 @@ from scalegen.eval.classifier import (
     ais_details,
     classifier_metrics,
     other_dataset,
-    write_reliability,
 )
 from scalegen.eval.data import EvalData
 from scalegen.eval.dist import broadcast_object, gather_rows, rank_world, shard_bounds
@@ -631,7 +630,6 @@ def evaluate(
     )
     results["summary"] = flat_summary(results)
     if rank_world()[0] == 0 and out_dir is not None:
-        write_reliability(ev.artifacts, Path(out_dir))
         write_report(
             results,
             ev.artifacts,

@@ -76,6 +76,12 @@ def test_tiny_jem_trains_and_eval_reports_accuracy_ece_and_ood(tmp_path: Path, t
     assert m["ood"]["auroc"]["inverted"]["log_px"] == pytest.approx(ref, abs=1e-6)
     assert set(m["ood"]["auroc"]) == {"uniform_noise", "pixel_permuted", "inverted"}
     assert set(m["ood"]["auroc"]["inverted"]) == {"log_px", "grad_norm", "max_softmax"}
+    # The report carries the three numbers, the AUROC of every corruption and score, and the diagram.
+    report = (out / "report.md").read_text()
+    assert f"| accuracy | {m['accuracy']['value']:.4f} |" in report and f"| ece | {m['ece']['value']:.4f} |" in report
+    a = m["ood"]["auroc"]["inverted"]
+    assert f"| inverted | {a['grad_norm']:.3f} | {a['log_px']:.3f} | {a['max_softmax']:.3f} |" in report
+    assert "![reliability](reliability.png)" in report
 
 
 def test_ood_against_another_prepared_dataset(tmp_path: Path, train_recipe) -> None:
