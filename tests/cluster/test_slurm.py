@@ -23,8 +23,9 @@ from preempt_helpers import exact_resume_overrides, frozen, logged_step, signal_
 
 REPO = Path(__file__).resolve().parents[2]
 PROFILE = Path(__file__).resolve().parent / "ci-profile.yaml"
-STEPS = 220  # 20 epochs of the digits at 2 ranks x 64: still training when the test freezes it (a quiet machine
-# runs a quickstart step in milliseconds; 22 steps could all finish between the poll and the freeze)
+STEPS = 1000  # ~90 epochs of the digits at 2 ranks x 64: still training when the test freezes it. A quiet machine
+# runs a quickstart step in milliseconds; on a loaded one the test's own polls get little CPU, and 220 steps
+# have finished before the test listed the tasks (twice in one day on a 2-core VM at load ~4).
 PREEMPT_AFTER = 4  # optimizer steps seen in the metrics file before the signal is sent
 
 
@@ -81,6 +82,7 @@ def training_task_pids(job: str) -> list[int]:
     not answer (`scontrol listpids` fails now and then on a loaded node: callers poll)."""
     listed = subprocess.run(["scontrol", "listpids", job], capture_output=True, text=True)
     if listed.returncode != 0:
+        print(f"scontrol listpids {job}: rc {listed.returncode}: {listed.stderr.strip()} (t={time.time():.2f})")
         return []
     rows = [line.split() for line in listed.stdout.splitlines()[1:]]  # PID JOBID STEPID LOCALID GLOBALID
     return [int(row[0]) for row in rows if len(row) >= 3 and row[2] not in ("batch", "extern")]
