@@ -12,19 +12,20 @@ import pkgutil
 import sys
 from collections.abc import Sequence
 
+import torch.distributed
+
 import scalegen.cli
 import scalegen.families  # noqa: F401  (registers the built-in families for every command)
 from scalegen.errors import UserError
+from scalegen.eval.dist import barrier, is_distributed
 
 
 def _leave_process_group() -> None:
     """All ranks leave the job's process group together: a rank whose gloo threads still run when the
     interpreter exits can abort ("terminate called without an active exception") after its work is done."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    if is_distributed():
+        barrier()
+        torch.distributed.destroy_process_group()
 
 
 def _commands() -> dict[str, object]:

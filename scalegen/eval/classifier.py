@@ -90,10 +90,12 @@ def classifier_metrics(ev: Any, per_example: PerExample, all_by_default: bool) -
     common = {"split": ev.cfg.split, "count": len(y)}
     if "accuracy" in names:
         acc = float((log_probs.argmax(1) == y).double().mean())
-        ev.results["accuracy"] = {"value": acc, "definition": DEFINITIONS["accuracy"], **common}
+        ev.results["accuracy"] = {"value": acc, "quantity": "fraction of test examples whose argmax_y p(y|x) is "
+                                  "the label", "definition": DEFINITIONS["accuracy"], **common}
     if "ece" in names:
         stats = calibration_bins(log_probs, y, ECE_BINS)
         ev.results["ece"] = {"value": expected_calibration_error(log_probs, y, ECE_BINS), "bins": ECE_BINS,
+                             "quantity": f"expected calibration error, {ECE_BINS} equal-width confidence bins",
                              "bin_counts": stats["count"].tolist(), "bin_accuracy": stats["accuracy"].tolist(),
                              "bin_confidence": stats["confidence"].tolist(), "definition": DEFINITIONS["ece"],
                              **common}
@@ -110,6 +112,7 @@ def classifier_metrics(ev: Any, per_example: PerExample, all_by_default: bool) -
             table[f"dataset:{name}"] = {s: auroc(scores_in[s], scores_out[s]) for s in scores_in}
         primary = "log_px" if "log_px" in scores_in else "max_softmax"
         ev.results["ood"] = {"value": sum(t[primary] for t in table.values()) / len(table), "score": primary,
+                             "quantity": f"AUROC against corrupted test examples, score {primary}, mean over them",
                              "auroc": table, "definition": DEFINITIONS["ood"] + f"; value = mean AUROC of "
                              f"{primary} over the corruptions (and eval.ood_data)", **common}
 

@@ -149,16 +149,6 @@ def _probe_figure(results: dict, path: Path) -> Path:
     return path
 
 
-def _what(name: str, e: dict) -> str:
-    if name == "accuracy":
-        return "fraction of test examples whose argmax_y p(y|x) is the label"
-    if name == "ece":
-        return f"expected calibration error, {e.get('bins')} equal-width confidence bins"
-    if name == "ood":
-        return f"AUROC against corrupted test examples, score {e.get('score')}, mean over the corruptions"
-    return e.get("quantity") or e.get("label") or e.get("unit", "")
-
-
 def _ood_lines(e: dict) -> list[str]:
     """One row per corruption (or out-of-distribution set), one column per score."""
     scores = sorted({s for row in e["auroc"].values() for s in row})
@@ -212,7 +202,7 @@ def markdown(results: dict, figures: dict[str, Path]) -> str:
         e = m[name]
         val = _fmt(e["value"]) + (f" ± {_fmt(e['sem'])} (s.e.)" if "sem" in e else "")
         counts = f"{e['count']} examples, {e['split']} split" if "count" in e and "split" in e else ""
-        lines.append(f"| {name} | {val} | {_what(name, e)} | {counts} |")
+        lines.append(f"| {name} | {val} | {e.get('quantity') or e.get('unit', '')} | {counts} |")
     for name, reason in results.get("skipped", {}).items():
         lines.append(f"| {name} | skipped | {reason} | |")
     lines += ["", "## Definitions", ""]

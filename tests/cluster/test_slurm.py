@@ -78,11 +78,11 @@ def slurm_logs(run_dir: Path) -> str:
 
 
 def training_task_pids(job: str) -> list[int]:
-    """The processes of the job's training step (srun's tasks), not the batch shell's; [] while slurmd does
-    not answer (`scontrol listpids` fails now and then on a loaded node: callers poll)."""
+    """The processes of the job's training step (srun's tasks), not the batch shell's; [] when `scontrol
+    listpids` fails (it does once the job has ended), its error printed for the failure report."""
     listed = subprocess.run(["scontrol", "listpids", job], capture_output=True, text=True)
     if listed.returncode != 0:
-        print(f"scontrol listpids {job}: rc {listed.returncode}: {listed.stderr.strip()} (t={time.time():.2f})")
+        print(f"scontrol listpids {job}: rc {listed.returncode}: {listed.stderr.strip()}")
         return []
     rows = [line.split() for line in listed.stdout.splitlines()[1:]]  # PID JOBID STEPID LOCALID GLOBALID
     return [int(row[0]) for row in rows if len(row) >= 3 and row[2] not in ("batch", "extern")]
