@@ -16,9 +16,10 @@ labelled batch drawn beside every training batch (`labelled_stream`: `x_labelled
 labelled subset chosen by `data.labels_per_class`); a batch without it (every label known) uses the
 main batch's labelled examples.
 
-M1+M2 (the `m1m2` family): the same model over the features of a frozen M1 VAE named by `model.stage1`
-(its posterior means E[z1|x]), with a Gaussian p(z1 | y, z2). It classifies and samples (decoding z1
-with M1's decoder); its bound is on the features, not on the pixels, so it reports no bits/dim.
+M1+M2 (the `m1m2` family): the same model over the latents z1 of a frozen M1 VAE named by `model.stage1`
+(draws from q(z1|x) in training, the means E[z1|x] otherwise), with a Gaussian p(z1 | y, z2). It
+classifies and samples (decoding z1 with M1's decoder); its bound is on the latents, not on the pixels, so
+it reports no bits/dim.
 """
 
 from __future__ import annotations
@@ -241,7 +242,7 @@ class M1M2Config(M2Config):
 
 @register_family("m1m2", M1M2Config, "M1+M2 (Kingma et al. 2014): M2 over the features of a frozen M1 VAE")
 class M1M2(M2):
-    """M2 over the posterior means E[z1|x] of a frozen M1 (a vae-family checkpoint named by model.stage1)."""
+    """M2 over the latents z1 of a frozen M1 (a vae-family checkpoint named by model.stage1)."""
 
     predictions = frozenset({"sample", "encode", "classify"})
     # M2's bound here is over M1's latents, not the pixels, and there is no pixel reconstruction: withhold both.
@@ -252,6 +253,8 @@ class M1M2(M2):
         m1 = self.load_stage1()
         if m1.family_name != "vae" or "encode" not in m1.predictions:
             raise UserError(f"model.stage1 is a {m1.family_name!r} model; M1+M2 needs a vae checkpoint (M1)")
+        if m1.cfg.latent != "gaussian":
+            raise UserError(f"model.stage1 has model.latent={m1.cfg.latent}; M1+M2 needs an M1 with Gaussian latents")
         self.stage1 = m1  # a frozen submodule: saved in this model's checkpoints
         with torch.no_grad():
             return int(m1.encode(torch.zeros(1, *self.data_spec.shape, dtype=torch.uint8)).shape[1])
@@ -269,8 +272,10 @@ class M1M2(M2):
         return self.build_optimizer(params, self.total_steps())
 
     def features(self, x: Tensor, train: bool = False) -> Tensor:
+        """z1: a draw from M1's q(z1|x) in training (as the paper's code; posterior means would give the
+        dimensions M1 leaves unused a near-zero spread for p(z1|y,z2) to fit), its mean otherwise."""
         with torch.no_grad():
-            return self.stage1.encode(x)
+            return self.stage1.encode_sample(x) if train else self.stage1.encode(x)
 
     def log_px(self, target: Tensor, out: Tensor) -> Tensor:
         mean, logvar = out.chunk(2, 1)

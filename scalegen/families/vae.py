@@ -381,6 +381,16 @@ class VAE(GenerativeModel):
         return self._posterior(inp, self._onehot(y, len(x)))[0]
 
     @torch.no_grad()
+    def encode_sample(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        """One draw z = mu + sigma * eps of the Gaussian whose mean `encode` returns (for flow and full
+        posteriors, their base Gaussian): M1+M2 trains on such draws (Kingma et al. 2014's code)."""
+        if self.cfg.latent != "gaussian":
+            raise ConfigError(f"encode_sample draws Gaussian latents; this VAE has model.latent={self.cfg.latent}")
+        inp, _ = self._targets(x, train=False)
+        mu, logvar = self._posterior(inp, self._onehot(y, len(x)))
+        return mu + torch.randn_like(mu) * (0.5 * logvar).exp()
+
+    @torch.no_grad()
     def reconstruct(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         inp, _ = self._targets(x, train=False)
         y1h = self._onehot(y, len(x))

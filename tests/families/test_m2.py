@@ -156,7 +156,12 @@ def test_m1m2_trains_over_a_frozen_m1_and_evaluates_from_its_own_checkpoint(tmp_
     for name, p in m1.state_dict().items():  # the first stage stayed frozen through training
         torch.testing.assert_close(model.stage1.state_dict()[name], p)
     x, y = _digits()
-    torch.testing.assert_close(model.features(x[:8]), m1.encode(x[:8]))  # M2 sees M1's posterior means
+    torch.testing.assert_close(model.features(x[:8]), m1.encode(x[:8]))  # M2 is evaluated on M1's posterior means
+    torch.manual_seed(0)
+    drawn = model.features(x[:8], train=True)  # and trained on draws from q(z1|x)
+    torch.manual_seed(0)
+    torch.testing.assert_close(drawn, m1.encode_sample(x[:8]))
+    assert not torch.allclose(drawn, m1.encode(x[:8]))
     out = tmp_path / "eval"
     assert main(["eval", str(run), "--out", str(out), "--no-wandb", "eval.probe_seeds=1", "eval.probe_steps=50",
                  "eval.label_curve=[10]"]) == 0  # `scalegen eval`, in this process

@@ -142,3 +142,18 @@ def test_training_step_logs_only_on_the_first_logging_and_last_steps() -> None:
     trainer.fit(model, torch.utils.data.DataLoader(batches, batch_size=None))
     assert logged == [0, 9, 19, 24]  # first step, every 10th (as Lightning's loggers write), last
     assert "train/loss" in trainer.callback_metrics
+
+
+def test_encode_sample_draws_from_the_posterior_whose_mean_encode_returns() -> None:
+    torch.manual_seed(0)
+    model = VAE(VAEConfig(latent_dim=3), OptimConfig(), DataSpec(shape=(1, 8, 8))).eval()
+    with torch.no_grad():  # a posterior with a visible spread: the log-variance outputs raised by 1
+        model.encoder.net[-1].bias[3:] += 1.0
+    x = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8)
+    mu, logvar = model.posterior_params(x)[:, :3], model.posterior_params(x)[:, 3:6]
+    draws = torch.stack([model.encode_sample(x) for _ in range(4000)])  # [4000, 4, 3]
+    sd = (0.5 * logvar).exp()
+    # Monte Carlo: the mean of 4000 draws is within 5 standard errors of mu; the spread within 5 %.
+    assert (draws.mean(0) - mu).abs().max() < 5 * sd.max() / math.sqrt(4000)
+    torch.testing.assert_close(draws.std(0), sd, rtol=0.05, atol=0.0)
+    torch.testing.assert_close(model.encode(x), mu)
