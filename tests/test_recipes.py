@@ -26,6 +26,12 @@ REFERENCE = Path(__file__).with_name("regression_reference.json")
 # Same seed, one thread, same data: on one torch build the runs repeat exactly. The tolerances absorb
 # other builds' kernels (reduction order, vectorization), which move a few-step loss by well under 1 %.
 LOSS_RTOL, METRIC_RTOL = 0.02, 0.05
+# Not compared: the sample metrics of the domain classifier (eval/domain_*). That classifier is itself trained
+# (500+ steps) when evaluation first needs it, and another reduction order trains a different one (2 threads
+# instead of 1 here; this AVX-512 machine instead of the one the references were recorded on): with the same
+# code, on 64 samples of a tiny model, coverage then moved by 30 % and KID by 44 %.
+# They are still computed and must be finite; tests/metrics checks them against independent computations.
+UNCOMPARED_PREFIX = "eval/domain_"
 
 
 def _check_reference(name: str, observed: dict[str, float]) -> None:
@@ -38,6 +44,8 @@ def _check_reference(name: str, observed: dict[str, float]) -> None:
     expected = recorded[name]
     assert set(observed) == set(expected), f"{name}: metrics {sorted(observed)} vs reference {sorted(expected)}"
     for key, want in expected.items():
+        if key.startswith(UNCOMPARED_PREFIX):
+            continue
         rtol = LOSS_RTOL if key == "train/loss" else METRIC_RTOL
         got = observed[key]
         assert math.isclose(got, want, rel_tol=rtol, abs_tol=1e-6), (

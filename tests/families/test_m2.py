@@ -168,3 +168,12 @@ def test_m1m2_trains_over_a_frozen_m1_and_evaluates_from_its_own_checkpoint(tmp_
     semisup = json.loads((out / "metrics.json").read_text())["metrics"]["semisup"]
     assert "classify" in semisup["method"] and semisup["value"] > 0.5, semisup
     assert model.sample(4, torch.tensor([0, 1, 2, 3])).shape == (4, 1, 8, 8)
+
+
+@pytest.mark.parametrize("recipe", ["m2/mnist-100", "m2/mnist-600", "m2/m1m2-mnist-600"])
+def test_mnist_recipes_compare_the_classifier_with_probes_on_as_many_labels(recipe: str) -> None:
+    from scalegen.config import load_config
+
+    cfg = load_config(recipe, ["data.labels_per_class=7"])  # an override follows through to the baselines
+    assert cfg.eval.labels_per_class == 7
+    assert load_config(recipe).eval.labels_per_class == load_config(recipe).data.labels_per_class
