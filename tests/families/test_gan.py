@@ -99,8 +99,9 @@ _unif = lambda a: lambda n: torch.rand(n, 1) + a  # noqa: E731
                          ids=["gaussians", "uniforms"])
 def test_wgan_gp_critic_estimates_the_earth_movers_distance(real, fake, w1) -> None:
     """Equal-variance Gaussians N(0, 1), N(1.5, 1) and uniforms U(0, 1), U(0.5, 1.5) are shifts: W1 = the
-    shift. With lambda = 100 the trained critic's estimate is within 3% of it (300 Adam steps)."""
-    assert _train_critic(real, fake, lam=100.0) == pytest.approx(w1, rel=0.03)
+    shift. With lambda = 100 the trained critic's estimate is within 3% of it (1,000 Adam steps: after 300
+    the estimate still varied by +-3.5% across seeds, and with the kernels of the CPU)."""
+    assert _train_critic(real, fake, lam=100.0, steps=1000) == pytest.approx(w1, rel=0.03)
 
 
 def test_wgan_gp_estimate_carries_the_penalty_bias_of_a_soft_constraint() -> None:
