@@ -253,11 +253,9 @@ class M1M2(M2):
         m1 = self.load_stage1()
         if m1.family_name != "vae" or "encode" not in m1.predictions:
             raise UserError(f"model.stage1 is a {m1.family_name!r} model; M1+M2 needs a vae checkpoint (M1)")
-        if m1.cfg.latent != "gaussian":
-            raise UserError(f"model.stage1 has model.latent={m1.cfg.latent}; M1+M2 needs an M1 with Gaussian latents")
         self.stage1 = m1  # a frozen submodule: saved in this model's checkpoints
-        with torch.no_grad():
-            return int(m1.encode(torch.zeros(1, *self.data_spec.shape, dtype=torch.uint8)).shape[1])
+        with torch.no_grad():  # encode_sample, which training uses, refuses an M1 without Gaussian latents
+            return int(m1.encode_sample(torch.zeros(1, *self.data_spec.shape, dtype=torch.uint8)).shape[1])
 
     def outputs_per_feature(self) -> int:
         return 2  # mean and log-variance of p(z1 | y, z2)
@@ -272,8 +270,8 @@ class M1M2(M2):
         return self.build_optimizer(params, self.total_steps())
 
     def features(self, x: Tensor, train: bool = False) -> Tensor:
-        """z1: a draw from M1's q(z1|x) in training (as the paper's code; posterior means would give the
-        dimensions M1 leaves unused a near-zero spread for p(z1|y,z2) to fit), its mean otherwise."""
+        """z1: a draw from M1's q(z1|x) in training, as the paper's code does (docs/families.md measures it
+        against training on the means), its mean otherwise."""
         with torch.no_grad():
             return self.stage1.encode_sample(x) if train else self.stage1.encode(x)
 

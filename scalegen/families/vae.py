@@ -385,7 +385,8 @@ class VAE(GenerativeModel):
         """One draw z = mu + sigma * eps of the Gaussian whose mean `encode` returns (for flow and full
         posteriors, their base Gaussian): M1+M2 trains on such draws (Kingma et al. 2014's code)."""
         if self.cfg.latent != "gaussian":
-            raise ConfigError(f"encode_sample draws Gaussian latents; this VAE has model.latent={self.cfg.latent}")
+            raise ConfigError(f"encode_sample draws Gaussian latents, and this VAE has model.latent={self.cfg.latent}: "
+                              "use one trained with model.latent=gaussian")
         inp, _ = self._targets(x, train=False)
         mu, logvar = self._posterior(inp, self._onehot(y, len(x)))
         return mu + torch.randn_like(mu) * (0.5 * logvar).exp()

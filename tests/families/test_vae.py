@@ -157,3 +157,11 @@ def test_encode_sample_draws_from_the_posterior_whose_mean_encode_returns() -> N
     assert (draws.mean(0) - mu).abs().max() < 5 * sd.max() / math.sqrt(4000)
     torch.testing.assert_close(draws.std(0), sd, rtol=0.05, atol=0.0)
     torch.testing.assert_close(model.encode(x), mu)
+
+
+def test_encode_sample_refuses_discrete_latents_naming_the_fix() -> None:
+    from scalegen.errors import ConfigError
+
+    model = VAE(VAEConfig(latent="bernoulli", latent_dim=3), OptimConfig(), DataSpec(shape=(1, 8, 8)))
+    with pytest.raises(ConfigError, match="model.latent=gaussian"):
+        model.encode_sample(torch.zeros(2, 1, 8, 8, dtype=torch.uint8))
