@@ -12,6 +12,7 @@ from sklearn.linear_model import LogisticRegression
 
 from scalegen.config.schema import OptimConfig
 from scalegen.dataspec import DataSpec
+from scalegen.errors import ConfigError
 from scalegen.families.vae import VAE, VAEConfig, _static_uniform
 from scalegen.objectives.elbo import discretized_log_prob, gaussian_kl, log_normal
 from scalegen.runtime import load_model
@@ -160,8 +161,6 @@ def test_encode_sample_draws_from_the_posterior_whose_mean_encode_returns() -> N
 
 
 def test_encode_sample_refuses_discrete_latents_naming_the_fix() -> None:
-    from scalegen.errors import ConfigError
-
     model = VAE(VAEConfig(latent="bernoulli", latent_dim=3), OptimConfig(), DataSpec(shape=(1, 8, 8)))
     with pytest.raises(ConfigError, match="model.latent=gaussian"):
         model.encode_sample(torch.zeros(2, 1, 8, 8, dtype=torch.uint8))
