@@ -114,8 +114,10 @@ def decode_sample(sample: dict, kind: str, channels: int | None, sample_rate: in
     elif checked:
         raise ValueError("no crc32 member (its header was damaged)")
     exts = IMAGE_EXTS if kind == "image" else AUDIO_EXTS
-    ext = next((e for e in exts if e in sample), None)
-    if ext is None:
+    for ext in exts:
+        if ext in sample:
+            break
+    else:
         members = sorted(k for k in sample if not k.startswith("__"))
         raise ValueError(f"no {'/'.join(exts)} member (has {members})")
     x = decode_image(sample[ext], channels, ext, tensor) if kind == "image" else decode_wav(sample[ext], sample_rate)

@@ -481,7 +481,7 @@ def collate_samples(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         )
     xs = [s["x"] for s in samples]
     batch: dict[str, Any] = {
-        "x": torch.stack(xs) if isinstance(xs[0], torch.Tensor) else torch.from_numpy(np.stack(xs)),
+        "x": torch.stack(xs) if isinstance(xs[0], torch.Tensor) else _stack_arrays(xs),
         "y": torch.tensor([s["y"] for s in samples], dtype=torch.int64),
         "key": [s["key"] for s in samples],
     }
@@ -496,6 +496,14 @@ def collate_samples(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         else:
             batch[k] = values
     return batch
+
+
+def _stack_arrays(xs: Sequence[np.ndarray]) -> torch.Tensor:
+    """np.stack of same-shape arrays, through one bytes join: ~5x faster for many small images (which are
+    read-only views of their shard's bytes); the bytearray makes the result writable without another copy."""
+    if not all(x.flags.c_contiguous for x in xs):
+        return torch.from_numpy(np.stack(xs))
+    return torch.from_numpy(np.frombuffer(bytearray().join(xs), xs[0].dtype).reshape(len(xs), *xs[0].shape))
 
 
 def collate(stream: Iterable[list[dict[str, Any]]], skips: _Skips) -> Iterator[dict[str, Any]]:

@@ -145,12 +145,22 @@ _ZERO_BLOCK = bytes(512)
 def _header_ok(header: bytes) -> bool:
     """Whether a 512-byte block is a tar header: its checksum (the byte sum with the checksum field counted
     as spaces) matches. Adler-32's low half is 1 + the byte sum mod 65521: the same test, in C."""
-    field = header[148:156]
+    return zlib.adler32(header) & 0xFFFF == _expected_adler(header[148:156])
+
+
+def _expected_adler(field: bytes) -> int:
+    """The low half of adler32(header) for a header whose checksum field is `field` (-1: not a number)."""
     try:
         stored = int(field[:7].rstrip(b"\0"), 8)  # 6 or 7 octal digits, then NUL and/or space (int() strips spaces)
     except ValueError:
-        return False
-    return zlib.adler32(header) & 0xFFFF == (1 + stored - 256 + sum(field)) % 65521
+        return -1
+    return (1 + stored - 256 + sum(field)) % 65521
+
+
+def _member_size(field: bytes) -> int:
+    if field[0] & 0x80:  # GNU base-256 for members of 8 GiB and more
+        return int.from_bytes(field[1:], "big")
+    return int(field.rstrip(b"\0 ") or b"0", 8)
 
 
 def read_members(
@@ -174,7 +184,7 @@ def read_members(
         return len(buf) - pos >= n
 
     long_name: str | None = None
-    adler = zlib.adler32
+    adler, known_sums, known_sizes = zlib.adler32, {}, {}
     while True:
         if len(buf) - pos < 512 and not refill(512):
             if len(buf) != pos:  # part of a header, or a member's padding, is missing
@@ -184,12 +194,15 @@ def read_members(
         header = buf[pos : pos + 512]
         if header == _ZERO_BLOCK:
             return  # end of archive
-        field = header[148:156]  # the checksum, inline (the per-member cost of reading): see _header_ok
-        try:
-            ok = adler(header) & 0xFFFF == (1 + int(field[:7].rstrip(b"\0"), 8) - 256 + sum(field)) % 65521
-        except ValueError:
-            ok = False
-        if not ok:
+        # The checksum test of _header_ok, inline (it is the per-member cost of reading): the adler-32 half a
+        # good header has follows from its checksum field alone, and shards repeat few field values.
+        field = header[148:156]
+        expected = known_sums.get(field)
+        if expected is None:
+            expected = _expected_adler(field)
+            if len(known_sums) < 4096:
+                known_sums[field] = expected
+        if adler(header) & 0xFFFF != expected:
             bad = base + pos
             pos += 512
             while refill(512) and (buf[pos : pos + 512] == _ZERO_BLOCK or not _header_ok(buf[pos : pos + 512])):
@@ -201,10 +214,11 @@ def read_members(
             long_name = None
             continue
         size_field = header[124:136]
-        if size_field[0] & 0x80:  # GNU base-256 for members of 8 GiB and more
-            size = int.from_bytes(size_field[1:], "big")
-        else:
-            size = int(size_field.rstrip(b"\0 ") or b"0", 8)
+        size = known_sizes.get(size_field)
+        if size is None:
+            size = _member_size(size_field)
+            if len(known_sizes) < 4096:
+                known_sizes[size_field] = size
         padded = size + (-size % 512)
         if len(buf) - pos < 512 + padded and not refill(512 + padded) and len(buf) - pos < 512 + size:
             on_damage(f"truncated at byte {base + len(buf) - pos}, inside a member of {size} bytes")
@@ -217,7 +231,7 @@ def read_members(
                 name, long_name = long_name, None
             else:
                 name = header[:100].rstrip(b"\0").decode("utf-8", "replace")
-                if header[257:262] == b"ustar" and header[345]:
+                if header[345] and header[257:262] == b"ustar":
                     name = header[345:500].split(b"\0", 1)[0].decode("utf-8", "replace") + "/" + name
             yield name, data
         elif kind == 76:  # b"L": GNU long name of the next member
@@ -263,7 +277,7 @@ def sample_crc(sample: Sample) -> str:
     (raw `.npy` pixels carry no checksum of their own; this one makes damage to any member detectable)."""
     crc = 0
     for ext in sorted(sample):
-        if ext not in ("__key__", "crc32") and not ext.startswith("__"):
+        if ext != "crc32" and ext[:2] != "__":
             crc = zlib.crc32(sample[ext], crc)
     return f"{crc:08x}"
 
