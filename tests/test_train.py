@@ -72,6 +72,18 @@ def test_resume_auto_continues_from_the_last_checkpoint(quickstart_run: Path, tr
     assert {p.name for p in run_files} == {f"run-{run_id}.wandb"}  # the resumed session logs to the same W&B run
 
 
+def test_each_run_in_one_process_logs_to_its_own_wandb_run(tmp_path: Path, train_recipe) -> None:
+    """A second train() in the same process (a notebook, a sweep) gets its own W&B run, not the first's."""
+    for name in ("first", "second"):
+        train_recipe("quickstart", tmp_path / name, "trainer.max_steps=3", "trainer.max_epochs=null",
+                     "logging.wandb=true", "trainer.limit_val_batches=1")
+    for name in ("first", "second"):
+        run_id = (tmp_path / name / "wandb_run_id").read_text().strip()
+        files = {p.name for p in (tmp_path / name / "wandb").glob("offline-run-*/run-*.wandb")}
+        assert files == {f"run-{run_id}.wandb"}
+    assert (tmp_path / "first" / "wandb_run_id").read_text() != (tmp_path / "second" / "wandb_run_id").read_text()
+
+
 def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch) -> None:
     io = AtomicCheckpointIO()
     path = tmp_path / "last.ckpt"

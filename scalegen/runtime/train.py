@@ -9,6 +9,7 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.loggers import WandbLogger  # (wandb itself is imported only when a run starts)
 from omegaconf import DictConfig, OmegaConf
 
 import scalegen.families  # noqa: F401  (registers the built-in families)
@@ -54,8 +55,6 @@ def _resume_path(cfg: DictConfig, run_dir: Path) -> str | None:
 def _wandb_logger(cfg: DictConfig, run_dir: Path) -> Any:
     """W&B through Lightning, offline by default. The run id is kept in the run folder so a resumed or
     requeued job continues the same W&B run."""
-    from lightning.pytorch.loggers import WandbLogger  # imports wandb: only when W&B logging is on
-
     id_file = run_dir / "wandb_run_id"
     if not id_file.exists():
         id_file.write_text(uuid.uuid4().hex[:12])
@@ -160,4 +159,9 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> Path:
         # ModelCheckpoint writes at epoch/validation ends; a run stopped by max_steps mid-epoch would
         # otherwise leave last.ckpt without its final steps.
         trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    # Lightning leaves the W&B run open after fit; a later train() in this process (a notebook, a sweep)
+    # would then log into it instead of its own run.
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and trainer.is_global_zero:
+            logger.experiment.finish()
     return run_dir
