@@ -1,5 +1,9 @@
 """`RankState`: what differs per rank, in every checkpoint, and each rank's own back on resume.
 
+Not a callback of its own (each attached callback costs every training step): the runtime's
+`CheckpointWriting` (scalegen/runtime/checkpoint.py), which writes scalegen's side of every checkpoint,
+calls it from its checkpoint and first-batch hooks.
+
 Two things differ per rank and are not in the (replicated) state dict: the random generators, and a
 family's `model.rank_state()` (an EBM's replay buffer, an RBM's persistent chains). `on_save_checkpoint`
 runs on every rank (rank 0 alone writes the file), so both are gathered to every rank in one
@@ -82,20 +86,20 @@ def gather_to_all(trainer: L.Trainer, obj: Any) -> list[Any]:
     return [obj]
 
 
-class RankState(L.Callback):
+class RankState:
     """Every rank's RNG states and `model.rank_state()` in each checkpoint; each rank's own back on resume."""
 
     def __init__(self) -> None:
         self._pending_rng: list[dict[str, Any]] | None = None
 
-    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+    def save(self, trainer: L.Trainer, pl_module: Any, checkpoint: dict[str, Any]) -> None:
         gathered = gather_to_all(trainer, (rng_state(), _to_cpu(pl_module.rank_state())))
         checkpoint[RNG_KEY] = [rng for rng, _ in gathered]
         states = [state for _, state in gathered]
         if any(states):
             checkpoint[KEY] = states
 
-    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+    def load(self, trainer: L.Trainer, pl_module: Any, checkpoint: dict[str, Any]) -> None:
         self._pending_rng = checkpoint.get(RNG_KEY)
         states = checkpoint.get(KEY)
         if not states:
@@ -104,7 +108,8 @@ class RankState(L.Callback):
         own = states[trainer.global_rank] if saved == world else dict(enumerate(states))
         pl_module.load_rank_state(own, saved, world)
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+    def restore_rng(self, trainer: L.Trainer) -> None:
+        """At a training batch's start: the RNG states loaded with the checkpoint, once."""
         if self._pending_rng is None:
             return
         states, self._pending_rng = self._pending_rng, None

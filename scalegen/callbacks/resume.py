@@ -1,6 +1,7 @@
 """Exact resume: the callbacks it needs (`scale_out_callbacks`), and checkpoint-and-stop on a preemption signal.
 
-The per-rank RNG and family states every checkpoint holds are `scalegen.callbacks.rank_state.RankState`'s.
+The per-rank RNG and family states every checkpoint holds are `scalegen.callbacks.rank_state.RankState`'s
+(written and restored by the runtime's `CheckpointWriting`).
 
 `Preemption` turns a signal (SLURM sends `--signal` some minutes before the time limit; an operator
 may `scancel --signal=USR1`) into: all ranks agree at the next optimizer-step boundary, a checkpoint
@@ -24,7 +25,6 @@ from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 
 from scalegen.callbacks.ema import EMA
 from scalegen.callbacks.posthoc_ema import PostHocEMA
-from scalegen.callbacks.rank_state import RankState
 from scalegen.errors import UserError
 
 PREEMPTED_MARKER = ".preempted"
@@ -121,11 +121,11 @@ class Preemption(Checkpoint):
 
 
 def scale_out_callbacks(cfg: Any, run_dir: str | Path) -> list[L.Callback]:
-    """The callbacks the runtime adds for exact resume: per-rank RNG and family states, preemption, and the
-    EMAs when enabled."""
+    """The callbacks the runtime adds for exact resume: preemption, and the EMAs when enabled (the per-rank
+    RNG and family states are written by `CheckpointWriting`)."""
 
     # The averages come before Preemption: its checkpoint at a step must hold them with that step folded in.
     averages: list[L.Callback] = [EMA.from_config(cfg.ema)] if cfg.ema.enabled else []
     if cfg.ema.posthoc.enabled:
         averages.append(PostHocEMA.from_config(cfg.ema, run_dir))
-    return [RankState(), *averages, Preemption(run_dir, str(cfg.trainer.requeue_signal))]
+    return [*averages, Preemption(run_dir, str(cfg.trainer.requeue_signal))]

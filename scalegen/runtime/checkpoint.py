@@ -1,4 +1,5 @@
-"""Writing checkpoints: atomic writes and the config inside every checkpoint (reading them: scalegen.checkpoints)."""
+"""Writing checkpoints: atomic writes, and the config and per-rank states inside every checkpoint (reading them:
+scalegen.checkpoints)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 from lightning.pytorch.loggers import WandbLogger  # (wandb itself is imported only when a run starts)
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from scalegen.callbacks.rank_state import RankState
 from scalegen.checkpoints import atomic_save
 from scalegen.errors import UserError
 
@@ -130,6 +132,8 @@ class CheckpointWriting(L.Callback):
 
     - The resolved config and the DataSpec go into every checkpoint (`checkpoint["scalegen"]`), so a
       checkpoint alone rebuilds its model.
+    - Every rank's RNG states and family rank state (`RankState`, scalegen/callbacks/rank_state.py) go in
+      too, and each rank's own come back on resume.
     - A save that finds the disk full stops training with `DiskFullError`; what was logged before it stopped
       is passed on. A checkpoint at a step's end is written by a callback, which Lightning runs before it
       hands that step's logged values to the loggers: on a step whose scalars are logged (the family's
@@ -140,9 +144,18 @@ class CheckpointWriting(L.Callback):
 
     def __init__(self, resolved_config: dict, data_spec: Any) -> None:
         self.payload = {"config": resolved_config, "data_spec": dataclasses.asdict(data_spec)}
+        self.rank_state = RankState()
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         checkpoint["scalegen"] = self.payload
+        self.rank_state.save(trainer, pl_module, checkpoint)
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        self.rank_state.load(trainer, pl_module, checkpoint)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self.rank_state.restore_rng(trainer)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, DiskFullError):
