@@ -158,9 +158,13 @@ def _expected_adler(field: bytes) -> int:
 
 
 def _member_size(field: bytes) -> int:
+    """The size field's value (-1: not a number, a damaged header)."""
     if field[0] & 0x80:  # GNU base-256 for members of 8 GiB and more
         return int.from_bytes(field[1:], "big")
-    return int(field.rstrip(b"\0 ") or b"0", 8)
+    try:
+        return int(field.rstrip(b"\0 ") or b"0", 8)
+    except ValueError:
+        return -1
 
 
 def read_members(
@@ -184,7 +188,7 @@ def read_members(
         return len(buf) - pos >= n
 
     long_name: str | None = None
-    adler, known_sums, known_sizes = zlib.adler32, {}, {}
+    adler, known_fields = zlib.adler32, {}
     while True:
         if len(buf) - pos < 512 and not refill(512):
             if len(buf) != pos:  # part of a header, or a member's padding, is missing
@@ -195,14 +199,16 @@ def read_members(
         if header == _ZERO_BLOCK:
             return  # end of archive
         # The checksum test of _header_ok, inline (it is the per-member cost of reading): the adler-32 half a
-        # good header has follows from its checksum field alone, and shards repeat few field values.
-        field = header[148:156]
-        expected = known_sums.get(field)
-        if expected is None:
-            expected = _expected_adler(field)
-            if len(known_sums) < 4096:
-                known_sums[field] = expected
-        if adler(header) & 0xFFFF != expected:
+        # good header has follows from its checksum field alone, and the size, mtime and checksum fields of a
+        # shard's headers take few distinct values: both parses are looked up, not repeated, per member.
+        fields = header[124:156]
+        known = known_fields.get(fields)
+        if known is None:
+            known = _expected_adler(fields[24:]), _member_size(fields[:12])
+            if len(known_fields) < 4096:
+                known_fields[fields] = known
+        expected, size = known
+        if adler(header) & 0xFFFF != expected or size < 0:
             bad = base + pos
             pos += 512
             while refill(512) and (buf[pos : pos + 512] == _ZERO_BLOCK or not _header_ok(buf[pos : pos + 512])):
@@ -213,12 +219,6 @@ def read_members(
             on_damage(f"corrupt tar header at byte {bad}, reading on from the next valid one at byte {base + pos}")
             long_name = None
             continue
-        size_field = header[124:136]
-        size = known_sizes.get(size_field)
-        if size is None:
-            size = _member_size(size_field)
-            if len(known_sizes) < 4096:
-                known_sizes[size_field] = size
         padded = size + (-size % 512)
         if len(buf) - pos < 512 + padded and not refill(512 + padded) and len(buf) - pos < 512 + size:
             on_damage(f"truncated at byte {base + len(buf) - pos}, inside a member of {size} bytes")

@@ -84,6 +84,22 @@ def test_a_corrupt_stretch_costs_only_the_members_it_touches(seed: int) -> None:
     assert bool(damage) == headers_hit and all("corrupt tar header at byte" in d for d in damage)
 
 
+def test_a_header_whose_checksum_passes_but_whose_size_is_not_a_number_is_damage() -> None:
+    data, _ = _shard()
+    offsets = _offsets(data)
+    name = sorted(offsets, key=lambda n: offsets[n][0])[4]  # a member in the middle
+    a = offsets[name][0]
+    header = bytearray(data[a : a + 512])
+    header[124:136] = b"9zz99999999\0"  # not octal
+    header[148:156] = b" " * 8
+    header[148:156] = f"{sum(header):06o}\0 ".encode()  # a checksum that passes (tarfile's rule)
+    got, damage = _read(data[:a] + bytes(header) + data[a + 512 :])
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        expected = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers() if m.name != name]
+    assert got == expected  # only that member is lost (its data blocks are skipped as non-headers)
+    assert len(damage) == 1 and f"corrupt tar header at byte {a}" in damage[0]
+
+
 def test_truncation_loses_only_what_is_missing_and_raises_without_a_handler(tmp_path) -> None:
     data, samples = _shard()
     last = max(a for a, _ in _offsets(data).values())  # the last member's header
