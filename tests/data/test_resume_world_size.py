@@ -27,10 +27,7 @@ def _run(out: Path, runs: Path, devices: int, *overrides: str) -> None:
            "trainer.limit_val_batches=1", "ema.enabled=true", "ema.decay=0.9", "model.hidden=[32]",
            "trainer.log_every_n_steps=1",  # rows on every step of these few-step runs (the quickstart logs every 50)
            f"run.dir={runs}", "run.name=run", *overrides]
-    # Not WANDB_SERVICE: an earlier in-process W&B run (tests/data/test_checkpoint_io.py) exports its service's
-    # address, and a resumed run sent to that service finds its run ID still "in use" there.
-    env = {**{k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}, "PYTHONPATH": str(REPO),
-           "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
