@@ -14,12 +14,14 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.loggers import WandbLogger  # (wandb itself is imported only when a run starts)
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from scalegen.callbacks.rank_state import RankState
 from scalegen.checkpoints import atomic_save
 from scalegen.errors import UserError
+from scalegen.runtime.preemption import Preemption
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -127,13 +129,16 @@ def check_resume_recipe(ckpt: str | Path, current: dict[str, Any], allowed: list
         )
 
 
-class CheckpointWriting(L.Callback):
-    """scalegen's side of every checkpoint Lightning writes (one callback: each one attached costs every step).
+class CheckpointWriting(Checkpoint):
+    """scalegen's side of every checkpoint (one callback: each one attached costs every step).
 
     - The resolved config and the DataSpec go into every checkpoint (`checkpoint["scalegen"]`), so a
       checkpoint alone rebuilds its model.
     - Every rank's RNG states and family rank state (`RankState`, scalegen/callbacks/rank_state.py) go in
       too, and each rank's own come back on resume.
+    - On a preemption signal, a checkpoint at the next step boundary and a stop (`Preemption`,
+      scalegen/runtime/preemption.py; None = not watched). A `Checkpoint`, so Lightning runs its hooks after
+      every ordinary callback's: the checkpoint it writes at a step includes what the EMAs did at that step.
     - A save that finds the disk full stops training with `DiskFullError`; what was logged before it stopped
       is passed on. A checkpoint at a step's end is written by a callback, which Lightning runs before it
       hands that step's logged values to the loggers: on a step whose scalars are logged (the family's
@@ -142,9 +147,18 @@ class CheckpointWriting(L.Callback):
       validation's end comes after Lightning has logged the validation metrics.)
     """
 
-    def __init__(self, resolved_config: dict, data_spec: Any) -> None:
+    def __init__(self, resolved_config: dict, data_spec: Any, preemption: Preemption | None = None) -> None:
         self.payload = {"config": resolved_config, "data_spec": dataclasses.asdict(data_spec)}
         self.rank_state = RankState()
+        self.preemption = preemption
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit" and self.preemption is not None:
+            self.preemption.install(trainer)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.preemption is not None:
+            self.preemption.uninstall()
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         checkpoint["scalegen"] = self.payload
@@ -156,6 +170,11 @@ class CheckpointWriting(L.Callback):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         self.rank_state.restore_rng(trainer)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self.preemption is not None:
+            self.preemption.check(trainer)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, DiskFullError):

@@ -15,9 +15,10 @@ from omegaconf import DictConfig, OmegaConf
 import scalegen.families  # noqa: F401  (registers the built-in families)
 from scalegen.callbacks.compile import CompileNetworks
 from scalegen.callbacks.data_audit import DataAudit
+from scalegen.callbacks.ema import EMA
 from scalegen.callbacks.figures import RunFigures
 from scalegen.callbacks.periodic_eval import PeriodicEval
-from scalegen.callbacks.resume import scale_out_callbacks
+from scalegen.callbacks.posthoc_ema import PostHocEMA
 from scalegen.checkpoints import newest_checkpoint
 from scalegen.config.loader import resolved, run_dir_of
 from scalegen.data import build_datamodule
@@ -35,6 +36,7 @@ from scalegen.runtime.checkpoint import (
     remove_stale_temporaries,
 )
 from scalegen.runtime.metrics_file import JsonLinesLogger
+from scalegen.runtime.preemption import Preemption
 
 
 def _resume_path(cfg: DictConfig, run_dir: Path) -> str | None:
@@ -106,9 +108,13 @@ def build_trainer(cfg: DictConfig, run_dir: Path, spec: Any, extra_callbacks: li
                         save_top_k=ck.save_top_k if monitor else 0,
                         save_last=ck.save_last,
                         every_n_train_steps=ck.every_n_train_steps, every_n_epochs=ck.every_n_epochs),
-        CheckpointWriting(OmegaConf.to_container(resolved(cfg)), spec),
+        CheckpointWriting(OmegaConf.to_container(resolved(cfg)), spec, Preemption(run_dir, str(t.requeue_signal))),
         RunFigures(run_dir, metrics_file, t.val_samples),
     ]
+    if cfg.ema.enabled:
+        callbacks.append(EMA.from_config(cfg.ema))
+    if cfg.ema.posthoc.enabled:
+        callbacks.append(PostHocEMA.from_config(cfg.ema, run_dir))
     if t.record_sample_keys:  # which samples each rank saw (the bad-sample counters are logged by the family)
         callbacks.append(DataAudit(run_dir))
     if cfg.eval.every_n_steps:
@@ -149,8 +155,7 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> Path:
         check_resume_recipe(ckpt, OmegaConf.to_container(resolved(cfg)), list(cfg.trainer.resume_allow_changes))
         if is_zero_checkpoint(ckpt):
             check_zero_resume(ckpt, world_size(cfg.trainer))
-    extra = [*scale_out_callbacks(cfg, run_dir), *(callbacks or [])]
-    trainer = build_trainer(cfg, run_dir, spec, extra_callbacks=extra, model=model)
+    trainer = build_trainer(cfg, run_dir, spec, extra_callbacks=callbacks, model=model)
     remove_stale_temporaries(run_dir / "checkpoints")  # left by a save that was killed (this host's only)
     if trainer.is_global_zero:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved(cfg)))

@@ -1,13 +1,13 @@
-"""Exact resume: the callbacks it needs (`scale_out_callbacks`), and checkpoint-and-stop on a preemption signal.
-
-The per-rank RNG and family states every checkpoint holds are `scalegen.callbacks.rank_state.RankState`'s
-(written and restored by the runtime's `CheckpointWriting`).
+"""Checkpoint-and-stop on a preemption signal.
 
 `Preemption` turns a signal (SLURM sends `--signal` some minutes before the time limit; an operator
 may `scancel --signal=USR1`) into: all ranks agree at the next optimizer-step boundary, a checkpoint
 is written there, a marker file `{run_dir}/.preempted` is left for the batch script (which requeues
 the job), and every rank exits with code 3 (`PREEMPTED_EXIT_CODE`). The handler itself only sets a
 flag: checkpointing inside a signal handler would save whatever half-finished step each rank was in.
+
+Not a callback of its own (each attached callback costs every training step): the runtime's
+`CheckpointWriting` (scalegen/runtime/checkpoint.py) calls it from its setup, teardown and batch-end hooks.
 """
 
 from __future__ import annotations
@@ -21,22 +21,16 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 
-from scalegen.callbacks.ema import EMA
-from scalegen.callbacks.posthoc_ema import PostHocEMA
 from scalegen.errors import UserError
 
 PREEMPTED_MARKER = ".preempted"
 PREEMPTED_EXIT_CODE = 3  # `scalegen train` stopped for preemption after writing its checkpoint
 
 
-class Preemption(Checkpoint):
-    """Checkpoint at the next step boundary and stop when `signum` arrives (see the module docstring).
-
-    A `Checkpoint` subclass, so Lightning runs its hooks after every ordinary callback (EMA, RNG...):
-    the checkpoint it writes at a step includes what they did at that step.
-    """
+class Preemption:
+    """Checkpoint at the next step boundary and stop when `signum` arrives (see the module docstring)."""
 
     def __init__(
         self, run_dir: str | Path, signum: int | str = signal.SIGUSR1, checkpoint_name: str = "last.ckpt"
@@ -60,8 +54,9 @@ class Preemption(Checkpoint):
     def _handler(self, signum: int, frame: Any) -> None:
         self.received = True
 
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage != "fit" or threading.current_thread() is not threading.main_thread():
+    def install(self, trainer: L.Trainer) -> None:
+        """Catch the signal (from the main thread only: Python allows handlers nowhere else)."""
+        if threading.current_thread() is not threading.main_thread():
             return
         if self.signum == signal.SIGTERM:
             raise UserError(
@@ -72,7 +67,7 @@ class Preemption(Checkpoint):
         if trainer.is_global_zero and self.marker.exists():
             self.marker.unlink()  # a marker from the previous (requeued) attempt
 
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+    def uninstall(self) -> None:
         if self._previous is not None and threading.current_thread() is threading.main_thread():
             signal.signal(self.signum, self._previous)
             self._previous = None
@@ -85,9 +80,8 @@ class Preemption(Checkpoint):
         flag = trainer.strategy.reduce(flag, reduce_op="max")
         return bool(flag.item() > 0)
 
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
+    def check(self, trainer: L.Trainer) -> None:
+        """At a training batch's end, after every other callback's: checkpoint and exit if any rank got the signal."""
         step = trainer.global_step
         if step == self._last_checked_step:  # mid-accumulation: not a step boundary
             return
@@ -96,7 +90,6 @@ class Preemption(Checkpoint):
             return
         # Save where ModelCheckpoint keeps `last`, and tell it so: after the resume it then overwrites this
         # file instead of starting a `last-v1.ckpt` beside it (trainer.resume=auto reads last.ckpt).
-
         here = self.checkpoint_path.parent
         for cb in trainer.checkpoint_callbacks:
             if isinstance(cb, ModelCheckpoint) and cb.save_last and Path(cb.dirpath or "") == here:
@@ -118,14 +111,3 @@ class Preemption(Checkpoint):
         # Leave at once, on every rank at the same step: stopping through `should_stop` would first run
         # a validation pass and more checkpoint saves, drawing random numbers an uninterrupted run does not.
         raise SystemExit(PREEMPTED_EXIT_CODE)
-
-
-def scale_out_callbacks(cfg: Any, run_dir: str | Path) -> list[L.Callback]:
-    """The callbacks the runtime adds for exact resume: preemption, and the EMAs when enabled (the per-rank
-    RNG and family states are written by `CheckpointWriting`)."""
-
-    # The averages come before Preemption: its checkpoint at a step must hold them with that step folded in.
-    averages: list[L.Callback] = [EMA.from_config(cfg.ema)] if cfg.ema.enabled else []
-    if cfg.ema.posthoc.enabled:
-        averages.append(PostHocEMA.from_config(cfg.ema, run_dir))
-    return [*averages, Preemption(run_dir, str(cfg.trainer.requeue_signal))]
