@@ -94,11 +94,10 @@ class ShardLoader:
         step = self.epoch * (1 << 40 if self.stream.opts.resampled else len(self)) + self.offset + self.consumed
         for batch in self._batches():
             # Workers report the bad samples skipped since their previous batch; the batch carries this
-            # rank's running total (what `data/skipped_samples` logs).
+            # rank's running total (what `data/skipped_samples` logs), a Python int like the count it replaces.
             self.skipped += int(batch["skipped"])
             self.replaced += int(batch["replaced"])
-            batch["skipped"] = torch.tensor(self.skipped, dtype=torch.int64)
-            batch["replaced"] = torch.tensor(self.replaced, dtype=torch.int64)
+            batch["skipped"], batch["replaced"] = self.skipped, self.replaced
             if self.labelled is not None:
                 batch["y"] = mask_labels(batch["y"], batch["key"], self.labelled)
             if self.labelled_set is not None:

@@ -341,11 +341,9 @@ class GenerativeModel(L.LightningModule):
         if "skipped" in batch and self.logs_this_step():  # running totals: the logged steps suffice
             # What the data pipeline did (docs/data.md, "Bad data"): bad samples this rank skipped, and the
             # good samples that stood in for them. Here, not in a callback: every callback costs each step.
-            self.log("data/skipped_samples", torch.as_tensor(batch["skipped"], dtype=torch.float32).max(),
-                     reduce_fx="max", batch_size=1)
+            self.log("data/skipped_samples", float(batch["skipped"]), reduce_fx="max", batch_size=1)
             if "replaced" in batch:
-                self.log("data/replacement_samples", torch.as_tensor(batch["replaced"], dtype=torch.float32),
-                         reduce_fx="max", batch_size=1)
+                self.log("data/replacement_samples", float(batch["replaced"]), reduce_fx="max", batch_size=1)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if not self.automatic_optimization and self.gradient_clip_val:  # the Trainer clips automatic ones
