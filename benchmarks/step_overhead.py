@@ -21,19 +21,23 @@ others). The configs:
   `$SCALEGEN_SHARED/mnist` or the shared datasets folder beside the repository).
 
     python benchmarks/step_overhead.py [--steps N] [--repeats 3] [--threads 1] [--clock wall|cpu]
-        [--config small|wide|conv|all] [overrides]
+        [--config small|wide|conv|all] [--count-calls] [overrides]
 
 Each config runs `--repeats` rounds of the three loops, interleaved, and keeps each loop's best round
 (the machine is shared: the best round is the least disturbed). Prints a table and, last,
 `ratio: X`: the *worst* scalegen / bare-Lightning ratio over the configs measured (what scalegen adds over
-the Lightning it runs on; issue 19 sec. 3).
+the Lightning it runs on; issue 19 sec. 3). `--count-calls` adds the Python calls per timed step of the
+Lightning and scalegen loops, counted by cProfile in one more (untimed) run of each: on a VM whose speed
+moves by more than the gap being measured, a count that does not move with it.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import itertools
 import os
+import pstats
 import sys
 import tempfile
 import time
@@ -77,17 +81,31 @@ def _overrides(name: str) -> list[str] | None:
 
 
 class StepTimer(L.Callback):
-    def __init__(self) -> None:
+    """Times the steps after WARMUP; with `count_calls`, counts the Python calls they make instead (cProfile,
+    untimed): a figure the machine's speed does not move, for what scalegen adds per step."""
+
+    def __init__(self, count_calls: bool = False) -> None:
         self.start = self.end = 0.0
         self.steps = 0
+        self.profile = cProfile.Profile() if count_calls else None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == WARMUP:
             self.start = CLOCK[0]()
+            if self.profile:
+                self.profile.enable()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step > WARMUP:
             self.end, self.steps = CLOCK[0](), trainer.global_step - WARMUP
+        if self.profile and trainer.global_step == trainer.max_steps:
+            self.profile.disable()
+
+    def per_step(self) -> float:
+        """Steps/s, or Python calls per step when counting."""
+        if self.profile is None:
+            return self.steps / (self.end - self.start)
+        return sum(stat[1] for stat in pstats.Stats(self.profile).stats.values()) / self.steps
 
 
 _BATCHES: dict[tuple[str, ...], list[dict]] = {}
@@ -107,14 +125,14 @@ def _setup(overrides: list[str], steps: int):
     return cfg, model, batches
 
 
-def scalegen_steps_per_s(overrides: list[str], steps: int, out: Path) -> float:
+def scalegen_steps_per_s(overrides: list[str], steps: int, out: Path, count_calls: bool = False) -> float:
     cfg = load_config("quickstart", [*overrides, f"trainer.max_steps={steps + WARMUP}", "trainer.max_epochs=null",
                                      "trainer.progress_bar=false", "logging.wandb=false",
                                      "trainer.check_val_every_n_epoch=1000", "trainer.resume=never", f"run.dir={out}",
                                      f"run.name=bench-{len(list(out.iterdir()))}"])
-    timer = StepTimer()
+    timer = StepTimer(count_calls)
     train(cfg, callbacks=[timer])
-    return timer.steps / (timer.end - timer.start)
+    return timer.per_step()
 
 
 def plain_steps_per_s(overrides: list[str], steps: int) -> float:
@@ -160,14 +178,14 @@ class _Bare(L.LightningModule):
         return build_optimizer(self.model.parameters(), self.model.optim_cfg, self.total)
 
 
-def lightning_steps_per_s(overrides: list[str], steps: int, out: Path) -> float:
+def lightning_steps_per_s(overrides: list[str], steps: int, out: Path, count_calls: bool = False) -> float:
     cfg, model, batches = _setup(overrides, steps)
-    timer = StepTimer()
+    timer = StepTimer(count_calls)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps + WARMUP, max_epochs=-1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0, callbacks=[timer], default_root_dir=str(out))
     trainer.fit(_Bare(model, steps + WARMUP), train_dataloaders=_InMemory(batches))
-    return timer.steps / (timer.end - timer.start)
+    return timer.per_step()
 
 
 def main() -> None:
@@ -183,12 +201,14 @@ def main() -> None:
     # time does not count the time the machine takes away. It counts every thread of the process, so it is
     # a fair clock only for the inline loader (the default; not data.num_workers>0).
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="wall time or CPU time")
+    parser.add_argument("--count-calls", action="store_true",
+                        help="also count Python calls per step of the Lightning and scalegen loops (untimed runs)")
     parser.add_argument("overrides", nargs="*", help="extra recipe overrides for every config (e.g. data.seed=1)")
     args = parser.parse_args()
     names = list(CONFIGS) if args.config == "all" else [args.config]
     torch.set_num_threads(args.threads)
     CLOCK[0] = time.process_time if args.clock == "cpu" else time.perf_counter
-    rows = []
+    rows, calls = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             overrides = _overrides(name)
@@ -204,6 +224,9 @@ def main() -> None:
                 plain = max(plain, plain_steps_per_s(overrides, steps))
                 bare = max(bare, lightning_steps_per_s(overrides, steps, Path(tmp)))
                 ours = max(ours, scalegen_steps_per_s(overrides, steps, Path(tmp)))
+            if args.count_calls:
+                calls[name] = (lightning_steps_per_s(overrides, steps, Path(tmp), count_calls=True),
+                               scalegen_steps_per_s(overrides, steps, Path(tmp), count_calls=True))
             rows.append((name, plain, bare, ours))
     print(f"\n{'config':<7} {'plain steps/s':>14} {'lightning steps/s':>18} {'scalegen steps/s':>17} "
           f"{'lightning/plain':>16} {'scalegen/plain':>15} {'scalegen/lightning':>19} "
@@ -211,6 +234,10 @@ def main() -> None:
     for name, plain, bare, ours in rows:
         print(f"{name:<7} {plain:>14.1f} {bare:>18.1f} {ours:>17.1f} {bare / plain:>16.3f} {ours / plain:>15.3f} "
               f"{ours / bare:>19.3f} {1000 / ours - 1000 / bare:>29.2f}")
+    if calls:
+        print(f"\n{'config':<7} {'lightning calls/step':>21} {'scalegen calls/step':>20} {'scalegen - lightning':>21}")
+        for name, (bare_calls, our_calls) in calls.items():
+            print(f"{name:<7} {bare_calls:>21.0f} {our_calls:>20.0f} {our_calls - bare_calls:>21.0f}")
     for name, *_ in rows:
         print(f"{name}: {' '.join(CONFIGS[name] + args.overrides)}")
     print(f"threads: {torch.get_num_threads()}, clock: {args.clock}, torch {torch.__version__}")
