@@ -34,7 +34,7 @@ def cluster_environment(trainer_cfg: Any) -> Any | None:
     """Lightning's SLURM environment when running under srun, else None (Lightning's default).
 
     Lightning's own auto-requeue is switched off: it checkpoints inside the signal handler, in the
-    middle of whatever step each rank is in. scalegen's `Preemption` callback instead agrees on the
+    middle of whatever step each rank is in. scalegen's `Preemption` (runtime/preemption.py) instead agrees on the
     signal across ranks at a step boundary, checkpoints there and lets the batch script requeue.
     """
     if not under_slurm():
