@@ -125,7 +125,8 @@ def _setup(overrides: list[str], steps: int):
     return cfg, model, batches
 
 
-def scalegen_steps_per_s(overrides: list[str], steps: int, out: Path, count_calls: bool = False) -> float:
+def scalegen_loop(overrides: list[str], steps: int, out: Path, count_calls: bool = False) -> float:
+    """Steps/s of `scalegen.runtime.train` (with `count_calls`: its Python calls per step instead)."""
     cfg = load_config("quickstart", [*overrides, f"trainer.max_steps={steps + WARMUP}", "trainer.max_epochs=null",
                                      "trainer.progress_bar=false", "logging.wandb=false",
                                      "trainer.check_val_every_n_epoch=1000", "trainer.resume=never", f"run.dir={out}",
@@ -135,7 +136,8 @@ def scalegen_steps_per_s(overrides: list[str], steps: int, out: Path, count_call
     return timer.per_step()
 
 
-def plain_steps_per_s(overrides: list[str], steps: int) -> float:
+def plain_loop(overrides: list[str], steps: int) -> float:
+    """Steps/s of a plain PyTorch loop over the same in-memory batches."""
     cfg, model, batches = _setup(overrides, steps)
     opt = build_optimizer(model.parameters(), cfg.optim, steps + WARMUP)
     optimizer, schedule = opt["optimizer"], opt["lr_scheduler"]["scheduler"]
@@ -178,7 +180,8 @@ class _Bare(L.LightningModule):
         return build_optimizer(self.model.parameters(), self.model.optim_cfg, self.total)
 
 
-def lightning_steps_per_s(overrides: list[str], steps: int, out: Path, count_calls: bool = False) -> float:
+def lightning_loop(overrides: list[str], steps: int, out: Path, count_calls: bool = False) -> float:
+    """Steps/s of a bare Lightning Trainer (with `count_calls`: its Python calls per step instead)."""
     cfg, model, batches = _setup(overrides, steps)
     timer = StepTimer(count_calls)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps + WARMUP, max_epochs=-1, logger=False,
@@ -221,12 +224,12 @@ def main() -> None:
             plain = bare = ours = 0.0
             steps = args.steps or STEPS[name]
             for _ in range(args.repeats):
-                plain = max(plain, plain_steps_per_s(overrides, steps))
-                bare = max(bare, lightning_steps_per_s(overrides, steps, Path(tmp)))
-                ours = max(ours, scalegen_steps_per_s(overrides, steps, Path(tmp)))
+                plain = max(plain, plain_loop(overrides, steps))
+                bare = max(bare, lightning_loop(overrides, steps, Path(tmp)))
+                ours = max(ours, scalegen_loop(overrides, steps, Path(tmp)))
             if args.count_calls:
-                calls[name] = (lightning_steps_per_s(overrides, steps, Path(tmp), count_calls=True),
-                               scalegen_steps_per_s(overrides, steps, Path(tmp), count_calls=True))
+                calls[name] = (lightning_loop(overrides, steps, Path(tmp), count_calls=True),
+                               scalegen_loop(overrides, steps, Path(tmp), count_calls=True))
             rows.append((name, plain, bare, ours))
     print(f"\n{'config':<7} {'plain steps/s':>14} {'lightning steps/s':>18} {'scalegen steps/s':>17} "
           f"{'lightning/plain':>16} {'scalegen/plain':>15} {'scalegen/lightning':>19} "

@@ -94,7 +94,7 @@ class ShardLoader:
         step = self.epoch * (1 << 40 if self.stream.opts.resampled else len(self)) + self.offset + self.consumed
         for batch in self._batches():
             # Workers report the bad samples skipped since their previous batch; the batch carries this
-            # rank's running total (what `data/skipped_samples` logs), a Python int like the count it replaces.
+            # rank's running total (what `data/skipped_samples` logs), as a Python int.
             self.skipped += int(batch["skipped"])
             self.replaced += int(batch["replaced"])
             batch["skipped"], batch["replaced"] = self.skipped, self.replaced

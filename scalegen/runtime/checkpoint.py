@@ -137,7 +137,7 @@ class CheckpointWriting(Checkpoint):
     - Every rank's RNG states and family rank state (`RankState`, scalegen/callbacks/rank_state.py) go in
       too, and each rank's own come back on resume.
     - On a preemption signal, a checkpoint at the next step boundary and a stop (`Preemption`,
-      scalegen/runtime/preemption.py; None = not watched). A `Checkpoint`, so Lightning runs its hooks after
+      scalegen/runtime/preemption.py). A `Checkpoint`, so Lightning runs its hooks after
       every ordinary callback's: the checkpoint it writes at a step includes what the EMAs did at that step.
     - A save that finds the disk full stops training with `DiskFullError`; what was logged before it stopped
       is passed on. A checkpoint at a step's end is written by a callback, which Lightning runs before it
@@ -147,18 +147,17 @@ class CheckpointWriting(Checkpoint):
       validation's end comes after Lightning has logged the validation metrics.)
     """
 
-    def __init__(self, resolved_config: dict, data_spec: Any, preemption: Preemption | None = None) -> None:
+    def __init__(self, resolved_config: dict, data_spec: Any, preemption: Preemption) -> None:
         self.payload = {"config": resolved_config, "data_spec": dataclasses.asdict(data_spec)}
         self.rank_state = RankState()
         self.preemption = preemption
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage == "fit" and self.preemption is not None:
+        if stage == "fit":
             self.preemption.install(trainer)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if self.preemption is not None:
-            self.preemption.uninstall()
+        self.preemption.uninstall()
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         checkpoint["scalegen"] = self.payload
@@ -173,8 +172,7 @@ class CheckpointWriting(Checkpoint):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if self.preemption is not None:
-            self.preemption.check(trainer)
+        self.preemption.check(trainer)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, DiskFullError):
