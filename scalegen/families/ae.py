@@ -57,7 +57,7 @@ class Autoencoder(GenerativeModel):
         super().__init__(cfg, optim, data)
         if cfg.sparsity == "topk" and cfg.topk > cfg.code_dim:
             raise ConfigError(f"model.topk={cfg.topk} exceeds model.code_dim={cfg.code_dim}; lower topk")
-        c, h, _ = data.shape
+        c, h, w = data.shape
         if cfg.net == "linear":
             self.encoder: nn.Module = MLP(data.dims, [], cfg.code_dim)
             self.decoder: nn.Module = MLP(cfg.code_dim, [], data.dims)
@@ -65,8 +65,8 @@ class Autoencoder(GenerativeModel):
             self.encoder = MLP(data.dims, cfg.hidden, cfg.code_dim)
             self.decoder = MLP(cfg.code_dim, list(reversed(cfg.hidden)), data.dims)
         else:
-            self.encoder = ConvEncoder(c, h, cfg.hidden, cfg.code_dim)
-            self.decoder = ConvDecoder(cfg.code_dim, c, h, cfg.hidden)
+            self.encoder = ConvEncoder(c, (h, w), cfg.hidden, cfg.code_dim)
+            self.decoder = ConvDecoder(cfg.code_dim, c, (h, w), cfg.hidden)
 
     def _code(self, x01: Tensor) -> Tensor:
         h = self.encoder(x01)

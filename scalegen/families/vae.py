@@ -116,8 +116,8 @@ class VAE(GenerativeModel):
             self.encoder = MLP(data.dims + cond, cfg.hidden, enc_out)
             self.decoder = MLP(z_dim + cond, list(reversed(cfg.hidden)), out_per_pixel * data.dims)
         else:
-            self.encoder = ConvEncoder(c, h, cfg.hidden, enc_out, extra_dim=cond)
-            self.decoder = ConvDecoder(z_dim + cond, out_per_pixel * c, h, cfg.hidden)
+            self.encoder = ConvEncoder(c, (h, w), cfg.hidden, enc_out, extra_dim=cond)
+            self.decoder = ConvDecoder(z_dim + cond, out_per_pixel * c, (h, w), cfg.hidden)
         if gaussian and cfg.posterior in ("full", "iaf"):  # the extra outputs start at 0: L diagonal, context 0
             head = self.encoder.net[-1] if cfg.net == "mlp" else self.encoder.head
             with torch.no_grad():

@@ -70,12 +70,10 @@ class VQVAE(GenerativeModel):
         if data.kind != "image" or len(data.shape) != 3:
             raise ConfigError(f"the vqvae family models images [C, H, W], not {data.kind} {data.shape}")
         c, h, w = data.shape
-        if h != w:
-            raise ConfigError(f"the vqvae family needs square images, got {h}x{w}")
         self.encoder = VQEncoder(c, cfg.hidden, cfg.res_blocks, cfg.code_dim)
         self.quantizer = VectorQuantizer(cfg.num_codes, cfg.code_dim, cfg.codebook == "ema", cfg.ema_decay,
                                          cfg.ema_eps)
-        self.decoder = VQDecoder(cfg.code_dim, cfg.hidden, cfg.res_blocks, 2 * c, h)
+        self.decoder = VQDecoder(cfg.code_dim, cfg.hidden, cfg.res_blocks, 2 * c, (h, w))
 
     # ---- pieces (also what the prior family uses) --------------------------------------------
     def encode_codes(self, x: Tensor) -> Tensor:

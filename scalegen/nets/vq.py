@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from scalegen.nets.conv import downsampled_sizes
+from scalegen.nets.conv import stage_sizes
 from scalegen.nets.init_flag import DataInitFlag
 
 
@@ -142,12 +142,14 @@ class VQEncoder(nn.Module):
 
 class VQDecoder(nn.Module):
     """Mirror of VQEncoder: 3x3 conv from the code dimension, residual blocks, (upsample, conv) stages back
-    to `size` (odd sizes such as 28 -> 14 -> 7 included), a last conv to `out_channels`."""
+    to `size` (H, W) (odd sizes such as 28 -> 14 -> 7, and non-square ones, included), a last conv to
+    `out_channels`."""
 
-    def __init__(self, dim: int, widths: Sequence[int], res_blocks: int, out_channels: int, size: int) -> None:
+    def __init__(self, dim: int, widths: Sequence[int], res_blocks: int, out_channels: int,
+                 size: tuple[int, int]) -> None:
         super().__init__()
         widths = list(reversed(widths))
-        sizes = list(reversed(downsampled_sizes(size, len(widths))))  # small -> large
+        sizes = list(reversed(stage_sizes(size, len(widths))))  # small -> large
         layers: list[nn.Module] = [nn.Conv2d(dim, widths[0], 3, padding=1)]
         layers += [ResBlock(widths[0], max(widths[0] // 2, 1)) for _ in range(res_blocks)]
         for i, w in enumerate(widths):
