@@ -274,9 +274,11 @@ def test_ranges_agree_with_lightning_where_it_checks(key: str, outside: float, b
 def test_family_constructors_raise_user_errors() -> None:
     entries = families()
     gan, diffusion = entries["gan"], entries["diffusion"]
-    with pytest.raises(UserError, match=r"^the gan family \(DCGAN\) needs square images \[C, H, H\]; the data "
-                                        r"are 8x6$"):
-        gan.module(gan.config(), OptimConfig(), DataSpec(shape=(1, 8, 6)))
+    for entry, (h, w) in ((gan, (8, 6)), (entries["lapgan"], (32, 16))):  # named as asked for, with the fix
+        with pytest.raises(UserError, match=rf"^the {entry.name} family needs square images \[C, H, H\]; the data "
+                                            rf"are {h}x{w}: set data.center_crop={w} \(or data.resize and "
+                                            r"data.center_crop\)$"):
+            entry.module(entry.config(), OptimConfig(), DataSpec(shape=(1, h, w)))
     audio = DataSpec(kind="audio", shape=(1, 4000), num_classes=0, levels=256)
     for entry in (gan, diffusion):
         with pytest.raises(UserError, match=f"^the {entry.name} family models images; data 'audio'"):

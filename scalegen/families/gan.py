@@ -84,7 +84,9 @@ class GAN(GenerativeModel):
         super().__init__(cfg, optim, data)
         channels, height, width = data.shape
         if height != width:
-            raise UserError(f"the gan family (DCGAN) needs square images [C, H, H]; the data are {height}x{width}")
+            raise UserError(f"the {self.family_name} family needs square images [C, H, H]; the data are "
+                            f"{height}x{width}: set data.center_crop={min(height, width)} "
+                            "(or data.resize and data.center_crop)")
         self.automatic_optimization = False
         with recipe_shapes(self.family_name):
             self.generator = Generator(cfg.latent_dim, channels, height, cfg.g_channels, cfg.g_norm,
