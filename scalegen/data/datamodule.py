@@ -369,7 +369,9 @@ class ShardDataModule(L.LightningDataModule):
                 )
             counts = [known[shard_name(u)] for u in urls]
         elif info is None or not info.shards:
-            raise DataError(f"{self.root}/{MANIFEST} has no {name!r} split (it has {sorted(m.splits)})")
+            fix = (f"hold one out when packing (`scalegen data pack SRC --out DIR --{name}-fraction 0.1`) or use a "
+                   "split it has (for evaluation: eval.split=val)") if name in ("val", "test") else "prepare it again"
+            raise DataError(f"{self.root}/{MANIFEST} has no {name!r} split (it has {sorted(m.splits)}): {fix}")
         else:
             urls = [join_url(self.root, s.name) for s in info.shards]
             counts = [s.count for s in info.shards]

@@ -179,6 +179,10 @@ class Evaluation:
         # Another dataset's images as OOD negatives, read before any metric runs (a bad folder fails first).
         self.ood_data = (other_dataset(cfg, self.spec.shape) if getattr(cfg, "ood_data", None)
                          and "classify" in self.caps else None)
+        # FID/KID/IS without a feature network to compare samples in: refused before any metric runs.
+        if ({"fid", "kid", "is"} & set(self.metrics) and "sample" in self.caps and self.spec.kind == "image"
+                and not self._has_inception_weights() and not self._uses_domain_network()):
+            raise UserError(f"FID/KID/IS need the Inception weights for this data: {weights_hint()}")
 
     # ---- helpers -----------------------------------------------------------------------------
     def _eval_split(self) -> tuple[Tensor, Tensor]:
@@ -334,17 +338,21 @@ class Evaluation:
         }
 
     # ---- FID / KID / IS ------------------------------------------------------------------------
+    def _has_inception_weights(self) -> bool:
+        return bool(self.cfg.inception_weights or os.environ.get(WEIGHTS_ENV))
+
+    def _uses_domain_network(self) -> bool:
+        return bool(self.cfg.domain_fid and wants_domain(self.spec))
+
     def extractors(self) -> list:
+        """The feature networks (one at least: `__init__` refused an evaluation that would have none)."""
         out = []
-        have_weights = bool(self.cfg.inception_weights or os.environ.get(WEIGHTS_ENV))
-        if have_weights:
+        if self._has_inception_weights():
             out.append(inception_extractor(self.cfg.inception_weights, self.device, self.cfg.inception_precision))
         else:
             self.skipped["fid"] = f"no Inception weights: {weights_hint()}"
-        if self.cfg.domain_fid and wants_domain(self.spec):
+        if self._uses_domain_network():
             out.append(domain_extractor(self.data, self.device, self.cfg.reference_split))
-        if not out:
-            raise UserError(f"FID/KID/IS need the Inception weights for this data: {weights_hint()}")
         return out
 
     def sample_metrics(self) -> None:

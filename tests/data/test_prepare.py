@@ -119,6 +119,11 @@ def test_pack_labelled_images_with_held_out_split(tmp_path: Path) -> None:
                 assert torch.equal(x, torch.from_numpy(arr).permute(2, 0, 1)) and m.class_names[int(y)] == cls
                 seen += 1
     assert seen == 21
+    pack_folder(tmp_path / "src", tmp_path / "train-only", progress=False)  # nothing held out
+    dm = build_datamodule(DataConfig(root=str(tmp_path / "train-only"), prepare=False))
+    with pytest.raises(DataError, match=r"has no 'test' split \(it has \['train'\]\): hold one out when packing "
+                                        r"\(`scalegen data pack SRC --out DIR --test-fraction 0.1`\)"):
+        dm.test_dataloader()
 
 
 def test_pack_unlabelled_images_of_mixed_sizes_needs_resize(tmp_path: Path) -> None:

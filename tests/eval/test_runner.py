@@ -111,3 +111,19 @@ def test_unknown_metric_is_a_user_error():
     model = make_model()
     with pytest.raises(UserError, match="unknown metric 'fdi'.*fid"):
         evaluate(model, small_cfg(), blob_data(model.data_spec), None, metrics="bpd,fdi")
+
+
+def test_fid_without_a_feature_network_is_refused_before_any_metric_runs(tmp_path, monkeypatch):
+    """RGB images (no domain classifier) and no Inception weights: one line naming where to get them, and
+    raised before bits/dim is computed (the evaluation that would have failed at its end costs nothing)."""
+    monkeypatch.delenv("SCALEGEN_INCEPTION_WEIGHTS", raising=False)
+    model = make_model(shape=(3, 8, 8))
+    calls, nll = [], model.nll
+    monkeypatch.setattr(model, "nll", lambda *a, **k: calls.append(1) or nll(*a, **k))  # counts, then computes
+    rgb = EvalData.from_arrays("rgb", model.data_spec, {"test": (torch.zeros(8, 3, 8, 8, dtype=torch.uint8),
+                                                                 torch.zeros(8, dtype=torch.int64))})
+    with pytest.raises(UserError, match=r"^FID/KID/IS need the Inception weights for this data: download "):
+        evaluate(model, small_cfg(), rgb, tmp_path / "ev", metrics="bpd,fid")
+    assert not calls and not (tmp_path / "ev").exists()
+    evaluate(model, small_cfg(), rgb, tmp_path / "ev", metrics="bpd")  # the same data without FID evaluates
+    assert calls
