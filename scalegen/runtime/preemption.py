@@ -94,7 +94,7 @@ class Preemption:
         for cb in trainer.checkpoint_callbacks:
             if isinstance(cb, ModelCheckpoint) and cb.save_last and Path(cb.dirpath or "") == here:
                 cb.last_model_path = str(self.checkpoint_path)
-        trainer.save_checkpoint(self.checkpoint_path)
+        trainer.save_checkpoint(self.checkpoint_path, weights_only=False)  # a full one: the requeued job resumes it
         trainer.strategy.barrier("scalegen_preempt")
         if trainer.is_global_zero:
             tmp = self.marker.with_suffix(".tmp")

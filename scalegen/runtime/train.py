@@ -163,7 +163,7 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> Path:
     if cfg.checkpoint.save_last and not trainer.interrupted:
         # ModelCheckpoint writes at epoch/validation ends; a run stopped by max_steps mid-epoch would
         # otherwise leave last.ckpt without its final steps.
-        trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+        trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)  # a full one: it resumes
     # Lightning leaves the W&B run open after fit; a later train() in this process (a notebook, a sweep)
     # would then log into it instead of its own run.
     for logger in trainer.loggers:
