@@ -1,4 +1,4 @@
-"""scalegen finetune RELEASE RECIPE [key=value ...]"""
+"""scalegen finetune RELEASE [RECIPE] [key=value ...]"""
 
 from __future__ import annotations
 
@@ -17,7 +17,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "release", help="release folder, file:// URL or https:// URL (downloaded once, cached)"
     )
-    parser.add_argument("recipe", help="recipe file or name in recipes/ (same model family as the release)")
+    parser.add_argument("recipe", nargs="?", default=None,
+                        help="recipe file or name in recipes/ (same model family as the release); "
+                             "default: the recipe the release was trained with (its config.yaml)")
     parser.add_argument(
         "overrides",
         nargs="*",
@@ -27,8 +29,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-
-    cfg = load_config(args.recipe, [*args.overrides, f"finetune.init_from={args.release}"])
+    recipe, overrides = args.recipe, list(args.overrides)
+    if recipe is None or "=" in recipe:  # no recipe named (argparse took the first override for it)
+        overrides = [recipe, *overrides] if recipe else overrides
+        pin = next((o.split("=", 1)[1] for o in overrides if o.startswith("finetune.sha256=")), None)
+        recipe = str(fetch_release(args.release, pin) / "config.yaml")
+    cfg = load_config(recipe, [*overrides, f"finetune.init_from={args.release}"])
     folder = fetch_release(args.release, cfg.finetune.sha256)  # verify (and download) before anything trains
     family = release_info(folder)["family"]
     if family != cfg.model.family:

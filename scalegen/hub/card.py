@@ -84,10 +84,12 @@ model, cfg = load_release_model("path/to/this/folder")  # EMA weights when prese
 images = model.sample(64)
 ```
 
-Fine-tune it on your data with a recipe of the same family; tensors whose shapes change (a new
-number of classes, image size or channels) must be named for re-initialization:
+Fine-tune it on your data with its own recipe (`config.yaml`, the default) or another of the same
+family; tensors whose shapes change (a new number of classes, image size or channels) must be named for
+re-initialization:
 
 ```bash
+scalegen finetune path/or/https/url/of/this/release data.root=/my/shards trainer.max_steps=2000
 scalegen finetune path/or/https/url/of/this/release my_recipe.yaml \\
     'finetune.reinit=[decoder.out.*]' trainer.max_steps=2000
 ```
