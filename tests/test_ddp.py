@@ -21,6 +21,7 @@ def test_ddp_two_processes_split_the_data(tmp_path: Path) -> None:
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     run = tmp_path / "ddp"
+    assert out.stdout.count("run folder:") == 1  # said once, by rank 0, not by every process
     keys = [set((run / "sample_keys" / f"rank{r}.txt").read_text().split()) for r in (0, 1)]
     assert keys[0] and keys[1] and not keys[0] & keys[1]  # different data on each rank
     manifest = json.loads(Path(os.environ["SCALEGEN_DATA"], "digits", "manifest.json").read_text())

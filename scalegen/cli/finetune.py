@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from lightning.pytorch.utilities import rank_zero_only
+
 from scalegen.config import load_config
 from scalegen.errors import UserError
 from scalegen.hub import fetch_release
@@ -43,5 +45,5 @@ def run(args: argparse.Namespace) -> int:
             f"use a {family} recipe"
         )
     run_dir = train(cfg)
-    print(f"run folder: {run_dir}")
+    rank_zero_only(print)(f"run folder: {run_dir}")  # once, not by every DDP process
     return 0

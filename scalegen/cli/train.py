@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from lightning.pytorch.utilities import rank_zero_only
+
 from scalegen.cli.common import add_recipe_arguments
 from scalegen.config import load_config
 from scalegen.runtime.train import train
@@ -19,5 +21,5 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.recipe, args.overrides)
 
     run_dir = train(cfg)
-    print(f"run folder: {run_dir}")
+    rank_zero_only(print)(f"run folder: {run_dir}")  # once, not by every DDP process
     return 0
