@@ -34,8 +34,7 @@ def run(args: argparse.Namespace) -> int:
     recipe, overrides = args.recipe, list(args.overrides)
     if recipe is None or "=" in recipe:  # no recipe named (argparse took the first override for it)
         overrides = [recipe, *overrides] if recipe else overrides
-        pin = next((o.split("=", 1)[1] for o in overrides if o.startswith("finetune.sha256=")), None)
-        recipe = str(fetch_release(args.release, pin) / "config.yaml")
+        recipe = str(fetch_release(args.release) / "config.yaml")  # a pin in the overrides is checked below
     cfg = load_config(recipe, [*overrides, f"finetune.init_from={args.release}"])
     folder = fetch_release(args.release, cfg.finetune.sha256)  # verify (and download) before anything trains
     family = release_info(folder)["family"]

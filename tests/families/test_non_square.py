@@ -37,12 +37,6 @@ def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def _test_batch(cfg) -> dict:
-    dm = build_datamodule(cfg.data)
-    dm.setup("test")
-    return next(iter(dm.test_dataloader()))
-
-
 @pytest.mark.parametrize("recipe, overrides", [
     ("vae/tiny", []),
     ("ae/tiny", ["model.net=conv", "model.hidden=[16,32]"]),
@@ -53,7 +47,7 @@ def test_conv_family_trains_on_non_square_images(recipe: str, overrides: list[st
     run = train_recipe(recipe, tmp_path / "run", f"data.root={shapes}", "trainer.max_epochs=10", "data.batch_size=16",
                        *overrides)
     model, cfg = load_model(run)
-    batch = _test_batch(cfg)
+    batch = next(iter(build_datamodule(cfg.data).test_dataloader()))
     assert batch["x"].shape[1:] == (3, H, W)
     torch.manual_seed(0)
     fresh = type(model)(cfg.model, cfg.optim, model.data_spec).eval()
@@ -65,7 +59,7 @@ def test_conv_family_trains_on_non_square_images(recipe: str, overrides: list[st
         recon = model.reconstruct(batch["x"][:4], batch["y"][:4])
         if "sample" in model.predictions:
             assert model.sample(4).shape == (4, 3, H, W)
-    assert after < 0.6 * before, (before, after)  # it learned (the runs reach 0.2-0.4)
+    assert after < 0.6 * before, (before, after)  # it learned (these runs measured 0.20-0.42)
     assert recon.shape == (4, 3, H, W)
     # validation images over their reconstructions: two rows of 20x24 tiles, 1-pixel borders, upscaled
     width, height = Image.open(run / "reconstructions.png").size
