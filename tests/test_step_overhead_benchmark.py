@@ -23,7 +23,9 @@ def test_step_overhead_benchmark_prints_a_consistent_table(tmp_path: Path) -> No
     plain, bare, ours, ratio, gap = (float(v) for v in rates.groups())
     assert min(plain, bare, ours) > 0
     assert abs(ratio - ours / bare) < 0.002
-    assert abs(gap - (1000 / ours - 1000 / bare)) < 0.006
+    # The gap is printed to 0.01 ms and computed from unrounded rates, printed to 0.1 steps/s: recomputed from the
+    # printed rates it may differ by each rounding (0.005, and 1000 * 0.05 / rate^2 for each rate).
+    assert abs(gap - (1000 / ours - 1000 / bare)) <= 0.005 + 50 / ours**2 + 50 / bare**2
     assert out.stdout.rstrip().endswith(f"ratio: {ratio:.3f}")  # the worst (only) config
     calls = re.search(r"^small +(\d+) +(\d+) +(-?\d+)$", out.stdout, re.M)
     assert calls, out.stdout
