@@ -209,7 +209,7 @@ class GenerativeModel(L.LightningModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         loss, logs = self.loss(batch)
         if self.logs_this_step():
-            self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["x"]))
+            self.log("train/loss", loss, batch_size=len(batch["x"]))
             self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=len(batch["x"]))
         return loss
 

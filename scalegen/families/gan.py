@@ -88,6 +88,7 @@ class GAN(GenerativeModel):
                             f"{height}x{width}: set data.center_crop={min(height, width)} "
                             "(or data.resize and data.center_crop)")
         self.automatic_optimization = False
+        self.last_g_loss: Tensor | None = None  # the latest generator step's loss, logged on the loggers' steps
         with recipe_shapes(self.family_name):
             self.generator = Generator(cfg.latent_dim, channels, height, cfg.g_channels, cfg.g_norm,
                                        cfg.min_resolution)
@@ -159,10 +160,12 @@ class GAN(GenerativeModel):
         # Generator step after every d_steps discriminator updates, against the updated D.
         if d_update and self.optimizer_steps[D] % self.cfg.d_steps == 0:
             g_total = sum(self.manual_update(G, g_loss)[0] for _ in range(self.accumulate_grad_batches))
-            self.log("train/g_loss", g_total / self.accumulate_grad_batches, prog_bar=True, batch_size=n)
+            self.last_g_loss = g_total / self.accumulate_grad_batches
 
         if self.logs_this_step():
-            self.log("train/loss", logs["d_loss"], prog_bar=True, batch_size=n)  # the discriminator's loss
+            if self.last_g_loss is not None:
+                self.log("train/g_loss", self.last_g_loss, batch_size=n)
+            self.log("train/loss", logs["d_loss"], batch_size=n)  # the discriminator's loss
             self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=n)
 
     # ---- the shared API --------------------------------------------------------------------------

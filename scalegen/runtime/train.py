@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger  # (wandb itself is imported only when a run starts)
 from omegaconf import DictConfig, OmegaConf
 
@@ -19,6 +19,7 @@ from scalegen.callbacks.ema import EMA
 from scalegen.callbacks.figures import RunFigures
 from scalegen.callbacks.periodic_eval import PeriodicEval
 from scalegen.callbacks.posthoc_ema import PostHocEMA
+from scalegen.callbacks.progress import ProgressBar
 from scalegen.checkpoints import newest_checkpoint
 from scalegen.config.loader import resolved, run_dir_of
 from scalegen.data import build_datamodule
@@ -122,7 +123,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, spec: Any, extra_callbacks: li
     if t.compile:  # torch.compile the family's networks (scalegen/callbacks/compile.py)
         callbacks.append(CompileNetworks(t.compile_mode))
     if t.progress_bar:
-        callbacks.append(RichProgressBar(leave=True))
+        callbacks.append(ProgressBar())
     callbacks += extra_callbacks or []
     check_every_epoch = None if t.val_check_interval else t.check_val_every_n_epoch
     return L.Trainer(
