@@ -15,7 +15,9 @@ e.g. DeepSpeed not installed, does not fail). What it measures:
    fp32 under ddp, deepspeed_stage_2, deepspeed_stage_3 and fsdp on one device, each in its own process;
    each run's per-step losses equal DDP's (LOSS_RTOL), its last checkpoint is read back by
    `scalegen.runtime.load_model` (raw and EMA weights) and both equal DDP's (WEIGHT_RTOL), and the EMA
-   differs from the raw weights (it is really there).
+   differs from the raw weights (it is really there). Each run also reports the host-device syncs of its
+   quiet steps (those the loggers do not write on) through the whole Trainer, from one batch's start to
+   the next's (reported, expected 0; the UNet step alone is check 4).
 3. inception: FID InceptionV3 features/s at batch 256 in fp32 (PyTorch's defaults: cuDNN may use TF32)
    and under bf16 autocast, NCHW and channels-last (seeded random weights: the arithmetic of the real
    ones), and the relative difference of the bf16 and of the channels-last features.
@@ -182,6 +184,32 @@ def check_unet(device: torch.device, size: dict, args: argparse.Namespace) -> di
 
 
 # ---- 2. strategies through scalegen's own runtime -------------------------------------------------
+class SyncWindow:
+    """Host-device syncs between `start` and `stop`: on CUDA what `torch.cuda.set_sync_debug_mode("warn")`
+    reports; on a CPU, tensor reads into Python (each would be one on a GPU)."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+
+    def start(self) -> None:
+        if self.device == "cuda":
+            self.caught = warnings.catch_warnings(record=True)
+            self.log = self.caught.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+        else:
+            self.reads = _scalar_reads("cpu")
+            self.reads.__enter__()
+
+    def stop(self) -> list[str]:
+        if self.device == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+            self.caught.__exit__(None, None, None)
+            return [str(w.message) for w in self.log if "synchroniz" in str(w.message)]
+        self.reads.__exit__(None, None, None)
+        return self.reads.where
+
+
 def strategy_run(name: str, out: Path, device: str, steps: int) -> None:
     """In a child process: one `train(cfg)` of the tiny recipe; writes its per-step losses."""
     import lightning as L
@@ -190,8 +218,24 @@ def strategy_run(name: str, out: Path, device: str, steps: int) -> None:
     from scalegen.runtime.train import train
 
     class Losses(L.Callback):
+        """The per-step losses, and the syncs of the quiet steps (no logging) through the whole Trainer: from
+        a batch's start to the next's, Lightning's own work after the batch included."""
+
         def __init__(self) -> None:
             self.values: list[torch.Tensor] = []
+            self.window: SyncWindow | None = None
+            self.epoch, self.quiet_steps, self.syncs = -1, 0, []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if self.window is not None:
+                found = self.window.stop()
+                if trainer.current_epoch == self.epoch:  # an epoch's end is a step on which the loggers write
+                    self.quiet_steps += 1
+                    self.syncs += found
+                self.window = None
+            if 2 <= trainer.global_step <= steps - 2:  # step 0 and the last log
+                self.window, self.epoch = SyncWindow(device), trainer.current_epoch
+                self.window.start()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             loss = outputs["loss"] if isinstance(outputs, dict) else outputs
@@ -201,13 +245,15 @@ def strategy_run(name: str, out: Path, device: str, steps: int) -> None:
         f"trainer.accelerator={'gpu' if device == 'cuda' else 'cpu'}", "trainer.devices=1",
         f"trainer.strategy={name}", "trainer.precision=32-true", f"trainer.max_steps={steps}",
         "trainer.max_epochs=null", "trainer.limit_val_batches=0", "checkpoint.every_n_epochs=null",
-        "trainer.progress_bar=false", "logging.wandb=false", "trainer.resume=never",
+        "trainer.progress_bar=false", "logging.wandb=false", "trainer.resume=never", "trainer.log_every_n_steps=50",
         f"run.dir={out / 'runs'}", f"run.name={name}",
     ])
     losses = Losses()
     start = time.perf_counter()
     train(cfg, callbacks=[losses])
-    result = {"losses": [float(v) for v in losses.values], "seconds": time.perf_counter() - start}
+    result = {"losses": [float(v) for v in losses.values], "seconds": time.perf_counter() - start,
+              "quiet_steps": losses.quiet_steps, "syncs_per_quiet_step": len(losses.syncs) / max(1, losses.quiet_steps),
+              "first_syncs": losses.syncs[:5]}
     (out / f"{name}.json").write_text(json.dumps(result))
 
 
@@ -298,29 +344,33 @@ def check_inception(device: torch.device, size: dict) -> dict:
 
 
 # ---- 4. host-device syncs in a training step --------------------------------------------------------
-def check_syncs(device: torch.device, size: dict) -> dict:
+def _scalar_reads(device_type: str) -> Any:
+    """A dispatch mode counting reads of a tensor on `device_type` into Python (`.item()`, `bool(t)`, ...: on
+    a GPU each one waits for the device); `where` holds the first few stacks."""
     from torch.utils._python_dispatch import TorchDispatchMode  # documented for __torch_dispatch__ modes
 
     class ScalarReads(TorchDispatchMode):
-        """Counts reads of a tensor on `device` into Python (on a GPU, each one waits for the device)."""
-
         def __init__(self) -> None:
             super().__init__()
             self.count = 0
             self.where: list[str] = []
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func is torch.ops.aten._local_scalar_dense.default and args[0].device.type == device.type:
+            if func is torch.ops.aten._local_scalar_dense.default and args[0].device.type == device_type:
                 self.count += 1
                 if len(self.where) < 5:
                     self.where.append("".join(traceback.format_stack(limit=4)[:-1]))
             return func(*args, **(kwargs or {}))
 
+    return ScalarReads()
+
+
+def check_syncs(device: torch.device, size: dict) -> dict:
     model = unet_model(size, device)
     step = train_step_fn(model, device, size["batch"], size["shape"])
     step()  # the first step allocates the optimizer state
     steps = 3
-    reads = ScalarReads()
+    reads = _scalar_reads(device.type)
     with reads:
         for _ in range(steps):
             step()
@@ -379,7 +429,8 @@ def markdown(report: dict) -> str:
                 text = "error: " + r["error"].strip().splitlines()[-1][:200]
             else:
                 text = (f"{len(r['losses'])} steps in {r['seconds']:.0f} s; checkpoint loaded; EMA vs raw "
-                        f"{r['ema_vs_raw']:.2e}")
+                        f"{r['ema_vs_raw']:.2e}; {r['syncs_per_quiet_step']:g} syncs per quiet step "
+                        f"({r['quiet_steps']} counted)")
                 if "max_loss_rel_diff" in r:
                     text += (f"; vs DDP: loss {r['max_loss_rel_diff']:.1e}, weights {r['weights_rel_diff']:.1e}, "
                              f"EMA {r['ema_rel_diff']:.1e} (tolerance {s['loss_rtol']:g})")

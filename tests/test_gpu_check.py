@@ -40,6 +40,7 @@ def test_cpu_tiny_path_writes_a_passing_report(tmp_path):
     runs = c["strategies"]["runs"]
     assert len(runs["ddp"]["losses"]) == 5 and runs["ddp"]["loaded"] and runs["ddp"]["ema_vs_raw"] > 1e-4
     assert all("CUDA only" in runs[s]["skipped"] for s in ("deepspeed_stage_2", "deepspeed_stage_3", "fsdp"))
+    assert runs["ddp"]["quiet_steps"] >= 2 and runs["ddp"]["syncs_per_quiet_step"] == 0  # through the Trainer
     assert c["syncs"]["scalar_reads_per_step"] == 0
     assert c["inception"]["fp32_images_per_s"] > 0 and c["inception"]["bf16_feature_rel_diff"] < 0.05
     assert c["inception"]["channels_last_feature_rel_diff"] <= 1e-4
