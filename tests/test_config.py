@@ -47,6 +47,8 @@ def test_resolved_config_has_no_interpolations() -> None:
         ("model.likelihood=poisson", ["model.likelihood='poisson'", "bernoulli, logistic, gaussian"]),
         ("trainer.precision=8-bit", ["trainer.precision='8-bit'", "bf16-mixed"]),
         ("noequals", ["is not key=value"]),
+        ("model.hidden=[32,", ["override 'model.hidden=[32,'", "not valid YAML", "model.hidden=[256,128]"]),
+        ("model.hidden={a", ["override 'model.hidden={a'", "not valid YAML"]),
     ],
 )
 def test_bad_overrides_name_the_problem(override: str, expected: list[str]) -> None:

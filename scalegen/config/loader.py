@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
@@ -257,7 +258,14 @@ def load_config(recipe: str | Path, overrides: Sequence[str] = ()) -> DictConfig
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value (for example trainer.max_steps=100)")
-        override_layers.append((f"override {item!r}", OmegaConf.from_dotlist([item])))
+        try:
+            layer = OmegaConf.from_dotlist([item])
+        except (yaml.YAMLError, OmegaConfBaseException) as err:  # e.g. a list the shell split at its spaces
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({problem}); write a list without "
+                              "spaces or quote the whole override (model.hidden=[256,128] or "
+                              "'model.hidden=[256, 128]')") from None
+        override_layers.append((f"override {item!r}", layer))
     family = _family_of(layers + override_layers)
     cfg = schema_for(family)
     schema_obj = _schema_object(family)
