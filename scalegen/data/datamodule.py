@@ -274,7 +274,10 @@ class ShardDataModule(L.LightningDataModule):
         """Check that every shard of the splits this stage needs exists (fails before training, naming it)."""
         needs = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"]}
         splits = needs.get(stage or "", ["train", "val", "test"])
+        trainer = self._trainer
         for split in splits:
+            if split == "val" and stage == "fit" and trainer is not None and trainer.limit_val_batches == 0:
+                continue  # a run that never validates needs no validation split
             self._shards(split)
 
     def train_dataloader(self) -> ShardLoader:
@@ -333,6 +336,11 @@ class ShardDataModule(L.LightningDataModule):
         return 0, 1
 
     def _load_manifest(self) -> Manifest:
+        source = os.path.expanduser(self.cfg.source) if self.cfg.source else None
+        if source and os.path.isfile(os.path.join(source, MANIFEST)):  # shards given as a built-in's upstream copy
+            raise DataError(f"data.source={self.cfg.source} holds shards ({MANIFEST}), but data.source is the "
+                            "upstream copy a built-in dataset is prepared from; to train on these shards set "
+                            f"data.dataset={read_manifest(source).name} data.root={self.cfg.source} data.prepare=false")
         has_manifest = url_exists(join_url(self.root, MANIFEST))
         if not has_manifest and self.cfg.prepare and "://" not in self.root:
             if self.cfg.dataset in PREPARERS:
@@ -369,9 +377,12 @@ class ShardDataModule(L.LightningDataModule):
                 )
             counts = [known[shard_name(u)] for u in urls]
         elif info is None or not info.shards:
-            fix = (f"hold one out when packing (`scalegen data pack SRC --out DIR --{name}-fraction 0.1`) or use a "
-                   "split it has (for evaluation: eval.split=val)") if name in ("val", "test") else "prepare it again"
-            raise DataError(f"{self.root}/{MANIFEST} has no {name!r} split (it has {sorted(m.splits)}): {fix}")
+            held_out = f"hold one out when packing (`scalegen data pack SRC --out DIR --{split}-fraction 0.1`)"
+            fix = {"val": f"{held_out} or train without validation (trainer.limit_val_batches=0)",
+                   "test": f"{held_out} or use a split it has (for evaluation: eval.split=val)"}.get(split,
+                                                                                                "prepare it again")
+            missing = "'val' or 'test'" if name != split else repr(name)  # val falls back to test
+            raise DataError(f"{self.root}/{MANIFEST} has no {missing} split (it has {sorted(m.splits)}): {fix}")
         else:
             urls = [join_url(self.root, s.name) for s in info.shards]
             counts = [s.count for s in info.shards]

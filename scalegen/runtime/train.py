@@ -75,10 +75,13 @@ def trainer_kwargs(cfg: DictConfig, family: type | None = None) -> dict[str, Any
 
 def ck_monitor(cfg: DictConfig, model: Any) -> str | None:
     """The metric that picks the best checkpoint: `checkpoint.monitor`, or the family's (`monitor`) when
-    it is null; None = no best checkpoint (only last and periodic ones)."""
+    it is null; None = no best checkpoint (only last and periodic ones), as for a run that never validates
+    (`trainer.limit_val_batches=0`) and a family whose monitor is a validation metric."""
     if cfg.checkpoint.monitor is not None:
         return str(cfg.checkpoint.monitor)
-    return model.monitor if model is not None else "val/loss"
+    monitor = model.monitor if model is not None else "val/loss"
+    never_validates = cfg.trainer.limit_val_batches == 0
+    return None if never_validates and monitor is not None and monitor.startswith("val/") else monitor
 
 
 def ck_mode(cfg: DictConfig, model: Any) -> str:

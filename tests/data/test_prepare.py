@@ -12,12 +12,14 @@ import torch
 from PIL import Image
 
 from scalegen.cli.main import main
+from scalegen.config import load_config
 from scalegen.config.schema import DataConfig
 from scalegen.data import DataError, build_datamodule, prepare_dataset, read_manifest
 from scalegen.data.decode import encode_wav
 from scalegen.data.manifest import sha256_file
 from scalegen.data.pack import pack_folder
 from scalegen.data.prepare import PREPARERS, Prepared
+from scalegen.runtime.train import train
 
 
 def _state(root: Path) -> dict[str, tuple[int, int]]:
@@ -124,6 +126,33 @@ def test_pack_labelled_images_with_held_out_split(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"has no 'test' split \(it has \['train'\]\): hold one out when packing "
                                         r"\(`scalegen data pack SRC --out DIR --test-fraction 0.1`\)"):
         dm.test_dataloader()
+
+
+def test_a_folder_packed_without_held_out_splits_trains_without_validation(tmp_path: Path) -> None:
+    # `scalegen data pack` holds nothing out by default; training on it names both ways on, and the second
+    # trains: no validation, so no "best" checkpoint by a validation metric, only last.ckpt.
+    _image_folder(tmp_path / "src")
+    pack_folder(tmp_path / "src", tmp_path / "packed", progress=False)
+    data = ["data.dataset=src", f"data.root={tmp_path / 'packed'}", "data.prepare=false"]
+    with pytest.raises(DataError, match=r"has no 'val' or 'test' split \(it has \['train'\]\): hold one out when "
+                                        r"packing \(`scalegen data pack SRC --out DIR --val-fraction 0.1`\) or train "
+                                        r"without validation \(trainer.limit_val_batches=0\)$"):
+        build_datamodule(load_config("vae/tiny", data).data).setup("fit")
+    run = train(load_config("vae/tiny", [*data, "trainer.limit_val_batches=0", "trainer.max_steps=3",
+                                         "trainer.max_epochs=null", "logging.wandb=false", "trainer.progress_bar=false",
+                                         f"run.dir={tmp_path}", "run.name=r"]))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]
+
+
+def test_shards_given_as_a_source_name_the_settings_that_train_on_them(tmp_path: Path) -> None:
+    # data.source is the upstream copy a built-in is prepared from; the digits ignore it, so shards put there
+    # used to train the digits without a word.
+    _image_folder(tmp_path / "src")
+    pack_folder(tmp_path / "src", tmp_path / "packed", progress=False)
+    dm = build_datamodule(DataConfig(dataset="digits", root=str(tmp_path / "digits"), source=str(tmp_path / "packed")))
+    with pytest.raises(DataError, match=f"set data.dataset=src data.root={tmp_path / 'packed'} data.prepare=false$"):
+        dm.spec  # noqa: B018
+    assert not (tmp_path / "digits").exists()
 
 
 def test_pack_unlabelled_images_of_mixed_sizes_needs_resize(tmp_path: Path) -> None:
