@@ -378,9 +378,9 @@ class ShardDataModule(L.LightningDataModule):
             counts = [known[shard_name(u)] for u in urls]
         elif info is None or not info.shards:
             held_out = f"hold one out when packing (`scalegen data pack SRC --out DIR --{split}-fraction 0.1`)"
-            fix = {"val": f"{held_out} or train without validation (trainer.limit_val_batches=0)",
-                   "test": f"{held_out} or use a split it has (for evaluation: eval.split=val)"}.get(split,
-                                                                                                "prepare it again")
+            fixes = {"val": f"{held_out} or train without validation (trainer.limit_val_batches=0)",
+                     "test": f"{held_out} or use a split it has (for evaluation: eval.split=val)"}
+            fix = fixes.get(split, "prepare it again")
             missing = "'val' or 'test'" if name != split else repr(name)  # val falls back to test
             raise DataError(f"{self.root}/{MANIFEST} has no {missing} split (it has {sorted(m.splits)}): {fix}")
         else:
