@@ -182,7 +182,9 @@ class Evaluation:
         # FID/KID/IS without a feature network to compare samples in: refused before any metric runs.
         if ({"fid", "kid", "is"} & set(self.metrics) and "sample" in self.caps and self.spec.kind == "image"
                 and not self._has_inception_weights() and not self._uses_domain_network()):
-            raise UserError(f"FID/KID/IS need the Inception weights for this data: {weights_hint()}")
+            others = ",".join(m for m in self.metrics if m not in ("fid", "kid", "is"))
+            skip = f"; or leave them out: --metrics {others}" if others else ""
+            raise UserError(f"FID/KID/IS need the Inception weights for this data: {weights_hint()}{skip}")
 
     # ---- helpers -----------------------------------------------------------------------------
     def _eval_split(self) -> tuple[Tensor, Tensor]:
