@@ -155,7 +155,7 @@ class LoggingConfig:
 
 @dataclass
 class CheckpointConfig:
-    monitor: str | None = None  # metric that picks the best checkpoint; null = the family's (none for GANs)
+    monitor: str | None = None  # best-checkpoint metric; null = the family's (none: GANs, limit_val_batches=0)
     mode: str = choice("min", "max")  # for a `monitor` set here; the family's own has its own mode
     save_last: bool = True  # checkpoints/last.ckpt, what trainer.resume=auto continues from
     save_top_k: int = ranged(1, ge=-1)  # best checkpoints kept by `monitor` (-1 = all, 0 = none)
