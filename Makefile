@@ -22,8 +22,10 @@ quickstart: install
 
 # One OpenMP thread per process: the suite's nets are tiny and its multi-process tests would otherwise
 # oversubscribe the cores (a tiny UNet step went from 0.03 s to 1 s with 2 threads on a busy 2-core machine).
+# TEST_WORKERS pytest-xdist processes, one test file each at a time (module fixtures are built once per file).
+TEST_WORKERS ?= 2
 test: install
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -m "not slow" -q --durations=25
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -m "not slow" -q -n $(TEST_WORKERS) --dist loadfile --durations=25
 
 lint: install
 	$(BIN)/ruff check .
