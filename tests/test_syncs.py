@@ -66,12 +66,17 @@ class _QuietStepReads(L.Callback):
             self.mode.__enter__()
 
 
+def _config(recipe: str, tmp_path: Path, progress_bar: bool = False):
+    """12 steps without validation, logging on steps 0, 49 and the last only."""
+    return load_config(recipe, [f"trainer.progress_bar={progress_bar}", "logging.wandb=false", f"run.dir={tmp_path}",
+                                "run.name=syncs", "trainer.max_steps=12", "trainer.max_epochs=null",
+                                f"trainer.log_every_n_steps={LOG_EVERY}", "trainer.limit_val_batches=0",
+                                "trainer.resume=never"])
+
+
 @pytest.mark.parametrize("recipe", TINY, ids=[str(p.relative_to(RECIPES_DIR).with_suffix("")) for p in TINY])
 def test_training_steps_read_no_tensor_into_python(recipe: Path, tmp_path: Path) -> None:
-    cfg = load_config(str(recipe), ["trainer.progress_bar=false", "logging.wandb=false", f"run.dir={tmp_path}",
-                                    "run.name=syncs", "trainer.max_steps=12", "trainer.max_epochs=null",
-                                    f"trainer.log_every_n_steps={LOG_EVERY}", "trainer.limit_val_batches=0",
-                                    "trainer.resume=never"])
+    cfg = _config(str(recipe), tmp_path)
     counter = _QuietStepReads()
     train(cfg, callbacks=[counter])
     assert counter.steps >= 3, f"only {counter.steps} quiet steps were counted"
@@ -89,11 +94,7 @@ class _ShownLoss(L.Callback):
 def test_the_progress_bar_shows_the_logged_loss_without_reading_it_every_step(tmp_path: Path) -> None:
     # Lightning reads a `prog_bar=True` value into Python after every batch (a GPU sync); scalegen's bar reads
     # the loss once, when a step logs it. With the bar on, the quiet steps read nothing either.
-    cfg = load_config("vae/tiny", ["trainer.progress_bar=true", "logging.wandb=false", f"run.dir={tmp_path}",
-                                   "run.name=bar", "trainer.max_steps=12", "trainer.max_epochs=null",
-                                   f"trainer.log_every_n_steps={LOG_EVERY}", "trainer.limit_val_batches=0",
-                                   "trainer.resume=never"])
     counter, shown = _QuietStepReads(), _ShownLoss()
-    train(cfg, callbacks=[counter, shown])
+    train(_config("vae/tiny", tmp_path, progress_bar=True), callbacks=[counter, shown])
     assert counter.steps >= 3 and not counter.where, dict(counter.where)
     assert shown.shown == float(shown.last_loss)  # the last step (max_steps) logs its loss

@@ -14,24 +14,21 @@ import lightning as L
 from lightning.pytorch.callbacks import RichProgressBar
 from torch import Tensor
 
-SHOWN = ("train/loss",)  # every family logs it (a GAN: its discriminator's)
+SHOWN = "train/loss"  # every family logs it (a GAN: its discriminator's)
 
 
 class ProgressBar(RichProgressBar):
     def __init__(self) -> None:
         super().__init__(leave=True)
-        # name -> (the logged tensor, its value). Lightning hands out a new detached view of the stored value at
-        # each call; holding the view keeps its memory, so a newer value cannot have the same address.
-        self.read: dict[str, tuple[Tensor, float]] = {}
+        # (the logged tensor, its value). Lightning hands out a new detached view of the stored value at each
+        # call; holding the view keeps its memory, so a newer value cannot have the same address.
+        self.read: tuple[Tensor, float] | None = None
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         items = super().get_metrics(trainer, pl_module)
-        logged = trainer.logged_metrics
-        for name in SHOWN:
-            value = logged.get(name)
-            if value is None:
-                continue
-            if name not in self.read or self.read[name][0].data_ptr() != value.data_ptr():  # logged since read
-                self.read[name] = (value, float(value))
-            items[name] = self.read[name][1]
+        value = trainer.logged_metrics.get(SHOWN)
+        if value is not None:
+            if self.read is None or self.read[0].data_ptr() != value.data_ptr():  # logged since it was read
+                self.read = (value, float(value))
+            items[SHOWN] = self.read[1]
         return items
